@@ -1,0 +1,140 @@
+"""``alphapulse`` command line: a thin layer that parses arguments and calls the package.
+
+Exit codes: 0 success, 1 runtime failure, 2 usage error, 78 (EX_CONFIG) invalid configuration.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import sys
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Sequence
+
+from alphapulse import __version__
+from alphapulse.config import EX_CONFIG, ConfigError, Settings, check_paths, load_settings
+
+CONTROL_ACTIONS = ("emergency_stop", "flatten_positions", "maintenance_mode", "resume_trading")
+
+
+def _config_error(e: ConfigError) -> int:
+    print(f"alphapulse: config error: {e}", file=sys.stderr)
+    return EX_CONFIG
+
+
+def _load(args: argparse.Namespace) -> Settings:
+    return load_settings(Path(args.config_dir) if args.config_dir else None)
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    try:
+        settings = _load(args)
+        check_paths(settings)
+    except ConfigError as e:
+        return _config_error(e)
+
+    from alphapulse.log import close_logging, configure_logging, get_logger, register_secrets
+
+    configure_logging(settings.log_dir, settings.log_level, console=settings.log_console)
+    register_secrets(settings.secrets())
+    log = get_logger("alphapulse.cli")
+    try:
+        import uvloop
+    except ImportError:  # pragma: no cover - uvloop is a core dependency
+        uvloop = None  # type: ignore[assignment]
+
+    from alphapulse.control import ControlServerError
+    from alphapulse.daemon import Daemon
+
+    async def main() -> int:
+        return await Daemon(settings, exit_at_end=args.exit_at_end).run()
+
+    try:
+        if uvloop is not None:
+            return uvloop.run(main())
+        return asyncio.run(main())
+    except ConfigError as e:
+        log.error("config error", error=str(e))
+        return _config_error(e)
+    except ControlServerError as e:
+        log.error("control server failed", error=str(e))
+        print(f"alphapulse: {e}", file=sys.stderr)
+        return 1
+    finally:
+        close_logging()
+
+
+def cmd_check_config(args: argparse.Namespace) -> int:
+    try:
+        s = _load(args)
+        check_paths(s)
+    except ConfigError as e:
+        return _config_error(e)
+    print(f"config ok: mode={s.mode} symbol={s.symbol} timeframe={s.timeframe} data_dir={s.data_dir} "
+          f"log_dir={s.log_dir} control={s.control_host}:{s.control_port}")
+    return 0
+
+
+def cmd_ctl(args: argparse.Namespace) -> int:
+    """Talk to a running daemon's control API (token from the environment or the state directory)."""
+    try:
+        s = _load(args)
+    except ConfigError as e:
+        return _config_error(e)
+    url = f"http://{s.control_host}:{s.control_port}/{args.action}"
+    headers = {"Accept": "application/json"}
+    method = "GET"
+    if args.action in CONTROL_ACTIONS:
+        method = "POST"
+        token = s.control_token
+        if not token:
+            try:
+                token = (s.data_dir / "control_token").read_text().strip()
+            except OSError as e:
+                print(f"alphapulse: no control token: set ALPHAPULSE_CONTROL_TOKEN or make "
+                      f"{s.data_dir / 'control_token'} readable ({e.strerror})", file=sys.stderr)
+                return 1
+        headers["Authorization"] = f"Bearer {token}"
+    req = urllib.request.Request(url, method=method, headers=headers, data=b"" if method == "POST" else None)
+    try:
+        with urllib.request.urlopen(req, timeout=10) as resp:
+            print(resp.read().decode())
+            return 0
+    except urllib.error.HTTPError as e:
+        print(e.read().decode(), file=sys.stderr)
+        return 1
+    except urllib.error.URLError as e:
+        print(f"alphapulse: cannot reach the daemon at {url}: {e.reason}", file=sys.stderr)
+        return 1
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="alphapulse", description="AlphaPulse-RL trading daemon and tools")
+    p.add_argument("--version", action="version", version=f"alphapulse {__version__}")
+    p.add_argument("--config-dir", help="directory with config.yaml and trading_params.yaml "
+                   "(default: $ALPHAPULSE_CONFIG_DIR, else ./config, else built-in defaults)")
+    sub = p.add_subparsers(dest="command", required=True)
+    run = sub.add_parser("run", help="start the trading daemon")
+    run.add_argument("--exit-at-end", action="store_true", help="exit 0 when the replay ends instead of serving on")
+    run.set_defaults(func=cmd_run)
+    chk = sub.add_parser("check-config", help="validate the configuration and exit (78 when invalid)")
+    chk.set_defaults(func=cmd_check_config)
+    ctl = sub.add_parser("ctl", help="call the running daemon's control API")
+    ctl.add_argument("action", choices=("health", "metrics") + CONTROL_ACTIONS)
+    ctl.set_defaults(func=cmd_ctl)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    # the config dir given on the command line wins over the environment for everything that reads it
+    if args.config_dir:
+        os.environ["ALPHAPULSE_CONFIG_DIR"] = args.config_dir
+    return int(args.func(args))
+
+
+if __name__ == "__main__":  # pragma: no cover
+    raise SystemExit(main())

@@ -1,0 +1,246 @@
+"""Embedded aiohttp control server on 127.0.0.1: health, metrics and the operator's controls.
+
+Every answer is JSON (or Prometheus text for /metrics when asked); a bad request gets a 4xx JSON body,
+never a traceback.  The POST endpoints need ``Authorization: Bearer <token>``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import time
+from typing import TYPE_CHECKING, Any, Awaitable, Callable
+
+import orjson
+from aiohttp import web
+
+from alphapulse.engine import StateConflict
+from alphapulse.log import get_logger
+from alphapulse.metrics import prometheus_text
+
+if TYPE_CHECKING:
+    from alphapulse.daemon import Daemon
+
+log = get_logger("alphapulse.control")
+DAEMON: web.AppKey["Daemon"] = web.AppKey("daemon")
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+def _json(body: Any, status: int = 200) -> web.Response:
+    return web.Response(body=orjson.dumps(body), status=status, content_type="application/json")
+
+
+def _error(status: int, message: str, **extra: Any) -> web.Response:
+    return _json({"error": message, "status": status, **extra}, status)
+
+
+@web.middleware
+async def errors_as_json(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Turn every failure into a JSON answer: 4xx for the client's mistakes, 500 (logged) for ours."""
+    try:
+        return await handler(request)
+    except web.HTTPException as e:
+        if e.status < 400:
+            raise
+        msg = {404: "not found", 405: "method not allowed"}.get(e.status, e.reason)
+        extra: dict[str, Any] = {}
+        if e.status == 405:
+            extra["allowed"] = sorted(getattr(e, "allowed_methods", ()) or ())
+        return _error(e.status, msg, path=request.path, **extra)
+    except asyncio.CancelledError:
+        raise
+    except Exception as e:
+        log.error("control request failed", path=request.path, error=repr(e), exc_info=e)
+        return _error(500, "internal error; see the daemon log")
+
+
+def _authorized(request: web.Request) -> web.Response | None:
+    daemon = request.app[DAEMON]
+    header = request.headers.get("Authorization", "")
+    scheme, _, token = header.partition(" ")
+    if scheme.lower() != "bearer" or not token:
+        return _error(401, "missing bearer token", how="send 'Authorization: Bearer <token>'; the token is "
+                      "ALPHAPULSE_CONTROL_TOKEN or the control_token file in the state directory")
+    if not hmac.compare_digest(token.strip().encode(), daemon.token.encode()):
+        return _error(401, "wrong bearer token", how="send 'Authorization: Bearer <token>'; the token is "
+                      "ALPHAPULSE_CONTROL_TOKEN or the control_token file in the state directory")
+    return None
+
+
+async def _body(request: web.Request) -> dict[str, Any] | web.Response:
+    """Optional JSON object body ({} when empty); a malformed one is a 400."""
+    if not request.body_exists:
+        return {}
+    raw = await request.read()
+    if not raw.strip():
+        return {}
+    try:
+        data = orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        return _error(400, "body is not valid JSON")
+    if not isinstance(data, dict):
+        return _error(400, "body must be a JSON object")
+    return data
+
+
+async def health(request: web.Request) -> web.Response:
+    status, body = request.app[DAEMON].health()
+    return _json(body, status)
+
+
+async def metrics(request: web.Request) -> web.Response:
+    daemon = request.app[DAEMON]
+    fmt = request.query.get("format", "")
+    if fmt not in ("", "json", "prometheus"):
+        return _error(400, "format must be json or prometheus")
+    accept = request.headers.get("Accept", "")
+    data = daemon.metrics()
+    if fmt == "prometheus" or (fmt == "" and "text/plain" in accept and "application/json" not in accept):
+        return web.Response(body=_prometheus(data).encode(),
+                            headers={"Content-Type": "text/plain; version=0.0.4; charset=utf-8"})
+    return _json(data)
+
+
+def _prometheus(m: dict[str, Any]) -> str:
+    p, t, mo, r, mk, sy = (m["portfolio"], m["trading"], m["model"], m["risk"], m["market"], m["system"])
+    sym = {"symbol": t["symbol"]}
+    samples: list[tuple[str, str, str, dict[str, str], float]] = [
+        ("alphapulse_equity", "gauge", "Account equity in quote currency", {}, p["equity"]),
+        ("alphapulse_cash", "gauge", "Wallet balance (initial + realized - fees)", {}, p["cash"]),
+        ("alphapulse_daily_pnl", "gauge", "PnL since the start of the UTC day", {}, p["daily_pnl"]),
+        ("alphapulse_drawdown_ratio", "gauge", "Drawdown from peak equity (fraction)", {}, p["drawdown"]),
+        ("alphapulse_realized_pnl", "gauge", "Cumulative gross realized PnL", {}, p["realized_pnl"]),
+        ("alphapulse_unrealized_pnl", "gauge", "Unrealized PnL at the last mark", {}, p["unrealized_pnl"]),
+        ("alphapulse_fees_paid_total", "counter", "Fees paid", {}, p["fees_paid"]),
+        ("alphapulse_fills_total", "counter", "Fills booked", {}, p["fills"]),
+        ("alphapulse_orders_total", "counter", "Orders acknowledged", {}, t["orders"]),
+        ("alphapulse_position_qty", "gauge", "Signed position quantity", sym,
+         p["positions"][0]["qty"] if p["positions"] else 0.0),
+    ]
+    for state in ("ACTIVE", "REDUCE_ONLY", "HALTED", "MAINTENANCE", "EMERGENCY_STOP"):
+        samples.append(("alphapulse_trading_state", "gauge", "1 for the current trading state", {"state": state},
+                        1.0 if t["state"] == state else 0.0))
+    samples += [
+        ("alphapulse_model_info", "gauge", "Model in use", {"version": mo["version"], "kind": mo["kind"]}, 1.0),
+        ("alphapulse_model_avg_confidence", "gauge", "Average confidence of decisions", {}, mo["avg_confidence"]),
+        ("alphapulse_decisions_total", "counter", "Policy decisions", {}, mo["decisions"]),
+        ("alphapulse_inference_us", "gauge", "ONNX inference latency quantiles", {"quantile": "0.5"},
+         mo["inference_us"]["p50"]),
+        ("alphapulse_inference_us", "gauge", "ONNX inference latency quantiles", {"quantile": "0.99"},
+         mo["inference_us"]["p99"]),
+        ("alphapulse_tick_to_order_us", "gauge", "Candle in to order acknowledged and committed",
+         {"quantile": "0.5"}, sy["tick_to_order_us"]["p50"]),
+        ("alphapulse_tick_to_order_us", "gauge", "Candle in to order acknowledged and committed",
+         {"quantile": "0.99"}, sy["tick_to_order_us"]["p99"]),
+        ("alphapulse_risk_alerts_total", "counter", "RISK_LIMIT_EXCEEDED events", {}, r["alerts"]),
+    ]
+    for k, v in r["usage"].items():
+        samples.append(("alphapulse_risk_limit_usage_ratio", "gauge", "Measured value / limit", {"limit": k}, v))
+    samples += [
+        ("alphapulse_candles_processed_total", "counter", "Candles through the pipeline", {}, mk["candles_processed"]),
+        ("alphapulse_rejected_candles_total", "counter", "Candles rejected by validation", {}, mk["rejected_candles"]),
+    ]
+    for reason, n in mk["rejected_by_reason"].items():
+        samples.append(("alphapulse_rejected_candles_by_reason_total", "counter", "Rejected candles by reason",
+                        {"reason": reason}, n))
+    samples += [
+        ("alphapulse_rss_bytes", "gauge", "Resident set size", {}, sy["rss_mb"] * 1048576),
+        ("alphapulse_uptime_seconds", "gauge", "Seconds since start", {}, sy["uptime_s"]),
+        ("alphapulse_queue_depth", "gauge", "Candles waiting for the engine", {}, sy["queue_depth"]),
+    ]
+    return prometheus_text(samples)
+
+
+def _action(name: str, fn: Callable[["Daemon", dict[str, Any]], Any]) -> Handler:
+    async def handler(request: web.Request) -> web.Response:
+        denied = _authorized(request)
+        if denied is not None:
+            return denied
+        body = await _body(request)
+        if isinstance(body, web.Response):
+            return body
+        daemon = request.app[DAEMON]
+        if not daemon.ready:
+            return _error(503, "daemon is starting; retry shortly")
+        try:
+            res = fn(daemon, body)
+        except StateConflict as e:
+            return _error(409, str(e), state=daemon.engine.state.value)
+        except ValueError as e:
+            return _error(400, str(e))
+        daemon.apply(res)
+        log.warning("operator action", action=name, state=daemon.engine.state.value,
+                    remote=request.remote or "?")
+        return _json({"ok": True, "action": name, "state": daemon.engine.state.value,
+                      "orders": [o.client_order_id for o in res.orders],
+                      "cancelled": [o.client_order_id for o in res.cancelled]})
+
+    return handler
+
+
+def _now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+def _reason(body: dict[str, Any]) -> str:
+    r = body.get("reason", "operator")
+    if not isinstance(r, str) or len(r) > 200:
+        raise ValueError("reason must be a string of at most 200 characters")
+    return r
+
+
+async def debug_wedge(request: web.Request) -> web.Response:
+    """Fault injection (config control.fault_injection): the engine task stops consuming candles."""
+    denied = _authorized(request)
+    if denied is not None:
+        return denied
+    request.app[DAEMON].wedged.set()
+    return _json({"ok": True, "wedged": "engine"})
+
+
+async def debug_block_loop(request: web.Request) -> web.Response:
+    """Fault injection: block the event loop for ``seconds`` (as a CPU-bound bug would)."""
+    denied = _authorized(request)
+    if denied is not None:
+        return denied
+    try:
+        seconds = float(request.query.get("seconds", "5"))
+    except ValueError:
+        return _error(400, "seconds must be a number")
+    if not 0 < seconds <= 120:
+        return _error(400, "seconds must be in (0, 120]")
+    time.sleep(seconds)  # deliberately blocking: that is the fault being injected
+    return _json({"ok": True, "blocked_s": seconds})
+
+
+def create_app(daemon: "Daemon") -> web.Application:
+    app = web.Application(middlewares=[errors_as_json], client_max_size=64 * 1024)
+    app[DAEMON] = daemon
+    app.router.add_get("/health", health)
+    app.router.add_get("/metrics", metrics)
+    app.router.add_post("/emergency_stop",
+                        _action("emergency_stop", lambda d, b: d.engine.emergency_stop(_now_ms(), _reason(b))))
+    app.router.add_post("/flatten_positions", _action("flatten_positions", lambda d, b: d.engine.flatten(_now_ms())))
+    app.router.add_post("/maintenance_mode", _action("maintenance_mode",
+                                                     lambda d, b: d.engine.maintenance(_now_ms())))
+    app.router.add_post("/resume_trading", _action("resume_trading", lambda d, b: d.engine.resume(_now_ms())))
+    if daemon.settings.fault_injection:
+        app.router.add_post("/debug/wedge_engine", debug_wedge)
+        app.router.add_post("/debug/block_loop", debug_block_loop)
+    return app
+
+
+async def start_control_server(daemon: "Daemon", host: str, port: int) -> web.AppRunner:
+    runner = web.AppRunner(create_app(daemon), access_log=None, handle_signals=False)
+    await runner.setup()
+    site = web.TCPSite(runner, host, port, reuse_address=True)
+    try:
+        await site.start()
+    except OSError as e:
+        await runner.cleanup()
+        raise ControlServerError(f"cannot listen on {host}:{port}: {e.strerror or e}") from None
+    return runner
+
+
+class ControlServerError(Exception):
+    pass

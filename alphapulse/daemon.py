@@ -1,0 +1,522 @@
+"""The trading daemon: wires the stages into cooperating tasks on one uvloop event loop.
+
+Tasks: ingestion (feed -> validation -> queue), the engine (one :meth:`Engine.step` per candle, then a
+durable commit and the operator files), housekeeping (WAL checkpoints in a thread, systemd STATUS), the
+systemd watchdog, and the embedded aiohttp control server.  READY=1 is sent only once config, state,
+model and feed are up; WATCHDOG=1 only while the loop is responsive and every pipeline task is alive and
+progressing, so a wedged task or a blocked loop makes systemd restart the service instead of trusting a
+watchdog that lies.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import secrets
+import signal
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from alphapulse import __version__
+from alphapulse.config import ConfigError, Settings
+from alphapulse.domain import Candle, TradingState
+from alphapulse.engine import Engine, EngineConfig, StepResult
+from alphapulse.execution.paper import PaperBroker
+from alphapulse.features import WARMUP_BARS, StreamingFeatures
+from alphapulse.log import configure_logging, get_logger, register_secrets
+from alphapulse.market.replay import ReplayFeed, default_replay_file
+from alphapulse.market.validate import CandleValidator
+from alphapulse.metrics import LatencyHistogram
+from alphapulse.policy import ModelError, Policy, default_model_path
+from alphapulse.portfolio import Portfolio
+from alphapulse.store import OperatorFiles, Store, iso_ms
+
+log = get_logger("alphapulse.daemon")
+
+_END = object()  # queue sentinel: the feed is exhausted
+
+
+class SystemdNotifier:
+    """sd_notify(3) over $NOTIFY_SOCKET; a no-op outside systemd. Datagrams never block."""
+
+    def __init__(self) -> None:
+        import socket
+
+        addr = os.environ.get("NOTIFY_SOCKET")
+        self._sock: socket.socket | None = None
+        self._addr: str | bytes | None = None
+        if addr:
+            self._addr = "\0" + addr[1:] if addr.startswith("@") else addr
+            self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
+            self._sock.setblocking(False)
+
+    @property
+    def enabled(self) -> bool:
+        return self._sock is not None
+
+    def notify(self, msg: str) -> bool:
+        if self._sock is None or self._addr is None:
+            return False
+        try:
+            self._sock.sendto(msg.encode(), self._addr)
+            return True
+        except OSError as e:
+            log.warning("sd_notify failed", error=str(e))
+            return False
+
+
+def watchdog_interval_s() -> float | None:
+    """Half of systemd's WatchdogSec (sd_watchdog_enabled semantics), or None when not supervised."""
+    usec = os.environ.get("WATCHDOG_USEC")
+    pid = os.environ.get("WATCHDOG_PID")
+    if not usec or (pid and pid.isdigit() and int(pid) != os.getpid()):
+        return None
+    try:
+        return max(0.05, int(usec) / 2e6)
+    except ValueError:
+        return None
+
+
+def ensure_control_token(settings: Settings) -> tuple[str, Path | None]:
+    """The configured token, or one created at first start in the state directory (mode 0600)."""
+    if settings.control_token:
+        return settings.control_token, None
+    path = settings.data_dir / "control_token"
+    try:
+        token = path.read_text().strip()
+        if token:
+            return token, path
+    except FileNotFoundError:
+        pass
+    token = secrets.token_urlsafe(32)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        os.write(fd, (token + "\n").encode())
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    return token, path
+
+
+def rss_mb() -> float:
+    """Resident set size of this process in MiB, from /proc (0 when unavailable)."""
+    try:
+        with open("/proc/self/statm", "rb") as f:
+            pages = int(f.read().split()[1])
+        return pages * os.sysconf("SC_PAGE_SIZE") / 1048576
+    except (OSError, ValueError, IndexError):
+        return 0.0
+
+
+@dataclass
+class Component:
+    """Progress of one pipeline task, for /health and the watchdog."""
+
+    name: str
+    last_progress: float = field(default_factory=time.monotonic)
+    state: str = "starting"
+    task: asyncio.Task[Any] | None = None
+
+    def progress(self, state: str = "running") -> None:
+        self.last_progress = time.monotonic()
+        self.state = state
+
+    def age_s(self) -> float:
+        return time.monotonic() - self.last_progress
+
+
+class Daemon:
+    def __init__(self, settings: Settings, exit_at_end: bool = False) -> None:
+        self.settings = settings
+        self.exit_at_end = exit_at_end
+        self.started_mono = time.monotonic()
+        self.started_wall = time.time()
+        self.notifier = SystemdNotifier()
+        self.stop_event = asyncio.Event()
+        self.exit_code = 0
+        self.ready = False
+        self.components = {n: Component(n) for n in ("feed", "engine", "housekeeping")}
+        self.latency = LatencyHistogram()  # candle in -> order acked and committed
+        self.inference = LatencyHistogram()
+        self.rejected: Counter[str] = Counter()
+        self.candles_in = 0
+        self.candles_processed = 0
+        self.confidence_sum = 0.0
+        self.last_candle: Candle | None = None
+        self.replay_summary: dict[str, Any] | None = None
+        self.wedged = asyncio.Event()  # fault injection: the engine task stops consuming when set
+        self._queue: asyncio.Queue[Any] = asyncio.Queue(maxsize=settings.queue_size)
+        self.token = ""
+        self.token_path: Path | None = None
+        # created in start()
+        self.store: Store
+        self.files: OperatorFiles
+        self.engine: Engine
+        self.policy: Policy
+        self.feed: ReplayFeed
+        self.validator: CandleValidator
+        self._runner: Any = None
+
+    # ---- start-up ---------------------------------------------------------------------------
+    async def start(self) -> None:
+        s = self.settings
+        self.token, self.token_path = ensure_control_token(s)
+        register_secrets([self.token])
+        if self.token_path is not None:
+            log.info("control token file", path=str(self.token_path),
+                     hint="send it as 'Authorization: Bearer <token>' to the POST endpoints")
+
+        model_path = s.model_path or default_model_path()
+        try:
+            self.policy = await asyncio.to_thread(Policy.load, model_path)
+        except ModelError as e:
+            raise ConfigError("config.yaml", "model.path", str(e)) from None
+        if self.policy.meta.timeframe and self.policy.meta.timeframe != s.timeframe:
+            raise ConfigError("trading_params.yaml", "timeframe", f"{s.timeframe} but model "
+                              f"{self.policy.meta.version} was built for {self.policy.meta.timeframe}")
+        await asyncio.to_thread(self.policy.warmup, s.model_warmup_runs)
+
+        self.store = Store(s.data_dir)
+        persisted = self.store.load()
+        broker = PaperBroker(s.taker_fee, s.slippage_bps)
+        if persisted is None:
+            portfolio = Portfolio.new(s.symbol, s.initial_equity)
+            state, reason, last_ts = TradingState.ACTIVE, "", None
+        else:
+            portfolio = Portfolio.restore(persisted.portfolio)
+            state, reason, last_ts = TradingState(persisted.trading_state), persisted.state_reason, \
+                persisted.last_candle_ts
+            broker.restore(persisted.open_orders)
+        cfg = EngineConfig(s.symbol, s.bar_ms, s.lot_size, s.confidence_threshold, s.risk)
+        self.engine = Engine(cfg, self.policy, broker, portfolio, state, StreamingFeatures(), last_ts)
+        self.engine.state_reason = reason
+
+        self.files = OperatorFiles(s.log_dir)
+        added = self.files.reconcile(self.store, self.policy.meta.action_meanings, s.bar_ms)
+        if any(added.values()):
+            log.warning("operator files were behind the database (crash between commit and append); restored",
+                        **added)
+
+        replay = s.replay_file or default_replay_file()
+        self.feed = ReplayFeed(replay, s.symbol, s.timeframe, s.replay_speed, start_after_ts=last_ts)
+        await self.feed.open()
+        if last_ts is not None:
+            history = self.feed.history(last_ts + 1, WARMUP_BARS)
+            self.engine.features.warmup(history)
+        self.validator = CandleValidator(s.bar_ms, last_ts)
+
+        from alphapulse.control import start_control_server
+
+        self._runner = await start_control_server(self, s.control_host, s.control_port)
+        log.info("daemon started", version=__version__, mode=s.mode, symbol=s.symbol, timeframe=s.timeframe,
+                 model=self.policy.meta.version, replay=str(replay), speed=s.replay_speed or "max",
+                 resumed_after=iso_ms(last_ts) if last_ts is not None else None,
+                 state=self.engine.state.value, equity=str(portfolio.equity),
+                 control=f"http://{s.control_host}:{s.control_port}")
+        if self.engine.state is not TradingState.ACTIVE:
+            log.warning("trading state restored", state=self.engine.state.value, reason=reason)
+
+    # ---- tasks ------------------------------------------------------------------------------
+    async def _ingest(self) -> None:
+        comp = self.components["feed"]
+        comp.progress()
+        v = self.validator
+        async for candle in self.feed.candles():
+            self.candles_in += 1
+            reason = v.check(candle)
+            if reason is not None:
+                self.rejected[reason] += 1
+                log.warning("candle rejected", reason=reason, ts=candle.ts, close=candle.close,
+                            rejected_total=sum(self.rejected.values()))
+                comp.progress()
+                continue
+            if v.last_gap_bars:
+                log.warning("data gap", missing_bars=v.last_gap_bars, resumed_at=iso_ms(candle.ts))
+            await self._queue.put(candle)
+            comp.progress()
+        comp.progress("finished")
+        await self._queue.put(_END)
+
+    async def _run_engine(self) -> None:
+        comp = self.components["engine"]
+        comp.progress("waiting")
+        q = self._queue
+        perf = time.perf_counter_ns
+        while True:
+            item = await q.get()
+            if self.wedged.is_set():
+                await asyncio.Event().wait()  # fault injection: a task stuck on an await that never returns
+            if item is _END:
+                self._on_feed_end()
+                comp.progress("idle")
+                if self.exit_at_end:
+                    self.stop_event.set()
+                continue
+            t0 = perf()
+            res = self.engine.step(item, self.feed.now_ms())
+            self._persist(res)
+            self.latency.add((perf() - t0) / 1000)
+            self.last_candle = item
+            self.candles_processed += 1
+            d = res.decision
+            if d is not None:
+                self.inference.add(d.decision.inference_us)
+                self.confidence_sum += d.decision.confidence
+            comp.progress("running" if q.qsize() else "waiting")
+
+    def _persist(self, res: StepResult) -> None:
+        """Commit one step, then append the operator files and log what matters."""
+        eng = self.engine
+        state = {
+            "portfolio": eng.portfolio.snapshot(),
+            "trading_state": eng.state.value,
+            "state_reason": eng.state_reason,
+            "last_candle_ts": eng.last_candle_ts,
+        }
+        p = self.store.commit_step(res, state)
+        reasons = {o.client_order_id: o.reason for o in res.orders}
+        missing = [f.client_order_id for f in res.fills if f.client_order_id not in reasons]
+        if missing:
+            reasons.update(self.store.fill_reasons(missing))
+        self.files.write(p, reasons, self.policy.meta.action_meanings, self.settings.bar_ms)
+        for o in res.orders:
+            log.info("order", order_id=o.client_order_id, side=o.side.value, qty=str(o.qty),
+                     reduce_only=o.reduce_only, reason=o.reason)
+        for f in res.fills:
+            log.info("fill", order_id=f.client_order_id, side=f.side.value, qty=str(f.qty), price=str(f.price),
+                     fee=str(f.fee), pnl=str(f.realized_pnl - f.fee), equity=str(eng.portfolio.equity))
+        for a in res.alerts:
+            log.warning("RISK_LIMIT_EXCEEDED", limit=a.limit, value=round(a.value, 6), threshold=a.threshold,
+                        action=a.action, **{k: v for k, v in a.detail.items() if isinstance(v, (str, int, float))})
+        for inc in res.incidents:
+            log.warning("incident", kind=inc.kind, **{k: v for k, v in inc.detail.items()
+                                                      if isinstance(v, (str, int, float)) or v is None})
+        d = res.decision
+        if d is not None and d.allowed:
+            log.info("decision", candle=iso_ms(d.decision.candle_ts), action=self.policy.meta.action_meanings[
+                d.decision.action], confidence=round(d.decision.confidence, 4), order_id=d.order_id)
+
+    def _on_feed_end(self) -> None:
+        pf = self.engine.portfolio
+        ret = float(pf.equity / pf.initial_equity - 1) if pf.initial_equity else 0.0
+        self.replay_summary = {
+            "candles": self.candles_processed, "rejected": sum(self.rejected.values()), "decisions":
+            self.engine.decisions, "orders": self.engine.orders_sent, "fills": pf.fills, "equity": str(pf.equity),
+            "return_pct": round(ret * 100, 4), "fees": str(pf.fees_paid), "realized_pnl": str(pf.realized_pnl),
+            "state": self.engine.state.value,
+        }
+        log.info("replay finished", **{k: v for k, v in self.replay_summary.items() if v is not None},
+                 hint="the daemon keeps serving; stop it with Ctrl-C or systemctl stop, or use --exit-at-end")
+        self.notify_status()
+
+    async def _housekeeping(self) -> None:
+        comp = self.components["housekeeping"]
+        last_commits = 0
+        while True:
+            await asyncio.sleep(2.0)
+            if self.store.commits - last_commits >= 1:
+                last_commits = self.store.commits
+                await asyncio.to_thread(self.store.checkpoint)
+            self.notify_status()
+            comp.progress("running")
+
+    async def _watchdog(self, interval: float) -> None:
+        withheld = False
+        while True:
+            await asyncio.sleep(interval)
+            problem = self.health_problem()
+            if problem is None:
+                self.notifier.notify("WATCHDOG=1")
+                if withheld:
+                    log.info("watchdog pings resumed")
+                withheld = False
+            elif not withheld:
+                withheld = True
+                log.error("watchdog ping withheld: pipeline not healthy", problem=problem)
+
+    # ---- health -----------------------------------------------------------------------------
+    def health_problem(self) -> str | None:
+        """None when healthy; else why (a dead task, or one with work that has stopped progressing)."""
+        stall = self.settings.stall_timeout_s
+        for comp in self.components.values():
+            t = comp.task
+            if t is not None and t.done() and comp.state != "finished":
+                return f"{comp.name} task ended"
+        eng = self.components["engine"]
+        if (self._queue.qsize() > 0 or eng.state == "running") and eng.age_s() > stall:
+            return f"engine made no progress for {eng.age_s():.1f}s with {self._queue.qsize()} candles queued"
+        feed = self.components["feed"]
+        if feed.state != "finished" and not self._queue.full():
+            expected = 3 * self.settings.bar_ms / 1000 / (self.settings.replay_speed or 1e9)
+            if feed.age_s() > stall + expected:
+                return f"feed produced nothing for {feed.age_s():.1f}s"
+        hk = self.components["housekeeping"]
+        if hk.age_s() > stall + 5:
+            return f"housekeeping made no progress for {hk.age_s():.1f}s"
+        return None
+
+    def status_line(self) -> str:
+        pf = self.engine.portfolio
+        return (f"{self.settings.mode} {self.engine.state.value} equity={pf.equity:.2f} "
+                f"pos={pf.position.qty} candles={self.candles_processed}"
+                + (" feed=finished" if self.feed.finished else ""))
+
+    def notify_status(self) -> None:
+        self.notifier.notify(f"STATUS={self.status_line()}")
+
+    # ---- operator actions (called by the control server, on the loop thread) ------------------
+    def apply(self, res: StepResult) -> None:
+        self._persist(res)
+        self.notify_status()
+
+    # ---- lifecycle ----------------------------------------------------------------------------
+    async def run(self) -> int:
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self._on_signal, sig)
+        try:
+            await self.start()
+        except BaseException:
+            await self._shutdown()
+            raise
+        self.components["feed"].task = asyncio.create_task(self._ingest(), name="ingest")
+        self.components["engine"].task = asyncio.create_task(self._run_engine(), name="engine")
+        self.components["housekeeping"].task = asyncio.create_task(self._housekeeping(), name="housekeeping")
+        for c in self.components.values():
+            c.progress(c.state)
+        wd = watchdog_interval_s()
+        wd_task = asyncio.create_task(self._watchdog(wd), name="watchdog") if wd else None
+        self.ready = True
+        self.notifier.notify("READY=1")
+        self.notify_status()
+        log.info("READY", startup_s=round(time.monotonic() - self.started_mono, 3),
+                 watchdog_interval_s=wd)
+
+        crashed = asyncio.create_task(self._first_crash(), name="crash-monitor")
+        await self.stop_event.wait()
+        crashed.cancel()
+        self.notifier.notify("STOPPING=1")
+        log.info("stopping", candles=self.candles_processed, equity=str(self.engine.portfolio.equity))
+        tasks = [c.task for c in self.components.values() if c.task] + ([wd_task] if wd_task else [])
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        await self._shutdown()
+        log.info("stopped", exit_code=self.exit_code)
+        return self.exit_code
+
+    async def _first_crash(self) -> None:
+        tasks = {c.task for c in self.components.values() if c.task}
+        done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+        for t in done:
+            if t.cancelled():
+                continue
+            exc = t.exception()
+            if exc is not None:
+                log.error("pipeline task crashed; exiting so systemd restarts the service", task=t.get_name(),
+                          error=repr(exc), exc_info=exc)
+                self.exit_code = 1
+                self.stop_event.set()
+                return
+        # the ingest task ends normally when the replay is exhausted; that is not a crash
+        rest = tasks - done
+        if rest:
+            await asyncio.wait(rest, return_when=asyncio.FIRST_EXCEPTION)
+            for t in rest:
+                if t.done() and not t.cancelled() and t.exception() is not None:
+                    log.error("pipeline task crashed; exiting so systemd restarts the service",
+                              task=t.get_name(), error=repr(t.exception()))
+                    self.exit_code = 1
+                    self.stop_event.set()
+                    return
+
+    def _on_signal(self, sig: int) -> None:
+        log.info("signal received", signal=signal.Signals(sig).name)
+        self.stop_event.set()
+
+    async def _shutdown(self) -> None:
+        if self._runner is not None:
+            await self._runner.cleanup()
+            self._runner = None
+        if hasattr(self, "store"):
+            try:
+                self.store.close()
+            except Exception as e:  # pragma: no cover - best effort at exit
+                log.error("closing the store failed", error=repr(e))
+        if hasattr(self, "files"):
+            self.files.close()
+
+    # ---- figures for /metrics -----------------------------------------------------------------
+    def metrics(self) -> dict[str, Any]:
+        eng = self.engine
+        pf = eng.portfolio
+        lim = self.settings.risk
+        equity = pf.equity
+        pos = pf.position
+        lev = pf.leverage if equity > 0 else 0.0
+        max_notional = float(equity) * lim.max_position_frac
+        decided = eng.decisions
+        return {
+            "portfolio": {
+                "equity": float(equity), "cash": float(pf.cash), "initial_equity": float(pf.initial_equity),
+                "daily_pnl": float(pf.daily_pnl), "drawdown": round(pf.drawdown, 6),
+                "peak_equity": float(pf.peak_equity), "realized_pnl": float(pf.realized_pnl),
+                "unrealized_pnl": float(pf.unrealized_pnl), "fees_paid": float(pf.fees_paid),
+                "positions": [] if pos.qty == 0 else [{
+                    "symbol": pos.symbol, "qty": float(pos.qty), "side": "long" if pos.qty > 0 else "short",
+                    "entry_price": float(pos.entry_price), "mark_price": float(pf.mark_price),
+                    "notional": float(pf.notional), "unrealized_pnl": float(pf.unrealized_pnl)}],
+                "fills": pf.fills,
+            },
+            "trading": {"mode": self.settings.mode, "state": eng.state.value, "state_reason": eng.state_reason,
+                        "symbol": self.settings.symbol, "timeframe": self.settings.timeframe,
+                        "orders": eng.orders_sent, "open_orders": len(eng.broker.open_orders())},
+            "model": {"version": self.policy.meta.version, "kind": self.policy.meta.kind,
+                      "decisions": decided,
+                      "avg_confidence": round(self.confidence_sum / decided, 6) if decided else 0.0,
+                      "confidence_threshold": self.settings.confidence_threshold,
+                      "inference_us": self.inference.summary()},
+            "risk": {
+                "limits": {"max_position_pct": lim.max_position_frac * 100, "max_leverage": lim.max_leverage,
+                           "daily_loss_limit_pct": lim.daily_loss_limit_frac * 100,
+                           "max_drawdown_pct": lim.max_drawdown_frac * 100,
+                           "max_orders_per_minute": lim.max_orders_per_minute,
+                           "max_data_age_bars": lim.max_data_age_bars},
+                "usage": {"position": round(float(pf.notional) / max_notional, 6) if max_notional > 0 else 0.0,
+                          "leverage": round(lev / lim.max_leverage, 6),
+                          "daily_loss": round(pf.daily_loss / lim.daily_loss_limit_frac, 6),
+                          "drawdown": round(pf.drawdown / lim.max_drawdown_frac, 6)},
+                "alerts": self.store.count("risk_alerts"),
+            },
+            "market": {"symbol": self.settings.symbol,
+                       "last_candle": None if self.last_candle is None else {
+                           "time": iso_ms(self.last_candle.ts), "close": self.last_candle.close},
+                       "candles_in": self.candles_in, "candles_processed": self.candles_processed,
+                       "rejected_candles": sum(self.rejected.values()),
+                       "rejected_by_reason": dict(self.rejected), "gaps": self.validator.gaps,
+                       "feed": self.feed.describe()},
+            "system": {"version": __version__, "pid": os.getpid(), "uptime_s": round(time.time() -
+                                                                                     self.started_wall, 3),
+                       "rss_mb": round(rss_mb(), 2), "queue_depth": self._queue.qsize(),
+                       "tick_to_order_us": self.latency.summary(), "db_commits": self.store.commits,
+                       "ready": self.ready, "watchdog": watchdog_interval_s() is not None},
+        }
+
+    def health(self) -> tuple[int, dict[str, Any]]:
+        problem = self.health_problem()
+        comps = {n: {"state": c.state, "last_progress_age_s": round(c.age_s(), 3)} for n, c in self.components.items()}
+        comps["feed"]["finished"] = self.feed.finished
+        body = {
+            "status": "stalled" if problem else ("finished" if self.feed.finished else "ok"),
+            "problem": problem,
+            "mode": self.settings.mode,
+            "trading_state": self.engine.state.value,
+            "components": comps,
+            "last_candle": None if self.last_candle is None else iso_ms(self.last_candle.ts),
+            "equity": float(self.engine.portfolio.equity),
+        }
+        return (503 if problem else 200), body
+

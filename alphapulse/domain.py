@@ -1,0 +1,133 @@
+"""Plain data shared by every stage of the pipeline.
+
+These types are the only thing the stages (market, features, policy, risk, execution, portfolio,
+store) agree on, so they stay small, immutable where they describe a fact, and free of I/O.
+Money fields that must reconcile to the cent are ``Decimal``; market prices arrive as floats
+(the CSV/exchange precision of 8 decimals round-trips exactly through ``repr``) and are turned
+into ``Decimal`` only where money is booked.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+from decimal import Decimal
+
+TIMEFRAME_MS: dict[str, int] = {
+    "1m": 60_000,
+    "3m": 180_000,
+    "5m": 300_000,
+    "15m": 900_000,
+    "30m": 1_800_000,
+    "1h": 3_600_000,
+    "4h": 14_400_000,
+    "1d": 86_400_000,
+}
+
+
+def timeframe_ms(timeframe: str) -> int:
+    """Milliseconds in one bar of ``timeframe`` (``ValueError`` for an unknown one)."""
+    try:
+        return TIMEFRAME_MS[timeframe]
+    except KeyError:
+        raise ValueError(f"unknown timeframe {timeframe!r}; expected one of {sorted(TIMEFRAME_MS)}") from None
+
+
+@dataclass(frozen=True, slots=True)
+class Candle:
+    """One OHLCV bar. ``ts`` is the bar's *open* time in ms UTC, as in ``../shared/data``."""
+
+    ts: int
+    open: float
+    high: float
+    low: float
+    close: float
+    volume: float
+
+
+class TradingState(str, enum.Enum):
+    """Trading-state machine, after NautilusTrader's ACTIVE/REDUCING/HALTED.
+
+    ACTIVE: all orders allowed.  REDUCE_ONLY: only orders that shrink |position| (daily loss
+    limit hit; lifted at the next UTC day).  HALTED: no orders until an operator resumes
+    (drawdown limit).  MAINTENANCE: operator pause, data keeps flowing.  EMERGENCY_STOP:
+    operator kill switch; survives restarts until resumed.
+    """
+
+    ACTIVE = "ACTIVE"
+    REDUCE_ONLY = "REDUCE_ONLY"
+    HALTED = "HALTED"
+    MAINTENANCE = "MAINTENANCE"
+    EMERGENCY_STOP = "EMERGENCY_STOP"
+
+
+class Side(str, enum.Enum):
+    BUY = "buy"
+    SELL = "sell"
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    """What the policy wanted for one candle, before risk."""
+
+    candle_ts: int
+    symbol: str
+    probabilities: tuple[float, ...]
+    action: int  # index into the model's action meanings
+    target: float  # target position as a fraction of the maximum position, in [-1, 1]
+    confidence: float  # probability of the chosen action
+    inference_us: float
+
+
+@dataclass(frozen=True, slots=True)
+class Order:
+    """A market order. ``client_order_id`` is derived from the decision so a retry cannot duplicate."""
+
+    client_order_id: str
+    symbol: str
+    side: Side
+    qty: Decimal  # always > 0
+    reduce_only: bool
+    created_ms: int
+    reason: str = "policy"
+
+
+@dataclass(frozen=True, slots=True)
+class Fill:
+    client_order_id: str
+    symbol: str
+    side: Side
+    qty: Decimal
+    price: Decimal  # execution price including slippage
+    fee: Decimal
+    ts_ms: int
+    realized_pnl: Decimal = Decimal(0)  # gross realized PnL of this fill (before its fee)
+
+    @property
+    def signed_qty(self) -> Decimal:
+        return self.qty if self.side is Side.BUY else -self.qty
+
+
+@dataclass(slots=True)
+class Position:
+    """Net position in one symbol (one-way mode, as on a perpetual-futures account)."""
+
+    symbol: str
+    qty: Decimal = Decimal(0)  # signed: > 0 long, < 0 short
+    entry_price: Decimal = Decimal(0)  # average entry price of the open qty
+
+    @property
+    def is_flat(self) -> bool:
+        return self.qty == 0
+
+
+@dataclass(frozen=True, slots=True)
+class RiskAlert:
+    """One ``RISK_LIMIT_EXCEEDED`` event: which limit, the measured value and the limit."""
+
+    ts_ms: int
+    limit: str
+    value: float
+    threshold: float
+    action: str
+    detail: dict[str, object] = field(default_factory=dict)

@@ -1,0 +1,238 @@
+"""One step of the pipeline for one candle: the code the daemon, the backtester and training share.
+
+``Engine.step`` is synchronous and does no I/O: fills of pending orders at this candle's open, mark to
+market, the trading-state machine, features, policy, risk and order submission.  It returns a
+:class:`StepResult` that the driver persists (SQLite, operator files) *before* acting on it further, so
+a crash between candles loses nothing that was acknowledged.  Operator actions (emergency stop, flatten,
+maintenance, resume) are methods here too, so they follow the same rules in every driver.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+from decimal import Decimal
+from typing import Any, Protocol, Sequence
+
+from alphapulse.domain import Candle, Decision, Fill, Order, RiskAlert, Side, TradingState
+from alphapulse.features import StreamingFeatures, observation
+from alphapulse.portfolio import Portfolio
+from alphapulse.risk import ORDER_WINDOW_MS, RiskLimits, check_order, next_state, resume_state, target_qty
+
+
+class DecisionPolicy(Protocol):
+    def decide(self, obs: Sequence[float], candle_ts: int, symbol: str) -> Decision: ...
+
+
+class EngineBroker(Protocol):
+    def submit(self, order: Order) -> bool: ...
+    def on_candle(self, candle: Candle) -> list[Fill]: ...
+    def cancel_all(self) -> list[Order]: ...
+    def open_orders(self) -> list[Order]: ...
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    symbol: str
+    bar_ms: int
+    lot_size: Decimal
+    confidence_threshold: float
+    limits: RiskLimits
+
+
+@dataclass(frozen=True, slots=True)
+class Incident:
+    """An emergency stop, a halt or another event operators must see in incidents.log."""
+
+    ts_ms: int
+    kind: str
+    detail: dict[str, Any]
+
+
+@dataclass(slots=True)
+class DecisionRecord:
+    decision: Decision
+    allowed: bool
+    reason: str
+    order_id: str | None
+    decided_ms: int
+
+
+@dataclass(slots=True)
+class StepResult:
+    """Everything one candle (or one operator action) changed, for the driver to persist atomically."""
+
+    candle_ts: int | None
+    fills: list[Fill] = field(default_factory=list)
+    orders: list[Order] = field(default_factory=list)
+    cancelled: list[Order] = field(default_factory=list)
+    alerts: list[RiskAlert] = field(default_factory=list)
+    incidents: list[Incident] = field(default_factory=list)
+    decision: DecisionRecord | None = None
+    state_changed: bool = False
+
+
+class Engine:
+    def __init__(
+        self,
+        cfg: EngineConfig,
+        policy: DecisionPolicy,
+        broker: EngineBroker,
+        portfolio: Portfolio,
+        state: TradingState = TradingState.ACTIVE,
+        features: StreamingFeatures | None = None,
+        last_candle_ts: int | None = None,
+    ) -> None:
+        self.cfg = cfg
+        self.policy = policy
+        self.broker = broker
+        self.portfolio = portfolio
+        self.state = state
+        self.features = features if features is not None else StreamingFeatures()
+        self.last_candle_ts = last_candle_ts
+        self.state_reason = ""
+        self._order_times: deque[int] = deque(maxlen=max(1, cfg.limits.max_orders_per_minute))
+        self.decisions = 0
+        self.orders_sent = 0
+
+    # ---- helpers ----------------------------------------------------------------------------
+    def _orders_last_minute(self, now_ms: int) -> int:
+        return sum(1 for t in self._order_times if now_ms - t < ORDER_WINDOW_MS)
+
+    def _set_state(self, new: TradingState, reason: str, res: StepResult, now_ms: int) -> None:
+        if new is self.state:
+            return
+        old, self.state, self.state_reason = self.state, new, reason
+        res.state_changed = True
+        if new in (TradingState.HALTED, TradingState.EMERGENCY_STOP, TradingState.REDUCE_ONLY) or old in (
+            TradingState.HALTED,
+            TradingState.EMERGENCY_STOP,
+        ):
+            res.incidents.append(Incident(now_ms, new.value, {
+                "from": old.value, "reason": reason, "equity": str(self.portfolio.equity),
+                "drawdown": round(self.portfolio.drawdown, 6), "daily_loss": round(self.portfolio.daily_loss, 6),
+                "market_time_ms": self.last_candle_ts,
+            }))
+
+    def _close_order(self, tag: str, now_ms: int) -> Order | None:
+        qty = self.portfolio.position.qty
+        if qty == 0:
+            return None
+        ref = self.last_candle_ts if self.last_candle_ts is not None else now_ms
+        side = Side.SELL if qty > 0 else Side.BUY
+        return Order(f"ap-{ref}-{tag}", self.cfg.symbol, side, abs(qty), True, now_ms, tag)
+
+    def position_features(self) -> tuple[float, float]:
+        """(position as a fraction of the maximum position, unrealized PnL as a fraction of equity)."""
+        pf = self.portfolio
+        eq = pf.equity
+        if eq <= 0:
+            return 0.0, 0.0
+        max_notional = eq * Decimal(repr(self.cfg.limits.max_position_frac))
+        pos = float(pf.position.qty * pf.mark_price / max_notional) if max_notional > 0 else 0.0
+        return pos, float(pf.unrealized_pnl / eq)
+
+    # ---- the per-candle step ----------------------------------------------------------------
+    def step(self, candle: Candle, now_ms: int | None = None) -> StepResult:
+        """Process one validated candle; ``now_ms`` is the driver's clock (None: the candle's close time)."""
+        cfg, pf = self.cfg, self.portfolio
+        close_ms = candle.ts + cfg.bar_ms
+        now = close_ms if now_ms is None else now_ms
+        res = StepResult(candle.ts)
+
+        for fill in self.broker.on_candle(candle):
+            res.fills.append(pf.apply_fill(fill))
+        price = Decimal(repr(candle.close))
+        rolled = pf.mark(price, close_ms)
+        self.last_candle_ts = candle.ts
+
+        new_state, alerts = next_state(self.state, daily_loss=pf.daily_loss, drawdown=pf.drawdown,
+                                       day_rolled=rolled, limits=cfg.limits, now_ms=close_ms)
+        res.alerts.extend(alerts)
+        if new_state is not self.state:
+            was = self.state
+            self._set_state(new_state, alerts[0].limit if alerts else "new_utc_day", res, close_ms)
+            if new_state is TradingState.HALTED and was is not TradingState.HALTED and cfg.limits.flatten_on_halt:
+                order = self._close_order("halt", close_ms)
+                if order is not None and self.broker.submit(order):
+                    res.orders.append(order)
+                    self.orders_sent += 1
+
+        market = self.features.update(candle)
+        if market is None:
+            return res
+        pos_frac, upnl_frac = self.position_features()
+        decision = self.policy.decide(observation(market, pos_frac, upnl_frac), candle.ts, cfg.symbol)
+        self.decisions += 1
+        order_id = None
+        if decision.confidence < cfg.confidence_threshold:
+            allowed, reason = False, "below_confidence_threshold"
+        else:
+            current = pf.position.qty
+            desired = target_qty(decision.target, pf.equity, price, cfg.limits, cfg.lot_size)
+            verdict = check_order(
+                state=self.state, current_qty=current, desired_qty=desired, equity=pf.equity, price=price,
+                limits=cfg.limits, lot=cfg.lot_size, data_age_ms=now - close_ms, bar_ms=cfg.bar_ms,
+                orders_last_minute=self._orders_last_minute(now), now_ms=now,
+            )
+            res.alerts.extend(verdict.alerts)
+            allowed, reason = verdict.allowed, verdict.reason
+            if verdict.allowed:
+                delta = verdict.qty
+                reduce_only = abs(current + delta) < abs(current) and (current + delta == 0 or
+                                                                      (current + delta > 0) == (current > 0))
+                order = Order(f"ap-{candle.ts}-p", cfg.symbol, Side.BUY if delta > 0 else Side.SELL, abs(delta),
+                              reduce_only, now, "policy")
+                if self.broker.submit(order):
+                    res.orders.append(order)
+                    self._order_times.append(now)
+                    self.orders_sent += 1
+                    order_id = order.client_order_id
+                else:
+                    allowed, reason = False, "duplicate_order"
+        res.decision = DecisionRecord(decision, allowed, reason, order_id, now)
+        return res
+
+    # ---- operator actions -------------------------------------------------------------------
+    def emergency_stop(self, now_ms: int, reason: str = "operator") -> StepResult:
+        res = StepResult(None)
+        res.cancelled.extend(self.broker.cancel_all())
+        if self.state is not TradingState.EMERGENCY_STOP:
+            self._set_state(TradingState.EMERGENCY_STOP, reason, res, now_ms)
+        res.state_changed = True
+        return res
+
+    def flatten(self, now_ms: int) -> StepResult:
+        """Reduce-only market close of the whole position; allowed in every state (it only removes risk)."""
+        res = StepResult(None)
+        res.cancelled.extend(o for o in self.broker.cancel_all() if o.reason != "flatten")
+        order = self._close_order("flatten", now_ms)
+        if order is not None and self.broker.submit(order):
+            res.orders.append(order)
+            self.orders_sent += 1
+        res.incidents.append(Incident(now_ms, "FLATTEN", {
+            "position_qty": str(self.portfolio.position.qty), "order_id": order.client_order_id if order else None,
+            "state": self.state.value}))
+        return res
+
+    def maintenance(self, now_ms: int) -> StepResult:
+        res = StepResult(None)
+        if self.state in (TradingState.EMERGENCY_STOP, TradingState.HALTED):
+            raise StateConflict(f"cannot enter maintenance from {self.state.value}; resume first")
+        self._set_state(TradingState.MAINTENANCE, "operator", res, now_ms)
+        res.incidents.append(Incident(now_ms, "MAINTENANCE", {"reason": "operator"}))
+        return res
+
+    def resume(self, now_ms: int) -> StepResult:
+        res = StepResult(None)
+        was = self.state
+        if was is TradingState.HALTED:
+            self.portfolio.reset_peak()  # otherwise the same drawdown would halt again at once
+        new = resume_state(daily_loss=self.portfolio.daily_loss, limits=self.cfg.limits)
+        self._set_state(new, "operator_resume", res, now_ms)
+        res.incidents.append(Incident(now_ms, "RESUME", {"from": was.value, "to": new.value}))
+        return res
+
+
+class StateConflict(Exception):
+    """An operator action that the current trading state does not allow."""

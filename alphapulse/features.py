@@ -1,0 +1,363 @@
+"""The policy's observation: one definition shared by the daemon, the backtester and training.
+
+A policy only behaves in production as it did in training if it sees the *same numbers*, so every
+feature is defined once here, in two forms that are tested to agree bar for bar:
+
+* :class:`StreamingFeatures` - for the daemon: one closed candle at a time, plain Python floats,
+  ``collections.deque`` and ``math`` (numpy's per-call overhead would dominate a 20-number vector
+  on the per-candle hot path).
+* :func:`batch_market_features` - for the backtester and the training environment: a whole history
+  at once, vectorised numpy.
+
+Every window is *finite* (no recursive EMA): a feature at bar ``t`` depends only on the last
+:data:`WARMUP_BARS` candles, so a daemon restarted and warmed up on those candles produces exactly
+the vector it would have produced had it never stopped, and the batch form has no look-ahead.
+
+Features are raw (unnormalised); the model normalises them itself. Two numerical choices keep the
+two forms equal and keep flat markets at exact zeros instead of ``1e-13`` rounding noise (which a
+z-score would blow up into garbage):
+
+* close-price statistics are taken on ``d_i = c_i - c_t`` (exactly ``0.0`` when prices are flat),
+  never on raw prices or on running/cumulative sums;
+* "0 when the denominator is 0" tests an exact ``0.0``, which the above makes reachable.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import deque
+from collections.abc import Callable, Iterable, Sequence
+
+import numpy as np
+from numpy.lib.stride_tricks import sliding_window_view
+
+from alphapulse.domain import Candle
+
+__all__ = [
+    "FEATURE_NAMES",
+    "MARKET_FEATURES",
+    "OBS_SIZE",
+    "POSITION_FEATURES",
+    "WARMUP_BARS",
+    "StreamingFeatures",
+    "batch_market_features",
+    "observation",
+    "position_features",
+    "position_fractions",
+]
+
+# Fixed order: the ONNX model's input is built against these names. Never rename or reorder.
+MARKET_FEATURES: tuple[str, ...] = (
+    "ret_1",
+    "ret_3",
+    "ret_6",
+    "ret_12",
+    "ret_24",
+    "ret_48",
+    "vol_12",
+    "vol_48",
+    "rsi_14",
+    "mom_12",
+    "mom_48",
+    "zscore_48",
+    "range_1",
+    "body_1",
+    "upper_wick_1",
+    "lower_wick_1",
+    "volume_ratio_12",
+    "volume_ratio_48",
+)
+POSITION_FEATURES: tuple[str, ...] = ("position_frac", "unrealized_pnl_frac")
+FEATURE_NAMES: tuple[str, ...] = MARKET_FEATURES + POSITION_FEATURES
+OBS_SIZE: int = len(FEATURE_NAMES)
+
+_RET_LAGS: tuple[int, ...] = (1, 3, 6, 12, 24, 48)
+_VOL_SHORT, _VOL_LONG = 12, 48
+_RSI_WINDOW = 14
+_MOM_SHORT, _MOM_LONG = 12, 48
+_ZSCORE_WINDOW = 48
+_VOLUME_SHORT, _VOLUME_LONG = 12, 48
+
+# ret_48 and a 48-return window both need 49 closes; nothing looks further back.
+WARMUP_BARS: int = 49
+
+# Rows per numpy block in the batch form: bounds the (rows x 48) temporaries to ~25 MB each
+# instead of ~200 MB per temporary on a 500k-row history, at no measurable speed cost.
+_BATCH_CHUNK = 1 << 16
+
+
+# --------------------------------------------------------------------------------------------
+# Streaming form
+# --------------------------------------------------------------------------------------------
+
+
+def _pstd(values: Sequence[float], mean: float) -> float:
+    """Population std around a given mean; ``math.dist`` does the sum of squares in C, accurately."""
+    return math.dist(values, [mean] * len(values)) / math.sqrt(len(values))
+
+
+class StreamingFeatures:
+    """Market features, one closed candle at a time, for the daemon.
+
+    State is nothing but the last :data:`WARMUP_BARS` closes and the last 48 one-bar returns and
+    volumes, so :meth:`warmup` on the candles before a restart reproduces the running state
+    bit for bit. The caller feeds each closed candle once, in time order (de-duplication and gap
+    handling belong to the market-data stage; a gap is treated as adjacent bars, as in the batch
+    form).
+    """
+
+    __slots__ = ("_closes", "_returns", "_volumes")
+
+    def __init__(self) -> None:
+        self._closes: deque[float] = deque(maxlen=WARMUP_BARS)
+        self._returns: deque[float] = deque(maxlen=_VOL_LONG)
+        self._volumes: deque[float] = deque(maxlen=_VOLUME_LONG)
+
+    @property
+    def ready(self) -> bool:
+        """True once enough candles were seen that :meth:`update` returns a vector."""
+        return len(self._closes) == WARMUP_BARS
+
+    def reset(self) -> None:
+        """Forget all history (e.g. after a data gap the caller does not want bridged)."""
+        self._closes.clear()
+        self._returns.clear()
+        self._volumes.clear()
+
+    def warmup(self, candles: Iterable[Candle]) -> list[float] | None:
+        """Reset, then replay the last :data:`WARMUP_BARS` of ``candles``; returns the last vector.
+
+        Only the tail matters because every window is finite, so passing a long history costs
+        no more than passing the last 49 candles.
+        """
+        self.reset()
+        result: list[float] | None = None
+        for candle in deque(candles, maxlen=WARMUP_BARS):
+            result = self.update(candle)
+        return result
+
+    def update(self, candle: Candle) -> list[float] | None:
+        """Add one closed candle; return the market features after it, or None while warming up."""
+        c = float(candle.close)
+        if not c > 0.0:  # also rejects NaN; a log return of a non-positive price is meaningless
+            raise ValueError(f"candle close must be a positive number, got {candle.close!r}")
+        closes = self._closes
+        returns = self._returns
+        volumes = self._volumes
+        v = float(candle.volume)
+        if closes:
+            returns.append(math.log(c / closes[-1]))
+        closes.append(c)
+        volumes.append(v)
+        if len(closes) < WARMUP_BARS:
+            return None
+
+        log = math.log
+        # closes holds c_{t-48} .. c_t, so c_{t-n} is closes[-1 - n].
+        rets = [log(c / closes[-1 - n]) for n in _RET_LAGS]
+
+        r_all = list(returns)
+        r_short = r_all[-_VOL_SHORT:]
+        mean_long = sum(r_all) / _VOL_LONG
+        mean_short = sum(r_short) / _VOL_SHORT
+        vol_long = _pstd(r_all, mean_long)
+        vol_short = _pstd(r_short, mean_short)
+
+        r_rsi = r_all[-_RSI_WINDOW:]
+        abs_sum = sum(map(abs, r_rsi))
+        rsi = sum(r_rsi) / abs_sum if abs_sum > 0.0 else 0.0
+
+        # Closes relative to the current one: exact zeros when flat (see module docstring).
+        d_long = [x - c for x in closes][1:]  # last 48 closes, c_{t-47} .. c_t
+        md_long = sum(d_long) / _MOM_LONG
+        md_short = sum(d_long[-_MOM_SHORT:]) / _MOM_SHORT
+        # mom = c / mean - 1 = (c - mean) / mean with mean = c + md.
+        mom_short = -md_short / (c + md_short)
+        mom_long = -md_long / (c + md_long)
+        z_std = _pstd(d_long, md_long)
+        zscore = -md_long / z_std if z_std > 0.0 else 0.0
+
+        o = float(candle.open)
+        h = float(candle.high)
+        lo = float(candle.low)
+        top = max(c, o)
+        bottom = min(c, o)
+
+        v_all = list(volumes)
+        vmean_long = sum(v_all) / _VOLUME_LONG
+        vmean_short = sum(v_all[-_VOLUME_SHORT:]) / _VOLUME_SHORT
+        vr_short = math.log1p(v / vmean_short) if vmean_short > 0.0 else 0.0
+        vr_long = math.log1p(v / vmean_long) if vmean_long > 0.0 else 0.0
+
+        rets.extend(
+            (
+                vol_short,
+                vol_long,
+                rsi,
+                mom_short,
+                mom_long,
+                zscore,
+                (h - lo) / c,
+                (c - o) / c,
+                (h - top) / c,
+                (bottom - lo) / c,
+                vr_short,
+                vr_long,
+            )
+        )
+        return rets
+
+
+# --------------------------------------------------------------------------------------------
+# Batch form
+# --------------------------------------------------------------------------------------------
+
+
+def _rolling(x: np.ndarray, window: int, fn: Callable[[np.ndarray], np.ndarray]) -> np.ndarray:
+    """``out[t] = fn(windows)`` for the window ``x[t-window+1 .. t]``; NaN where it is incomplete.
+
+    ``fn`` gets a (rows, window) block of a sliding-window *view* and reduces along axis 1;
+    blocks bound the temporaries' memory.
+    """
+    out = np.full(x.shape[0], np.nan)
+    if x.shape[0] < window:
+        return out
+    view = sliding_window_view(x, window)
+    for start in range(0, view.shape[0], _BATCH_CHUNK):
+        block = view[start : start + _BATCH_CHUNK]
+        out[window - 1 + start : window - 1 + start + block.shape[0]] = fn(block)
+    return out
+
+
+def _block_pstd(block: np.ndarray) -> np.ndarray:
+    mean = block.sum(axis=1) / block.shape[1]
+    dev = block - mean[:, None]
+    return np.sqrt(np.einsum("ij,ij->i", dev, dev) / block.shape[1])
+
+
+def _block_rsi(block: np.ndarray) -> np.ndarray:
+    abs_sum = np.abs(block).sum(axis=1)
+    total = block.sum(axis=1)
+    safe = np.where(abs_sum > 0.0, abs_sum, 1.0)
+    return np.where(abs_sum > 0.0, total / safe, 0.0)
+
+
+def _block_mean(block: np.ndarray) -> np.ndarray:
+    return block.sum(axis=1) / block.shape[1]
+
+
+def _close_stats(close: np.ndarray, out: np.ndarray, col_mom_short: int, col_mom_long: int, col_z: int) -> None:
+    """mom_12, mom_48 and zscore_48 from closes relative to the window's last close (exact zeros when flat)."""
+    n = close.shape[0]
+    w = _ZSCORE_WINDOW
+    if n < w:
+        return
+    view = sliding_window_view(close, w)
+    for start in range(0, view.shape[0], _BATCH_CHUNK):
+        block = view[start : start + _BATCH_CHUNK]
+        c = block[:, -1]
+        d = block - c[:, None]
+        md_long = d.sum(axis=1) / w
+        md_short = d[:, -_MOM_SHORT:].sum(axis=1) / _MOM_SHORT
+        dev = d - md_long[:, None]
+        std = np.sqrt(np.einsum("ij,ij->i", dev, dev) / w)
+        safe = np.where(std > 0.0, std, 1.0)
+        rows = slice(w - 1 + start, w - 1 + start + block.shape[0])
+        out[rows, col_mom_short] = -md_short / (c + md_short)
+        out[rows, col_mom_long] = -md_long / (c + md_long)
+        out[rows, col_z] = np.where(std > 0.0, -md_long / safe, 0.0)
+
+
+def _volume_ratio(volume: np.ndarray, window: int) -> np.ndarray:
+    mean = _rolling(volume, window, _block_mean)
+    positive = mean > 0.0  # NaN (incomplete window) compares False and is restored below
+    ratio = np.zeros_like(mean)
+    ratio[positive] = np.log1p(volume[positive] / mean[positive])
+    ratio[np.isnan(mean)] = np.nan
+    return ratio
+
+
+def batch_market_features(
+    open: np.ndarray, high: np.ndarray, low: np.ndarray, close: np.ndarray, volume: np.ndarray
+) -> np.ndarray:
+    """Market features for a whole history: shape ``(n, len(MARKET_FEATURES))``, float64.
+
+    Row ``t`` equals :meth:`StreamingFeatures.update` after candle ``t`` (to ~1e-12, only summation
+    order differs) and uses candles ``<= t`` only. Rows before ``WARMUP_BARS - 1`` are NaN.
+    """
+    o, h, lo, c, v = (np.ascontiguousarray(a, dtype=np.float64) for a in (open, high, low, close, volume))
+    n = c.shape[0]
+    for name, arr in (("open", o), ("high", h), ("low", lo), ("close", c), ("volume", v)):
+        if arr.ndim != 1 or arr.shape[0] != n:
+            raise ValueError(f"{name} must be 1-D with the same length as close ({n}), got shape {arr.shape}")
+    if not np.all(c > 0.0):  # also rejects NaN, like the streaming form
+        raise ValueError("close prices must all be positive numbers")
+
+    out = np.full((n, len(MARKET_FEATURES)), np.nan)
+    if n < WARMUP_BARS:
+        return out
+    col = {name: i for i, name in enumerate(MARKET_FEATURES)}
+
+    for lag in _RET_LAGS:
+        out[lag:, col[f"ret_{lag}"]] = np.log(c[lag:] / c[:-lag])
+
+    r = np.empty(n)
+    r[0] = 0.0  # placeholder; every window that includes it lies before WARMUP_BARS - 1 and is blanked
+    r[1:] = np.log(c[1:] / c[:-1])
+    out[:, col["vol_12"]] = _rolling(r, _VOL_SHORT, _block_pstd)
+    out[:, col["vol_48"]] = _rolling(r, _VOL_LONG, _block_pstd)
+    out[:, col["rsi_14"]] = _rolling(r, _RSI_WINDOW, _block_rsi)
+
+    _close_stats(c, out, col["mom_12"], col["mom_48"], col["zscore_48"])
+
+    top = np.maximum(o, c)
+    bottom = np.minimum(o, c)
+    out[:, col["range_1"]] = (h - lo) / c
+    out[:, col["body_1"]] = (c - o) / c
+    out[:, col["upper_wick_1"]] = (h - top) / c
+    out[:, col["lower_wick_1"]] = (bottom - lo) / c
+
+    out[:, col["volume_ratio_12"]] = _volume_ratio(v, _VOLUME_SHORT)
+    out[:, col["volume_ratio_48"]] = _volume_ratio(v, _VOLUME_LONG)
+
+    out[: WARMUP_BARS - 1] = np.nan
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# Position features and the full observation
+# --------------------------------------------------------------------------------------------
+
+
+def _clip_unit(x: float) -> float:
+    """Clip to [-1, 1]; NaN becomes 0 because a NaN must never reach the model."""
+    x = float(x)
+    if math.isnan(x):
+        return 0.0
+    return max(-1.0, min(x, 1.0))
+
+
+def position_fractions(
+    position_notional: float, max_position_notional: float, unrealized_pnl: float, equity: float
+) -> tuple[float, float]:
+    """Portfolio quantities -> ``(position_frac, unrealized_pnl_frac)``, per the feature definitions.
+
+    Kept here so the portfolio, the backtester and the training environment cannot disagree on
+    the zero-denominator cases: no maximum position (``<= 0``) gives 0, and so does
+    ``equity <= 0`` (a blown account has no meaningful PnL fraction).
+    """
+    pos = position_notional / max_position_notional if max_position_notional > 0.0 else 0.0
+    pnl = unrealized_pnl / equity if equity > 0.0 else 0.0
+    return _clip_unit(pos), _clip_unit(pnl)
+
+
+def position_features(position_frac: float, unrealized_pnl_frac: float) -> list[float]:
+    """The two portfolio features in :data:`POSITION_FEATURES` order, clipped to [-1, 1]."""
+    return [_clip_unit(position_frac), _clip_unit(unrealized_pnl_frac)]
+
+
+def observation(market: Sequence[float], position_frac: float, unrealized_pnl_frac: float) -> list[float]:
+    """The full model input in :data:`FEATURE_NAMES` order: market features then position features."""
+    if len(market) != len(MARKET_FEATURES):
+        raise ValueError(f"expected {len(MARKET_FEATURES)} market features, got {len(market)}")
+    return [float(x) for x in market] + position_features(position_frac, unrealized_pnl_frac)

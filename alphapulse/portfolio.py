@@ -1,0 +1,167 @@
+"""Pure accounting for one USDT-margined perpetual position: cash, PnL, equity, drawdown, daily roll-over.
+
+No I/O: the engine feeds it fills and marks, the store persists its ``snapshot()``.  Cash is the wallet
+balance (initial equity + realized PnL - fees); equity adds the unrealized PnL at the last mark.  All
+booked amounts are quantised with :func:`alphapulse.costs.money`, so ``cash - initial`` equals the sum of
+every fill's ``realized_pnl - fee`` exactly, which is what ``trades.csv`` lets an operator check.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from decimal import Decimal
+from typing import Any
+
+from alphapulse.costs import money
+from alphapulse.domain import Fill, Position
+
+DAY_MS = 86_400_000
+ZERO = Decimal(0)
+
+
+def utc_day(ts_ms: int) -> int:
+    """Days since the epoch (UTC) of a timestamp: the daily loss limit resets when this changes."""
+    return ts_ms // DAY_MS
+
+
+def realized_on_fill(pos: Position, signed_qty: Decimal, price: Decimal) -> tuple[Position, Decimal]:
+    """New position and the gross PnL realized by trading ``signed_qty`` at ``price`` (one-way netting)."""
+    q = pos.qty
+    if q == 0 or (q > 0) == (signed_qty > 0):
+        new_q = q + signed_qty
+        entry = (abs(q) * pos.entry_price + abs(signed_qty) * price) / abs(new_q)
+        return Position(pos.symbol, new_q, entry), ZERO
+    closing = min(abs(q), abs(signed_qty))
+    direction = 1 if q > 0 else -1
+    pnl = money(closing * (price - pos.entry_price) * direction)
+    new_q = q + signed_qty
+    if new_q == 0:
+        return Position(pos.symbol, ZERO, ZERO), pnl
+    if (new_q > 0) == (q > 0):
+        return Position(pos.symbol, new_q, pos.entry_price), pnl
+    return Position(pos.symbol, new_q, price), pnl  # flipped: the remainder opens at the fill price
+
+
+@dataclass
+class Portfolio:
+    symbol: str
+    initial_equity: Decimal
+    cash: Decimal
+    position: Position
+    mark_price: Decimal = ZERO
+    realized_pnl: Decimal = ZERO  # cumulative gross
+    fees_paid: Decimal = ZERO
+    peak_equity: Decimal = ZERO
+    day: int = -1
+    day_start_equity: Decimal = ZERO
+    fills: int = 0
+    _last_ts: int = field(default=0, repr=False)
+
+    @classmethod
+    def new(cls, symbol: str, initial_equity: Decimal) -> "Portfolio":
+        eq = money(initial_equity)
+        return cls(symbol, eq, eq, Position(symbol), peak_equity=eq, day_start_equity=eq)
+
+    # ---- derived values -------------------------------------------------------------------
+    @property
+    def unrealized_pnl(self) -> Decimal:
+        p = self.position
+        if p.qty == 0 or self.mark_price == 0:
+            return ZERO
+        return money(p.qty * (self.mark_price - p.entry_price))
+
+    @property
+    def equity(self) -> Decimal:
+        return self.cash + self.unrealized_pnl
+
+    @property
+    def notional(self) -> Decimal:
+        return abs(self.position.qty) * self.mark_price
+
+    @property
+    def daily_pnl(self) -> Decimal:
+        return self.equity - self.day_start_equity
+
+    @property
+    def drawdown(self) -> float:
+        """Fraction below the peak equity, >= 0."""
+        if self.peak_equity <= 0:
+            return 0.0
+        return max(0.0, float(1 - self.equity / self.peak_equity))
+
+    @property
+    def daily_loss(self) -> float:
+        """Loss since the start of the UTC day as a fraction of that day's starting equity, >= 0."""
+        if self.day_start_equity <= 0:
+            return 0.0
+        return max(0.0, float(-self.daily_pnl / self.day_start_equity))
+
+    @property
+    def leverage(self) -> float:
+        eq = self.equity
+        return float(self.notional / eq) if eq > 0 else float("inf") if self.notional > 0 else 0.0
+
+    # ---- events ---------------------------------------------------------------------------
+    def mark(self, price: Decimal, ts_ms: int) -> bool:
+        """Mark to ``price`` at ``ts_ms``; returns True when a new UTC day started (daily PnL resets)."""
+        self.mark_price = price
+        self._last_ts = ts_ms
+        day = utc_day(ts_ms)
+        rolled = day != self.day
+        if rolled:
+            # The day's reference is the equity at the first mark of the day.
+            self.day = day
+            self.day_start_equity = self.equity
+        eq = self.equity
+        if eq > self.peak_equity:
+            self.peak_equity = eq
+        return rolled
+
+    def apply_fill(self, fill: Fill) -> Fill:
+        """Book a fill; returns it with ``realized_pnl`` filled in (gross, before its fee)."""
+        self.position, pnl = realized_on_fill(self.position, fill.signed_qty, fill.price)
+        self.realized_pnl += pnl
+        self.fees_paid += fill.fee
+        self.cash += pnl - fill.fee
+        self.fills += 1
+        if self.mark_price == 0:
+            self.mark_price = fill.price
+        return replace(fill, realized_pnl=pnl)
+
+    def reset_peak(self) -> None:
+        """After an operator resumes from a drawdown halt, measure drawdown from here."""
+        self.peak_equity = self.equity
+
+    # ---- persistence ----------------------------------------------------------------------
+    def snapshot(self) -> dict[str, Any]:
+        return {
+            "symbol": self.symbol,
+            "initial_equity": str(self.initial_equity),
+            "cash": str(self.cash),
+            "qty": str(self.position.qty),
+            "entry_price": str(self.position.entry_price),
+            "mark_price": str(self.mark_price),
+            "realized_pnl": str(self.realized_pnl),
+            "fees_paid": str(self.fees_paid),
+            "peak_equity": str(self.peak_equity),
+            "day": self.day,
+            "day_start_equity": str(self.day_start_equity),
+            "fills": self.fills,
+        }
+
+    @classmethod
+    def restore(cls, snap: dict[str, Any]) -> "Portfolio":
+        d = Decimal
+        return cls(
+            symbol=snap["symbol"],
+            initial_equity=d(snap["initial_equity"]),
+            cash=d(snap["cash"]),
+            position=Position(snap["symbol"], d(snap["qty"]), d(snap["entry_price"])),
+            mark_price=d(snap["mark_price"]),
+            realized_pnl=d(snap["realized_pnl"]),
+            fees_paid=d(snap["fees_paid"]),
+            peak_equity=d(snap["peak_equity"]),
+            day=int(snap["day"]),
+            day_start_equity=d(snap["day_start_equity"]),
+            fills=int(snap["fills"]),
+        )

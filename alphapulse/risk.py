@@ -1,0 +1,149 @@
+"""Risk limits and the trading-state machine, as pure functions of the portfolio and the decision.
+
+The daemon, the backtester and the training environment call these same functions, so a limit is
+defined exactly once.  Nothing here does I/O: breaches come back as :class:`RiskAlert` values that the
+engine logs as ``RISK_LIMIT_EXCEEDED`` and appends to ``risk_alerts.json``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from decimal import ROUND_DOWN, Decimal
+
+from alphapulse.domain import RiskAlert, TradingState
+
+ZERO = Decimal(0)
+ORDER_WINDOW_MS = 60_000
+
+# States in which the policy may not open or change risk at all.
+BLOCKING_STATES = frozenset({TradingState.HALTED, TradingState.MAINTENANCE, TradingState.EMERGENCY_STOP})
+
+
+@dataclass(frozen=True, slots=True)
+class RiskLimits:
+    max_position_frac: float = 0.5  # maximum position notional as a fraction of equity
+    max_leverage: float = 3.0
+    daily_loss_limit_frac: float = 0.03  # of start-of-day equity; REDUCE_ONLY until the next UTC day
+    max_drawdown_frac: float = 0.12  # from peak equity; HALTED until an operator resumes
+    max_orders_per_minute: int = 10
+    max_data_age_bars: float = 2.0  # no trading on data older than this many bars
+    flatten_on_halt: bool = True
+
+
+@dataclass(frozen=True, slots=True)
+class Verdict:
+    """Outcome of :func:`check_order`: the signed quantity to trade (0 for none) and why."""
+
+    qty: Decimal
+    allowed: bool
+    reason: str
+    alerts: tuple[RiskAlert, ...] = ()
+
+
+def next_state(
+    state: TradingState,
+    *,
+    daily_loss: float,
+    drawdown: float,
+    day_rolled: bool,
+    limits: RiskLimits,
+    now_ms: int,
+) -> tuple[TradingState, tuple[RiskAlert, ...]]:
+    """Advance the state machine after a mark-to-market.
+
+    ACTIVE -> REDUCE_ONLY on the daily loss limit; REDUCE_ONLY -> ACTIVE at the next UTC day; any state but
+    EMERGENCY_STOP -> HALTED on the drawdown limit.  HALTED, MAINTENANCE and EMERGENCY_STOP only leave by
+    an operator's resume (see :func:`resume_state`).
+    """
+    if state is TradingState.EMERGENCY_STOP:
+        return state, ()
+    if drawdown >= limits.max_drawdown_frac and state is not TradingState.HALTED:
+        alert = RiskAlert(now_ms, "max_drawdown", drawdown, limits.max_drawdown_frac, "HALTED",
+                          {"previous_state": state.value})
+        return TradingState.HALTED, (alert,)
+    if state is TradingState.REDUCE_ONLY and day_rolled and daily_loss < limits.daily_loss_limit_frac:
+        return TradingState.ACTIVE, ()
+    if state is TradingState.ACTIVE and daily_loss >= limits.daily_loss_limit_frac:
+        alert = RiskAlert(now_ms, "daily_loss_limit", daily_loss, limits.daily_loss_limit_frac, "REDUCE_ONLY", {})
+        return TradingState.REDUCE_ONLY, (alert,)
+    return state, ()
+
+
+def resume_state(*, daily_loss: float, limits: RiskLimits) -> TradingState:
+    """The state an operator's resume leads to: the daily loss limit still holds until the next UTC day."""
+    return TradingState.REDUCE_ONLY if daily_loss >= limits.daily_loss_limit_frac else TradingState.ACTIVE
+
+
+def target_qty(target_frac: float, equity: Decimal, price: Decimal, limits: RiskLimits, lot: Decimal) -> Decimal:
+    """Signed quantity for a target position given as a fraction of the maximum position, rounded toward 0."""
+    if equity <= 0 or price <= 0 or target_frac == 0:
+        return ZERO
+    frac = max(-1.0, min(1.0, target_frac))
+    raw = Decimal(repr(frac * limits.max_position_frac)) * equity / price
+    lots = (abs(raw) / lot).to_integral_value(rounding=ROUND_DOWN)
+    return (lots * lot).copy_sign(raw) if lots else ZERO
+
+
+def _cap(qty: Decimal, cap: Decimal, lot: Decimal) -> Decimal:
+    if abs(qty) <= cap:
+        return qty
+    return ((cap / lot).to_integral_value(rounding=ROUND_DOWN) * lot).copy_sign(qty)
+
+
+def check_order(
+    *,
+    state: TradingState,
+    current_qty: Decimal,
+    desired_qty: Decimal,
+    equity: Decimal,
+    price: Decimal,
+    limits: RiskLimits,
+    lot: Decimal,
+    data_age_ms: int,
+    bar_ms: int,
+    orders_last_minute: int,
+    now_ms: int,
+) -> Verdict:
+    """Decide how much of the move from ``current_qty`` to ``desired_qty`` may be traded now."""
+    if desired_qty == current_qty:
+        return Verdict(ZERO, False, "at_target")
+    if state in BLOCKING_STATES:
+        return Verdict(ZERO, False, f"state_{state.value.lower()}")
+    max_age = limits.max_data_age_bars * bar_ms
+    if data_age_ms > max_age:
+        alert = RiskAlert(now_ms, "stale_data", data_age_ms / bar_ms, limits.max_data_age_bars, "rejected",
+                          {"data_age_ms": data_age_ms})
+        return Verdict(ZERO, False, "stale_data", (alert,))
+    alerts: list[RiskAlert] = []
+    desired = desired_qty
+    if state is TradingState.REDUCE_ONLY:
+        # Only shrink |position|, never cross through zero into new risk.
+        if current_qty == 0 or (desired != 0 and (desired > 0) != (current_qty > 0)):
+            desired = ZERO
+        if abs(desired) >= abs(current_qty):
+            return Verdict(ZERO, False, "reduce_only")
+    if equity <= 0:
+        desired = ZERO if state is not TradingState.REDUCE_ONLY else desired
+        if abs(desired) >= abs(current_qty):
+            return Verdict(ZERO, False, "no_equity")
+    increasing = abs(desired) > abs(current_qty) or (desired != 0 and current_qty != 0
+                                                      and (desired > 0) != (current_qty > 0))
+    if increasing and price > 0 and equity > 0:
+        pos_cap = Decimal(repr(limits.max_position_frac)) * equity / price
+        lev_cap = Decimal(repr(limits.max_leverage)) * equity / price
+        cap = min(pos_cap, lev_cap)
+        if abs(desired) > cap:
+            name = "max_position" if pos_cap <= lev_cap else "max_leverage"
+            value = float(abs(desired) * price / equity)
+            threshold = limits.max_position_frac if name == "max_position" else limits.max_leverage
+            alerts.append(RiskAlert(now_ms, name, value, threshold, "clamped",
+                                    {"desired_qty": str(desired), "cap_qty": str(cap)}))
+            desired = _cap(desired, cap, lot)
+    delta = desired - current_qty
+    if delta == 0:
+        return Verdict(ZERO, False, "at_cap", tuple(alerts))
+    if orders_last_minute >= limits.max_orders_per_minute:
+        alerts.append(RiskAlert(now_ms, "max_orders_per_minute", float(orders_last_minute),
+                                float(limits.max_orders_per_minute), "rejected", {}))
+        return Verdict(ZERO, False, "order_rate", tuple(alerts))
+    return Verdict(delta, True, "ok" if not alerts else "clamped", tuple(alerts))

@@ -1,0 +1,368 @@
+"""Durable state and history: SQLite in WAL mode, plus the operator's files derived from it.
+
+SQLite is the source of truth.  Each candle's effects (decision, orders, fills, alerts, incidents, the
+portfolio snapshot and the last processed candle) are one transaction, committed before the daemon moves
+on: with ``synchronous=NORMAL`` in WAL mode a committed transaction survives ``kill -9``.  Automatic
+checkpoints are off on the writing connection (they cost 4-6 ms); :meth:`Store.checkpoint` runs them from
+a worker thread on its own connection so they never stall the event loop.
+
+The operator files (``trades.csv``, ``ai_decisions.json``, ``risk_alerts.json``, ``incidents.log``) are
+appended after the commit, one ``os.write`` per line on an ``O_APPEND`` descriptor, so a line is either
+whole or absent.  At start a torn tail is cut off and any record the database has but a file lacks
+(the process died between commit and append) is written again, so the files never miss a record.
+"""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+import threading
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from decimal import Decimal
+from pathlib import Path
+from typing import Any, Iterable, Iterator
+
+import orjson
+
+from alphapulse.domain import Order, Side
+from alphapulse.engine import Incident, StepResult
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS decisions (
+    candle_ts INTEGER PRIMARY KEY, symbol TEXT NOT NULL, decided_ms INTEGER NOT NULL, probabilities TEXT NOT NULL,
+    action INTEGER NOT NULL, target REAL NOT NULL, confidence REAL NOT NULL, allowed INTEGER NOT NULL,
+    reason TEXT NOT NULL, order_id TEXT, inference_us REAL NOT NULL, equity TEXT NOT NULL, position TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS orders (
+    client_order_id TEXT PRIMARY KEY, symbol TEXT NOT NULL, side TEXT NOT NULL, qty TEXT NOT NULL,
+    reduce_only INTEGER NOT NULL, created_ms INTEGER NOT NULL, reason TEXT NOT NULL, status TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS fills (
+    fill_id INTEGER PRIMARY KEY, client_order_id TEXT NOT NULL UNIQUE REFERENCES orders(client_order_id),
+    symbol TEXT NOT NULL, side TEXT NOT NULL, qty TEXT NOT NULL, price TEXT NOT NULL, fee TEXT NOT NULL,
+    realized_pnl TEXT NOT NULL, ts_ms INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS risk_alerts (
+    alert_id INTEGER PRIMARY KEY, ts_ms INTEGER NOT NULL, limit_name TEXT NOT NULL, value REAL NOT NULL,
+    threshold REAL NOT NULL, action TEXT NOT NULL, detail TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS incidents (
+    incident_id INTEGER PRIMARY KEY, ts_ms INTEGER NOT NULL, kind TEXT NOT NULL, detail TEXT NOT NULL);
+"""
+
+TRADES_HEADER = "timestamp,symbol,side,qty,price,fee,pnl,realized_pnl,order_id,fill_id,reason\n"
+
+
+def iso_ms(ts_ms: int) -> str:
+    """ISO 8601 UTC with milliseconds and a Z."""
+    return datetime.fromtimestamp(ts_ms / 1000, tz=timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%f")[:-3] + "Z"
+
+
+@dataclass(frozen=True)
+class PersistedState:
+    portfolio: dict[str, Any]
+    trading_state: str
+    state_reason: str
+    last_candle_ts: int | None
+    open_orders: list[Order]
+
+
+class Store:
+    """SQLite history and state; every method runs on the event-loop thread except :meth:`checkpoint`."""
+
+    def __init__(self, data_dir: Path) -> None:
+        data_dir.mkdir(parents=True, exist_ok=True)
+        self.path = data_dir / "alphapulse.db"
+        self._db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=NORMAL")
+        self._db.execute("PRAGMA wal_autocheckpoint=0")
+        self._db.execute("PRAGMA foreign_keys=ON")
+        self._db.executescript(SCHEMA)
+        self._next_fill = self._max_id("fills", "fill_id") + 1
+        self._next_alert = self._max_id("risk_alerts", "alert_id") + 1
+        self._next_incident = self._max_id("incidents", "incident_id") + 1
+        self._ckpt_lock = threading.Lock()
+        self.commits = 0
+
+    def _max_id(self, table: str, col: str) -> int:
+        row = self._db.execute(f"SELECT COALESCE(MAX({col}), 0) FROM {table}").fetchone()
+        return int(row[0])
+
+    def close(self) -> None:
+        self.checkpoint()
+        self._db.close()
+
+    def checkpoint(self) -> None:
+        """Move the WAL into the database file; safe to call from a worker thread."""
+        with self._ckpt_lock:
+            con = sqlite3.connect(self.path, isolation_level=None)
+            try:
+                con.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+            finally:
+                con.close()
+
+    # ---- state ------------------------------------------------------------------------------
+    def load(self) -> PersistedState | None:
+        row = self._db.execute("SELECT value FROM meta WHERE key='state'").fetchone()
+        if row is None:
+            return None
+        st = orjson.loads(row[0])
+        orders = [
+            Order(r[0], r[1], Side(r[2]), Decimal(r[3]), bool(r[4]), r[5], r[6])
+            for r in self._db.execute(
+                "SELECT client_order_id, symbol, side, qty, reduce_only, created_ms, reason FROM orders "
+                "WHERE status='open' ORDER BY created_ms")
+        ]
+        return PersistedState(st["portfolio"], st["trading_state"], st.get("state_reason", ""),
+                              st.get("last_candle_ts"), orders)
+
+    def order_exists(self, client_order_id: str) -> bool:
+        return self._db.execute("SELECT 1 FROM orders WHERE client_order_id=?", (client_order_id,)).fetchone() is not None
+
+    # ---- the per-step transaction -----------------------------------------------------------
+    def commit_step(self, res: StepResult, state: dict[str, Any]) -> "Persisted":
+        """Write one step atomically; returns the rows with their ids for the operator files."""
+        db = self._db
+        out = Persisted([], None, [], [])
+        db.execute("BEGIN")
+        try:
+            for o in res.orders:
+                db.execute("INSERT INTO orders VALUES (?,?,?,?,?,?,?, 'open')",
+                           (o.client_order_id, o.symbol, o.side.value, str(o.qty), int(o.reduce_only), o.created_ms,
+                            o.reason))
+            for o in res.cancelled:
+                db.execute("UPDATE orders SET status='cancelled' WHERE client_order_id=?", (o.client_order_id,))
+            for f in res.fills:
+                row = (self._next_fill, f.client_order_id, f.symbol, f.side.value, str(f.qty), str(f.price),
+                       str(f.fee), str(f.realized_pnl), f.ts_ms)
+                db.execute("INSERT INTO fills VALUES (?,?,?,?,?,?,?,?,?)", row)
+                db.execute("UPDATE orders SET status='filled' WHERE client_order_id=?", (f.client_order_id,))
+                out.fills.append(row)
+                self._next_fill += 1
+            for a in res.alerts:
+                arow = (self._next_alert, a.ts_ms, a.limit, a.value, a.threshold, a.action,
+                        orjson.dumps(a.detail).decode())
+                db.execute("INSERT INTO risk_alerts VALUES (?,?,?,?,?,?,?)", arow)
+                out.alerts.append(arow)
+                self._next_alert += 1
+            for inc in res.incidents:
+                irow = (self._next_incident, inc.ts_ms, inc.kind, orjson.dumps(inc.detail).decode())
+                db.execute("INSERT INTO incidents VALUES (?,?,?,?)", irow)
+                out.incidents.append(irow)
+                self._next_incident += 1
+            if res.decision is not None:
+                d = res.decision
+                dec = d.decision
+                drow = (dec.candle_ts, dec.symbol, d.decided_ms, orjson.dumps(dec.probabilities).decode(), dec.action,
+                        dec.target, dec.confidence, int(d.allowed), d.reason, d.order_id, dec.inference_us,
+                        state["portfolio"]["cash"], state["portfolio"]["qty"])
+                db.execute("INSERT OR REPLACE INTO decisions VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)", drow)
+                out.decision = drow
+            db.execute("INSERT OR REPLACE INTO meta VALUES ('state', ?)", (orjson.dumps(state).decode(),))
+            db.execute("COMMIT")
+        except BaseException:
+            db.execute("ROLLBACK")
+            # ids handed out inside the failed transaction are reused next time
+            self._next_fill = self._max_id("fills", "fill_id") + 1
+            self._next_alert = self._max_id("risk_alerts", "alert_id") + 1
+            self._next_incident = self._max_id("incidents", "incident_id") + 1
+            raise
+        self.commits += 1
+        return out
+
+    # ---- queries for reconciliation and the API ----------------------------------------------
+    def fills_after(self, fill_id: int) -> Iterator[tuple[Any, ...]]:
+        yield from self._db.execute("SELECT * FROM fills WHERE fill_id > ? ORDER BY fill_id", (fill_id,))
+
+    def fill_reasons(self, ids: Iterable[str]) -> dict[str, str]:
+        ids = list(ids)
+        if not ids:
+            return {}
+        q = "SELECT client_order_id, reason FROM orders WHERE client_order_id IN (%s)" % ",".join("?" * len(ids))
+        return dict(self._db.execute(q, ids).fetchall())
+
+    def decisions_after(self, candle_ts: int) -> Iterator[tuple[Any, ...]]:
+        yield from self._db.execute("SELECT * FROM decisions WHERE candle_ts > ? ORDER BY candle_ts", (candle_ts,))
+
+    def alerts_after(self, alert_id: int) -> Iterator[tuple[Any, ...]]:
+        yield from self._db.execute("SELECT * FROM risk_alerts WHERE alert_id > ? ORDER BY alert_id", (alert_id,))
+
+    def incidents_after(self, incident_id: int) -> Iterator[tuple[Any, ...]]:
+        yield from self._db.execute("SELECT * FROM incidents WHERE incident_id > ? ORDER BY incident_id",
+                                    (incident_id,))
+
+    def count(self, table: str) -> int:
+        assert table in ("decisions", "orders", "fills", "risk_alerts", "incidents")
+        return int(self._db.execute(f"SELECT COUNT(*) FROM {table}").fetchone()[0])
+
+
+@dataclass
+class Persisted:
+    fills: list[tuple[Any, ...]]
+    decision: tuple[Any, ...] | None
+    alerts: list[tuple[Any, ...]]
+    incidents: list[tuple[Any, ...]]
+
+
+# ---------------------------------------------------------------------------------------------
+# Operator files
+# ---------------------------------------------------------------------------------------------
+
+
+def _repair_tail(path: Path) -> None:
+    """Cut a partial last line left by a crash (a file must end with a newline or be empty)."""
+    try:
+        size = path.stat().st_size
+    except FileNotFoundError:
+        return
+    if size == 0:
+        return
+    with open(path, "rb+") as f:
+        f.seek(-1, os.SEEK_END)
+        if f.read(1) == b"\n":
+            return
+        block = 65536
+        pos = size
+        while pos > 0:
+            start = max(0, pos - block)
+            f.seek(start)
+            chunk = f.read(pos - start)
+            nl = chunk.rfind(b"\n")
+            if nl >= 0:
+                f.truncate(start + nl + 1)
+                return
+            pos = start
+        f.truncate(0)
+
+
+def _last_line(path: Path) -> bytes | None:
+    try:
+        with open(path, "rb") as f:
+            f.seek(0, os.SEEK_END)
+            size = f.tell()
+            if size == 0:
+                return None
+            f.seek(max(0, size - 65536))
+            lines = f.read().rstrip(b"\n").split(b"\n")
+            return lines[-1] if lines and lines[-1] else None
+    except FileNotFoundError:
+        return None
+
+
+def _fmt_dec(text: str) -> str:
+    return format(Decimal(text).normalize(), "f") if "E" in text or "e" in text else text
+
+
+class OperatorFiles:
+    """Append-only operator files in the log directory, derived from the store's rows."""
+
+    def __init__(self, log_dir: Path) -> None:
+        log_dir.mkdir(parents=True, exist_ok=True)
+        self.dir = log_dir
+        self.paths = {
+            "trades": log_dir / "trades.csv",
+            "decisions": log_dir / "ai_decisions.json",
+            "alerts": log_dir / "risk_alerts.json",
+            "incidents": log_dir / "incidents.log",
+        }
+        self._fds: dict[str, int] = {}
+        for key, path in self.paths.items():
+            _repair_tail(path)
+            self._fds[key] = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o640)
+        if os.fstat(self._fds["trades"]).st_size == 0:
+            os.write(self._fds["trades"], TRADES_HEADER.encode())
+        self._reasons: dict[str, str] = {}
+
+    def close(self) -> None:
+        for fd in self._fds.values():
+            os.close(fd)
+        self._fds.clear()
+
+    def _write(self, key: str, line: bytes) -> None:
+        os.write(self._fds[key], line)
+
+    # ---- line formats -------------------------------------------------------------------------
+    def trade(self, row: tuple[Any, ...], reason: str) -> None:
+        fill_id, coid, symbol, side, qty, price, fee, realized, ts_ms = row
+        pnl = Decimal(realized) - Decimal(fee)
+        line = (f"{iso_ms(ts_ms)},{symbol},{side},{_fmt_dec(qty)},{_fmt_dec(price)},{_fmt_dec(fee)},"
+                f"{format(pnl, 'f')},{_fmt_dec(realized)},{coid},{fill_id},{reason}\n")
+        self._write("trades", line.encode())
+
+    def decision(self, row: tuple[Any, ...], action_meanings: tuple[str, ...], bar_ms: int) -> None:
+        (candle_ts, symbol, decided_ms, probs, action, target, conf, allowed, reason, order_id, inf_us, cash,
+         position) = row
+        p = orjson.loads(probs) if isinstance(probs, str) else probs
+        rec = {
+            "timestamp": iso_ms(decided_ms),
+            "candle_time": iso_ms(candle_ts),
+            "symbol": symbol,
+            "probabilities": {action_meanings[i] if i < len(action_meanings) else str(i): round(v, 6)
+                              for i, v in enumerate(p)},
+            "confidence": round(conf, 6),
+            "action": action_meanings[action] if action < len(action_meanings) else str(action),
+            "target": target,
+            "allowed": bool(allowed),
+            "reason": reason,
+            "order_id": order_id,
+            "inference_us": round(inf_us, 2),
+            "cash": cash,
+            "position": position,
+        }
+        self._write("decisions", orjson.dumps(rec) + b"\n")
+
+    def alert(self, row: tuple[Any, ...]) -> None:
+        alert_id, ts_ms, limit, value, threshold, action, detail = row
+        rec = {"timestamp": iso_ms(ts_ms), "alert_id": alert_id, "event": "RISK_LIMIT_EXCEEDED", "limit": limit,
+               "value": value, "threshold": threshold, "action": action,
+               "detail": orjson.loads(detail) if isinstance(detail, str) else detail}
+        self._write("alerts", orjson.dumps(rec) + b"\n")
+
+    def incident(self, row: tuple[Any, ...]) -> None:
+        incident_id, ts_ms, kind, detail = row
+        self._write("incidents", f"{iso_ms(ts_ms)} {kind} incident_id={incident_id} {detail}\n".encode())
+
+    def write(self, p: Persisted, reasons: dict[str, str], action_meanings: tuple[str, ...], bar_ms: int) -> None:
+        for row in p.fills:
+            self.trade(row, reasons.get(row[1], "policy"))
+        if p.decision is not None:
+            self.decision(p.decision, action_meanings, bar_ms)
+        for row in p.alerts:
+            self.alert(row)
+        for row in p.incidents:
+            self.incident(row)
+
+    # ---- reconciliation after a crash ----------------------------------------------------------
+    def reconcile(self, store: Store, action_meanings: tuple[str, ...], bar_ms: int) -> dict[str, int]:
+        """Append every record the store has and a file lacks; returns how many lines each file gained."""
+        added = {"trades": 0, "decisions": 0, "alerts": 0, "incidents": 0}
+        last = _last_line(self.paths["trades"])
+        last_fill = 0
+        if last and not last.startswith(b"timestamp,"):
+            last_fill = int(last.split(b",")[9])
+        rows = list(store.fills_after(last_fill))
+        reasons = store.fill_reasons(r[1] for r in rows)
+        for row in rows:
+            self.trade(row, reasons.get(row[1], "policy"))
+            added["trades"] += 1
+        last = _last_line(self.paths["decisions"])
+        last_ts = -1
+        if last:
+            rec = orjson.loads(last)
+            last_ts = int(datetime.fromisoformat(rec["candle_time"].replace("Z", "+00:00")).timestamp() * 1000)
+        for row in store.decisions_after(last_ts):
+            self.decision(row, action_meanings, bar_ms)
+            added["decisions"] += 1
+        last = _last_line(self.paths["alerts"])
+        for row in store.alerts_after(orjson.loads(last)["alert_id"] if last else 0):
+            self.alert(row)
+            added["alerts"] += 1
+        last = _last_line(self.paths["incidents"])
+        last_inc = 0
+        if last:
+            for tok in last.split(b" "):
+                if tok.startswith(b"incident_id="):
+                    last_inc = int(tok.split(b"=", 1)[1])
+        for row in store.incidents_after(last_inc):
+            self.incident(row)
+            added["incidents"] += 1
+        return added

@@ -1,0 +1,360 @@
+"""Features: streaming == batch on real candles, restart equivalence, hand-computed values, no look-ahead.
+
+The daemon (streaming) and training/backtest (batch) must feed the policy identical numbers, so
+the central check runs both forms over the bundled real BTC perpetual 5m history and compares
+every bar.
+"""
+
+from __future__ import annotations
+
+import csv
+import gzip
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from alphapulse.domain import Candle
+from alphapulse.features import (
+    FEATURE_NAMES,
+    MARKET_FEATURES,
+    OBS_SIZE,
+    POSITION_FEATURES,
+    WARMUP_BARS,
+    StreamingFeatures,
+    batch_market_features,
+    observation,
+    position_features,
+    position_fractions,
+)
+
+DATA_FILE = Path(__file__).resolve().parents[1] / "alphapulse" / "data" / "BTC_USDT_USDT-5m.csv.gz"
+COL = {name: i for i, name in enumerate(MARKET_FEATURES)}
+PRICE_FEATURES = [name for name in MARKET_FEATURES if not name.startswith("volume_ratio")]
+
+
+@dataclass(frozen=True)
+class History:
+    candles: list[Candle]
+    ohlcv: np.ndarray  # (n, 5): open, high, low, close, volume
+
+    def batch(self) -> np.ndarray:
+        return batch_ohlcv(self.ohlcv)
+
+
+def batch_ohlcv(ohlcv: np.ndarray) -> np.ndarray:
+    return batch_market_features(ohlcv[:, 0], ohlcv[:, 1], ohlcv[:, 2], ohlcv[:, 3], ohlcv[:, 4])
+
+
+def candles_to_ohlcv(candles: list[Candle]) -> np.ndarray:
+    return np.array([[c.open, c.high, c.low, c.close, c.volume] for c in candles], dtype=np.float64)
+
+
+@pytest.fixture(scope="module")
+def real() -> History:
+    """The bundled real candles, read with the csv module (the loader is another module's job)."""
+    with gzip.open(DATA_FILE, "rt", newline="") as fh:
+        reader = csv.reader(fh)
+        assert next(reader) == ["timestamp", "open", "high", "low", "close", "volume"]
+        candles = [Candle(int(r[0]), float(r[1]), float(r[2]), float(r[3]), float(r[4]), float(r[5])) for r in reader]
+    assert len(candles) > 20_000
+    return History(candles, candles_to_ohlcv(candles))
+
+
+@pytest.fixture(scope="module")
+def real_streamed(real: History) -> list[list[float] | None]:
+    feats = StreamingFeatures()
+    return [feats.update(c) for c in real.candles]
+
+
+def make_candles(
+    closes: list[float],
+    *,
+    volumes: list[float] | None = None,
+    last_ohlc: tuple[float, float, float, float] | None = None,
+) -> list[Candle]:
+    """Candles with open=high=low=close (so only the chosen last candle has a body/wicks)."""
+    vols = volumes if volumes is not None else [1.0] * len(closes)
+    out = [Candle(i * 300_000, c, c, c, c, v) for i, (c, v) in enumerate(zip(closes, vols, strict=True))]
+    if last_ohlc is not None:
+        o, h, lo, c = last_ohlc
+        out[-1] = Candle(out[-1].ts, o, h, lo, c, out[-1].volume)
+    return out
+
+
+def last_vectors(candles: list[Candle]) -> tuple[list[float], np.ndarray]:
+    """The last bar's features from both forms."""
+    feats = StreamingFeatures()
+    streamed = None
+    for c in candles:
+        streamed = feats.update(c)
+    assert streamed is not None
+    return streamed, batch_ohlcv(candles_to_ohlcv(candles))[-1]
+
+
+# ------------------------------------------------------------------ names (ONNX contract)
+
+
+def test_feature_names_are_the_fixed_contract() -> None:
+    assert MARKET_FEATURES == (
+        "ret_1", "ret_3", "ret_6", "ret_12", "ret_24", "ret_48", "vol_12", "vol_48", "rsi_14", "mom_12", "mom_48",
+        "zscore_48", "range_1", "body_1", "upper_wick_1", "lower_wick_1", "volume_ratio_12", "volume_ratio_48",
+    )  # fmt: skip
+    assert POSITION_FEATURES == ("position_frac", "unrealized_pnl_frac")
+    assert FEATURE_NAMES == MARKET_FEATURES + POSITION_FEATURES
+    assert OBS_SIZE == 20 == len(set(FEATURE_NAMES))
+    assert WARMUP_BARS == 49
+
+
+# ------------------------------------------------------------------ 1. streaming == batch on real data
+
+
+def test_streaming_equals_batch_at_every_bar_on_real_data(
+    real: History, real_streamed: list[list[float] | None]
+) -> None:
+    batch = real.batch()
+    n = len(real.candles)
+    assert batch.shape == (n, len(MARKET_FEATURES))
+    assert batch.dtype == np.float64
+
+    assert all(v is None for v in real_streamed[: WARMUP_BARS - 1])
+    assert np.isnan(batch[: WARMUP_BARS - 1]).all()
+
+    assert all(v is not None and len(v) == len(MARKET_FEATURES) for v in real_streamed[WARMUP_BARS - 1 :])
+    streamed = np.array(real_streamed[WARMUP_BARS - 1 :], dtype=np.float64)
+    assert np.isfinite(streamed).all()
+    assert np.isfinite(batch[WARMUP_BARS - 1 :]).all()
+
+    diff = np.abs(streamed - batch[WARMUP_BARS - 1 :])
+    worst = {name: float(diff[:, i].max()) for i, name in enumerate(MARKET_FEATURES)}
+    assert max(worst.values()) <= 1e-9, worst
+
+    # The comparison is only meaningful if the features actually move on this data.
+    assert (np.std(streamed, axis=0) > 0).all()
+
+
+def test_streaming_returns_plain_python_floats(real_streamed: list[list[float] | None]) -> None:
+    vec = real_streamed[-1]
+    assert vec is not None
+    assert all(type(x) is float for x in vec)
+
+
+# ------------------------------------------------------------------ 2. restart equivalence
+
+
+@pytest.mark.parametrize("k", [WARMUP_BARS - 1, WARMUP_BARS, 1_000, 12_345, 40_000, -1])
+def test_restart_warmup_reproduces_the_long_running_vector(
+    real: History, real_streamed: list[list[float] | None], k: int
+) -> None:
+    k = k % len(real.candles)
+    restarted = StreamingFeatures()
+    tail = real.candles[max(0, k - WARMUP_BARS) : k]
+    restarted.warmup(tail)
+    assert restarted.ready == (len(tail) >= WARMUP_BARS)
+    vec = restarted.update(real.candles[k])
+    assert vec is not None
+    assert vec == real_streamed[k]  # bit-identical: the state is only the finite windows
+
+    # warmup() keeps only the tail, so replaying a long history gives the same result as well.
+    assert StreamingFeatures().warmup(real.candles[: k + 1]) == real_streamed[k]
+
+
+def test_warmup_replaces_previous_state(real: History, real_streamed: list[list[float] | None]) -> None:
+    feats = StreamingFeatures()
+    for c in real.candles[5_000:5_100]:
+        feats.update(c)
+    assert feats.warmup(real.candles[200:301]) == real_streamed[300]
+    assert feats.update(real.candles[301]) == real_streamed[301]
+
+
+def test_ready_and_reset(real: History) -> None:
+    feats = StreamingFeatures()
+    assert not feats.ready
+    for i, c in enumerate(real.candles[:WARMUP_BARS]):
+        out = feats.update(c)
+        assert (out is None) == (i < WARMUP_BARS - 1)
+        assert feats.ready == (i == WARMUP_BARS - 1)
+    feats.reset()
+    assert not feats.ready
+    assert feats.update(real.candles[WARMUP_BARS]) is None
+    assert feats.warmup(real.candles[:10]) is None
+    assert not feats.ready
+
+
+# ------------------------------------------------------------------ 3. hand-computed values
+
+
+def test_hand_computed_jump_example() -> None:
+    """48 bars flat at 100, then one bar closing at 148 with a volume spike: every feature by hand."""
+    closes = [100.0] * 48 + [148.0]
+    volumes = [1.0] * 48 + [25.0]
+    candles = make_candles(closes, volumes=volumes, last_ohlc=(100.0, 150.0, 99.0, 148.0))
+    big = math.log(1.48)
+    expected = {
+        **{f"ret_{n}": big for n in (1, 3, 6, 12, 24, 48)},
+        # one non-zero return L among n: population std = L * sqrt(n - 1) / n
+        "vol_12": big * math.sqrt(11) / 12,
+        "vol_48": big * math.sqrt(47) / 48,
+        "rsi_14": 1.0,
+        "mom_12": 148 / ((11 * 100 + 148) / 12) - 1,  # = 11/26
+        "mom_48": 148 / 101 - 1,  # mean of 47 x 100 and 148 is 101
+        "zscore_48": math.sqrt(47),  # deviations: 47 x (-1) and +47 -> variance 47
+        "range_1": 51 / 148,
+        "body_1": 48 / 148,
+        "upper_wick_1": 2 / 148,
+        "lower_wick_1": 1 / 148,
+        "volume_ratio_12": math.log1p(25 / 3),  # mean of 11 x 1 and 25 is 3
+        "volume_ratio_48": math.log1p(25 / 1.5),  # mean of 47 x 1 and 25 is 1.5
+    }
+    assert expected["mom_12"] == pytest.approx(11 / 26, abs=1e-15)
+    streamed, batch = last_vectors(candles)
+    for name, value in expected.items():
+        assert streamed[COL[name]] == pytest.approx(value, rel=1e-12, abs=1e-15), name
+        assert batch[COL[name]] == pytest.approx(value, rel=1e-12, abs=1e-15), name
+
+
+def test_hand_computed_rsi_and_bearish_candle() -> None:
+    """Last 14 returns: 7 x +1% and 7 x -2% -> rsi = (0.07 - 0.14) / 0.21 = -1/3."""
+    rets = [0.005] * 40 + [0.01] * 7 + [-0.02] * 7
+    closes = [200.0]
+    for r in rets:
+        closes.append(closes[-1] * math.exp(r))
+    c = closes[-1]
+    candles = make_candles(closes, last_ohlc=(c * 1.05, c * 1.06, c * 0.9, c))
+    streamed, batch = last_vectors(candles)
+    for vec in (streamed, batch):
+        assert vec[COL["rsi_14"]] == pytest.approx(-1 / 3, abs=1e-9)
+        assert vec[COL["ret_1"]] == pytest.approx(-0.02, abs=1e-12)
+        assert vec[COL["ret_12"]] == pytest.approx(5 * 0.01 - 7 * 0.02, abs=1e-12)
+        assert vec[COL["body_1"]] == pytest.approx(-0.05, abs=1e-12)
+        assert vec[COL["upper_wick_1"]] == pytest.approx(0.01, abs=1e-12)
+        assert vec[COL["lower_wick_1"]] == pytest.approx(0.10, abs=1e-12)
+        assert vec[COL["range_1"]] == pytest.approx(0.16, abs=1e-12)
+
+
+@pytest.mark.parametrize("price", [0.1, 12_345.678, 97_123.45])
+def test_flat_prices_give_exact_zeros(price: float) -> None:
+    """Flat prices must give exact 0.0 - not rounding noise that a z-score would amplify into garbage."""
+    candles = make_candles([price] * 60, volumes=[3.0] * 60)
+    streamed, batch = last_vectors(candles)
+    for vec in (streamed, batch):
+        assert all(math.isfinite(x) for x in vec)
+        for name in PRICE_FEATURES:
+            assert vec[COL[name]] == 0.0, name
+        assert vec[COL["volume_ratio_12"]] == pytest.approx(math.log(2.0), abs=1e-15)
+        assert vec[COL["volume_ratio_48"]] == pytest.approx(math.log(2.0), abs=1e-15)
+
+
+def test_zero_volume_gives_zero_volume_ratio() -> None:
+    closes = [100.0 + (i % 5) for i in range(60)]
+    candles = make_candles(closes, volumes=[0.0] * 60)
+    feats = StreamingFeatures()
+    streamed = [feats.update(c) for c in candles]
+    batch = batch_ohlcv(candles_to_ohlcv(candles))
+    for t in range(WARMUP_BARS - 1, 60):
+        vec = streamed[t]
+        assert vec is not None
+        assert vec[COL["volume_ratio_12"]] == 0.0
+        assert vec[COL["volume_ratio_48"]] == 0.0
+        assert batch[t, COL["volume_ratio_12"]] == 0.0
+        assert batch[t, COL["volume_ratio_48"]] == 0.0
+        assert all(math.isfinite(x) for x in vec)
+    assert np.isfinite(batch[WARMUP_BARS - 1 :]).all()
+
+
+def test_batch_on_histories_shorter_than_warmup() -> None:
+    for n in (0, 1, WARMUP_BARS - 1):
+        ohlcv = np.full((n, 5), 100.0)
+        out = batch_ohlcv(ohlcv)
+        assert out.shape == (n, len(MARKET_FEATURES))
+        assert np.isnan(out).all()
+    out = batch_ohlcv(np.full((WARMUP_BARS, 5), 100.0))
+    assert np.isnan(out[:-1]).all() and (out[-1, : COL["volume_ratio_12"]] == 0.0).all()
+
+
+def test_bad_inputs_are_rejected() -> None:
+    feats = StreamingFeatures()
+    for bad in (0.0, -1.0, math.nan):
+        with pytest.raises(ValueError, match="positive"):
+            feats.update(Candle(0, 1.0, 1.0, 1.0, bad, 1.0))
+    ohlcv = np.full((60, 5), 100.0)
+    ohlcv[30, 3] = 0.0
+    with pytest.raises(ValueError, match="positive"):
+        batch_ohlcv(ohlcv)
+    good = np.full(60, 100.0)
+    with pytest.raises(ValueError, match="same length"):
+        batch_market_features(good, good, good, good, good[:-1])
+
+
+# ------------------------------------------------------------------ 4. no look-ahead
+
+
+@pytest.mark.parametrize("t", [WARMUP_BARS - 1, 777, 2_999])
+def test_batch_row_ignores_future_candles(real: History, t: int) -> None:
+    ohlcv = real.ohlcv[:3_000].copy()
+    before = batch_ohlcv(ohlcv)
+    rng = np.random.default_rng(t)
+    future = ohlcv[t + 1 :]
+    future[:, :4] *= rng.uniform(0.5, 2.0, size=(len(future), 1))  # scale a bar's OHLC together
+    future[:, 4] = rng.uniform(0.0, 1e4, size=len(future))
+    ohlcv[t + 1 :] = future
+    after = batch_ohlcv(ohlcv)
+    np.testing.assert_array_equal(after[: t + 1], before[: t + 1])
+    if t + 1 < len(ohlcv):
+        assert not np.array_equal(after[t + 1 :], before[t + 1 :])  # the perturbation did reach the future
+
+
+# ------------------------------------------------------------------ position features and observation
+
+
+def test_position_features_are_clipped() -> None:
+    assert position_features(0.25, -0.5) == [0.25, -0.5]
+    assert position_features(3.0, -7.0) == [1.0, -1.0]
+    assert position_features(-math.inf, math.inf) == [-1.0, 1.0]
+    assert position_features(math.nan, math.nan) == [0.0, 0.0]
+
+
+def test_position_fractions_handle_zero_denominators() -> None:
+    assert position_fractions(-500.0, 1_000.0, 25.0, 10_000.0) == (-0.5, 0.0025)
+    assert position_fractions(5_000.0, 1_000.0, -50_000.0, 10_000.0) == (1.0, -1.0)
+    assert position_fractions(500.0, 0.0, 25.0, 0.0) == (0.0, 0.0)
+    assert position_fractions(500.0, 1_000.0, 25.0, -10.0) == (0.5, 0.0)
+
+
+def test_observation_is_market_then_position(real_streamed: list[list[float] | None]) -> None:
+    market = real_streamed[-1]
+    assert market is not None
+    obs = observation(market, 2.0, -0.1)
+    assert len(obs) == OBS_SIZE
+    assert obs[: len(MARKET_FEATURES)] == market
+    assert obs[FEATURE_NAMES.index("position_frac")] == 1.0
+    assert obs[FEATURE_NAMES.index("unrealized_pnl_frac")] == -0.1
+    with pytest.raises(ValueError, match="18"):
+        observation(market[:-1], 0.0, 0.0)
+
+
+# ------------------------------------------------------------------ speed (loose bounds: catch O(n*w) Python loops)
+
+
+def test_batch_handles_half_a_million_rows_quickly(real: History) -> None:
+    reps = -(-500_000 // len(real.candles))
+    big = np.tile(real.ohlcv, (reps, 1))[:500_000]
+    start = time.perf_counter()
+    out = batch_ohlcv(big)
+    elapsed = time.perf_counter() - start
+    assert out.shape == (500_000, len(MARKET_FEATURES))
+    assert np.isfinite(out[WARMUP_BARS - 1 :]).all()
+    assert elapsed < 10.0, f"batch_market_features took {elapsed:.2f}s for 500k rows"
+
+
+def test_streaming_update_is_cheap(real: History) -> None:
+    feats = StreamingFeatures()
+    candles = real.candles[:20_000]
+    start = time.perf_counter()
+    for c in candles:
+        feats.update(c)
+    per_update_us = (time.perf_counter() - start) / len(candles) * 1e6
+    assert per_update_us < 60.0, f"{per_update_us:.1f} us per update"
