@@ -275,6 +275,7 @@ class Daemon:
             "trading_state": eng.state.value,
             "state_reason": eng.state_reason,
             "last_candle_ts": eng.last_candle_ts,
+            "equity": str(eng.portfolio.equity),
         }
         p = self.store.commit_step(res, state)
         reasons = {o.client_order_id: o.reason for o in res.orders}

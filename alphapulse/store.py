@@ -154,7 +154,7 @@ class Store:
                 dec = d.decision
                 drow = (dec.candle_ts, dec.symbol, d.decided_ms, orjson.dumps(dec.probabilities).decode(), dec.action,
                         dec.target, dec.confidence, int(d.allowed), d.reason, d.order_id, dec.inference_us,
-                        state["portfolio"]["cash"], state["portfolio"]["qty"])
+                        state["equity"], state["portfolio"]["qty"])
                 db.execute("INSERT OR REPLACE INTO decisions VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)", drow)
                 out.decision = drow
             db.execute("INSERT OR REPLACE INTO meta VALUES ('state', ?)", (orjson.dumps(state).decode(),))
@@ -289,7 +289,7 @@ class OperatorFiles:
         self._write("trades", line.encode())
 
     def decision(self, row: tuple[Any, ...], action_meanings: tuple[str, ...], bar_ms: int) -> None:
-        (candle_ts, symbol, decided_ms, probs, action, target, conf, allowed, reason, order_id, inf_us, cash,
+        (candle_ts, symbol, decided_ms, probs, action, target, conf, allowed, reason, order_id, inf_us, equity,
          position) = row
         p = orjson.loads(probs) if isinstance(probs, str) else probs
         rec = {
@@ -305,7 +305,7 @@ class OperatorFiles:
             "reason": reason,
             "order_id": order_id,
             "inference_us": round(inf_us, 2),
-            "cash": cash,
+            "equity": equity,
             "position": position,
         }
         self._write("decisions", orjson.dumps(rec) + b"\n")
