@@ -131,6 +131,7 @@ TRADING_SCHEMA: dict[str, Any] = {
         "max_orders_per_minute": (int, 10, _range(1, 10_000)),
         "max_data_age_bars": (float, 2.0, _range(0, 1000, lo_open=True)),
         "flatten_on_halt": (bool, True, None),
+        "rebalance_band_pct": (float, 10.0, _range(0, 100)),
     },
 }
 
@@ -282,11 +283,11 @@ def _dec(v: float) -> Decimal:
     return Decimal(repr(v))
 
 
-def default_config_dir() -> Path | None:
+def default_config_dir(env: Mapping[str, str] | None = None) -> Path | None:
     """``$ALPHAPULSE_CONFIG_DIR``, else ``./config`` when it exists, else built-in defaults only."""
-    env = os.environ.get("ALPHAPULSE_CONFIG_DIR")
-    if env:
-        return Path(env)
+    value = (os.environ if env is None else env).get("ALPHAPULSE_CONFIG_DIR")
+    if value:
+        return Path(value)
     local = Path("config")
     return local if (local / SERVICE_FILE).exists() or (local / TRADING_FILE).exists() else None
 
@@ -295,7 +296,7 @@ def load_settings(config_dir: Path | None = None, env: Mapping[str, str] | None 
     """Build and validate :class:`Settings`; raises :class:`ConfigError` on the first problem."""
     env = os.environ if env is None else env
     if config_dir is None:
-        config_dir = Path(env["ALPHAPULSE_CONFIG_DIR"]) if env.get("ALPHAPULSE_CONFIG_DIR") else default_config_dir()
+        config_dir = default_config_dir(env)
     service = _defaults(SERVICE_SCHEMA)
     trading = _defaults(TRADING_SCHEMA)
     if config_dir is not None:
@@ -334,6 +335,7 @@ def load_settings(config_dir: Path | None = None, env: Mapping[str, str] | None 
         max_orders_per_minute=r["max_orders_per_minute"],
         max_data_age_bars=r["max_data_age_bars"],
         flatten_on_halt=r["flatten_on_halt"],
+        rebalance_band=r["rebalance_band_pct"] / 100.0,
     )
     if risk.max_position_frac > risk.max_leverage:
         raise ConfigError(TRADING_FILE, "risk.max_position_pct",

@@ -270,14 +270,7 @@ class Daemon:
     def _persist(self, res: StepResult) -> None:
         """Commit one step, then append the operator files and log what matters."""
         eng = self.engine
-        state = {
-            "portfolio": eng.portfolio.snapshot(),
-            "trading_state": eng.state.value,
-            "state_reason": eng.state_reason,
-            "last_candle_ts": eng.last_candle_ts,
-            "equity": str(eng.portfolio.equity),
-        }
-        p = self.store.commit_step(res, state)
+        p = self.store.commit_step(res, eng.snapshot())
         reasons = {o.client_order_id: o.reason for o in res.orders}
         missing = [f.client_order_id for f in res.fills if f.client_order_id not in reasons]
         if missing:

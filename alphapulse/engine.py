@@ -94,6 +94,7 @@ class Engine:
         self._order_times: deque[int] = deque(maxlen=max(1, cfg.limits.max_orders_per_minute))
         self.decisions = 0
         self.orders_sent = 0
+        self._price = Decimal(0)
 
     # ---- helpers ----------------------------------------------------------------------------
     def _orders_last_minute(self, now_ms: int) -> int:
@@ -114,7 +115,8 @@ class Engine:
                 "market_time_ms": self.last_candle_ts,
             }))
 
-    def _close_order(self, tag: str, now_ms: int) -> Order | None:
+    def close_position_order(self, tag: str, now_ms: int) -> Order | None:
+        """A reduce-only market order that closes the whole position (None when flat)."""
         qty = self.portfolio.position.qty
         if qty == 0:
             return None
@@ -132,18 +134,38 @@ class Engine:
         pos = float(pf.position.qty * pf.mark_price / max_notional) if max_notional > 0 else 0.0
         return pos, float(pf.unrealized_pnl / eq)
 
+    def snapshot(self) -> dict[str, Any]:
+        """Everything a restart needs, as the store persists it with every step."""
+        return {
+            "portfolio": self.portfolio.snapshot(),
+            "trading_state": self.state.value,
+            "state_reason": self.state_reason,
+            "last_candle_ts": self.last_candle_ts,
+            "equity": str(self.portfolio.equity),
+        }
+
     # ---- the per-candle step ----------------------------------------------------------------
     def step(self, candle: Candle, now_ms: int | None = None) -> StepResult:
         """Process one validated candle; ``now_ms`` is the driver's clock (None: the candle's close time)."""
+        res, obs = self.observe(candle)
+        if obs is not None:
+            decision = self.policy.decide(obs, candle.ts, self.cfg.symbol)
+            self.act(res, decision, candle, now_ms)
+        return res
+
+    def observe(self, candle: Candle) -> tuple[StepResult, list[float] | None]:
+        """First half of a step: fills at this candle's open, mark to market, state machine, features.
+
+        Returns the step's record so far and the observation (None while the features warm up).  The
+        training environment calls this and :meth:`act` directly, with the agent choosing in between.
+        """
         cfg, pf = self.cfg, self.portfolio
         close_ms = candle.ts + cfg.bar_ms
-        now = close_ms if now_ms is None else now_ms
         res = StepResult(candle.ts)
-
         for fill in self.broker.on_candle(candle):
             res.fills.append(pf.apply_fill(fill))
-        price = Decimal(repr(candle.close))
-        rolled = pf.mark(price, close_ms)
+        self._price = Decimal(repr(candle.close))
+        rolled = pf.mark(self._price, close_ms)
         self.last_candle_ts = candle.ts
 
         new_state, alerts = next_state(self.state, daily_loss=pf.daily_loss, drawdown=pf.drawdown,
@@ -153,16 +175,23 @@ class Engine:
             was = self.state
             self._set_state(new_state, alerts[0].limit if alerts else "new_utc_day", res, close_ms)
             if new_state is TradingState.HALTED and was is not TradingState.HALTED and cfg.limits.flatten_on_halt:
-                order = self._close_order("halt", close_ms)
+                order = self.close_position_order("halt", close_ms)
                 if order is not None and self.broker.submit(order):
                     res.orders.append(order)
                     self.orders_sent += 1
 
         market = self.features.update(candle)
         if market is None:
-            return res
+            return res, None
         pos_frac, upnl_frac = self.position_features()
-        decision = self.policy.decide(observation(market, pos_frac, upnl_frac), candle.ts, cfg.symbol)
+        return res, observation(market, pos_frac, upnl_frac)
+
+    def act(self, res: StepResult, decision: Decision, candle: Candle, now_ms: int | None = None) -> None:
+        """Second half of a step: confidence threshold, risk checks and the order, recorded into ``res``."""
+        cfg, pf = self.cfg, self.portfolio
+        close_ms = candle.ts + cfg.bar_ms
+        now = close_ms if now_ms is None else now_ms
+        price = self._price
         self.decisions += 1
         order_id = None
         if decision.confidence < cfg.confidence_threshold:
@@ -191,7 +220,6 @@ class Engine:
                 else:
                     allowed, reason = False, "duplicate_order"
         res.decision = DecisionRecord(decision, allowed, reason, order_id, now)
-        return res
 
     # ---- operator actions -------------------------------------------------------------------
     def emergency_stop(self, now_ms: int, reason: str = "operator") -> StepResult:
@@ -205,11 +233,15 @@ class Engine:
     def flatten(self, now_ms: int) -> StepResult:
         """Reduce-only market close of the whole position; allowed in every state (it only removes risk)."""
         res = StepResult(None)
-        res.cancelled.extend(o for o in self.broker.cancel_all() if o.reason != "flatten")
-        order = self._close_order("flatten", now_ms)
-        if order is not None and self.broker.submit(order):
-            res.orders.append(order)
-            self.orders_sent += 1
+        pending = [o for o in self.broker.open_orders() if o.reason == "flatten"]
+        if pending:  # idempotent: a flatten already waits for the next price
+            order: Order | None = pending[0]
+        else:
+            res.cancelled.extend(self.broker.cancel_all())
+            order = self.close_position_order("flatten", now_ms)
+            if order is not None and self.broker.submit(order):
+                res.orders.append(order)
+                self.orders_sent += 1
         res.incidents.append(Incident(now_ms, "FLATTEN", {
             "position_qty": str(self.portfolio.position.qty), "order_id": order.client_order_id if order else None,
             "state": self.state.value}))

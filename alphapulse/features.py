@@ -361,3 +361,28 @@ def observation(market: Sequence[float], position_frac: float, unrealized_pnl_fr
     if len(market) != len(MARKET_FEATURES):
         raise ValueError(f"expected {len(MARKET_FEATURES)} market features, got {len(market)}")
     return [float(x) for x in market] + position_features(position_frac, unrealized_pnl_frac)
+
+
+class PrecomputedFeatures:
+    """The batch form replayed through the streaming interface, for backtests and training.
+
+    ``update`` ignores the candle's values and returns the next row of a matrix computed once by
+    :func:`batch_market_features` over the same candles in the same order (None for warm-up rows), so the
+    engine's per-candle code runs unchanged while features cost an index instead of ~8 µs.  Streaming and
+    batch agree to 1e-9 (tests/test_features.py).
+    """
+
+    __slots__ = ("_rows", "_i")
+
+    def __init__(self, matrix: np.ndarray) -> None:
+        self._rows: list[list[float] | None] = [None if np.isnan(r[0]) else r.tolist() for r in matrix]
+        self._i = 0
+
+    @property
+    def ready(self) -> bool:
+        return 0 < self._i <= len(self._rows) and self._rows[self._i - 1] is not None
+
+    def update(self, candle: Candle) -> list[float] | None:
+        row = self._rows[self._i]
+        self._i += 1
+        return row

@@ -28,6 +28,7 @@ class RiskLimits:
     max_orders_per_minute: int = 10
     max_data_age_bars: float = 2.0  # no trading on data older than this many bars
     flatten_on_halt: bool = True
+    rebalance_band: float = 0.1  # same-side resizes smaller than this fraction of the max position are skipped
 
 
 @dataclass(frozen=True, slots=True)
@@ -114,6 +115,11 @@ def check_order(
         alert = RiskAlert(now_ms, "stale_data", data_age_ms / bar_ms, limits.max_data_age_bars, "rejected",
                           {"data_age_ms": data_age_ms})
         return Verdict(ZERO, False, "stale_data", (alert,))
+    if (desired_qty != 0 and current_qty != 0 and (desired_qty > 0) == (current_qty > 0) and price > 0
+            and abs(desired_qty - current_qty) * price
+            < Decimal(repr(limits.rebalance_band * limits.max_position_frac)) * max(equity, ZERO)):
+        # Equity and price drift every bar; chasing them would pay fees for nothing.
+        return Verdict(ZERO, False, "within_rebalance_band")
     alerts: list[RiskAlert] = []
     desired = desired_qty
     if state is TradingState.REDUCE_ONLY:

@@ -77,11 +77,13 @@ class Store:
         self._db.execute("PRAGMA wal_autocheckpoint=0")
         self._db.execute("PRAGMA foreign_keys=ON")
         self._db.executescript(SCHEMA)
-        self._next_fill = self._max_id("fills", "fill_id") + 1
-        self._next_alert = self._max_id("risk_alerts", "alert_id") + 1
-        self._next_incident = self._max_id("incidents", "incident_id") + 1
+        self.ids = self._ids_from_db()
         self._ckpt_lock = threading.Lock()
         self.commits = 0
+
+    def _ids_from_db(self) -> "RowIds":
+        return RowIds(self._max_id("fills", "fill_id") + 1, self._max_id("risk_alerts", "alert_id") + 1,
+                      self._max_id("incidents", "incident_id") + 1)
 
     def _max_id(self, table: str, col: str) -> int:
         row = self._db.execute(f"SELECT COALESCE(MAX({col}), 0) FROM {table}").fetchone()
@@ -122,7 +124,7 @@ class Store:
     def commit_step(self, res: StepResult, state: dict[str, Any]) -> "Persisted":
         """Write one step atomically; returns the rows with their ids for the operator files."""
         db = self._db
-        out = Persisted([], None, [], [])
+        out = build_rows(res, self.ids, state.get("equity", state["portfolio"]["cash"]), state["portfolio"]["qty"])
         db.execute("BEGIN")
         try:
             for o in res.orders:
@@ -131,40 +133,20 @@ class Store:
                             o.reason))
             for o in res.cancelled:
                 db.execute("UPDATE orders SET status='cancelled' WHERE client_order_id=?", (o.client_order_id,))
-            for f in res.fills:
-                row = (self._next_fill, f.client_order_id, f.symbol, f.side.value, str(f.qty), str(f.price),
-                       str(f.fee), str(f.realized_pnl), f.ts_ms)
+            for row in out.fills:
                 db.execute("INSERT INTO fills VALUES (?,?,?,?,?,?,?,?,?)", row)
-                db.execute("UPDATE orders SET status='filled' WHERE client_order_id=?", (f.client_order_id,))
-                out.fills.append(row)
-                self._next_fill += 1
-            for a in res.alerts:
-                arow = (self._next_alert, a.ts_ms, a.limit, a.value, a.threshold, a.action,
-                        orjson.dumps(a.detail).decode())
-                db.execute("INSERT INTO risk_alerts VALUES (?,?,?,?,?,?,?)", arow)
-                out.alerts.append(arow)
-                self._next_alert += 1
-            for inc in res.incidents:
-                irow = (self._next_incident, inc.ts_ms, inc.kind, orjson.dumps(inc.detail).decode())
-                db.execute("INSERT INTO incidents VALUES (?,?,?,?)", irow)
-                out.incidents.append(irow)
-                self._next_incident += 1
-            if res.decision is not None:
-                d = res.decision
-                dec = d.decision
-                drow = (dec.candle_ts, dec.symbol, d.decided_ms, orjson.dumps(dec.probabilities).decode(), dec.action,
-                        dec.target, dec.confidence, int(d.allowed), d.reason, d.order_id, dec.inference_us,
-                        state["equity"], state["portfolio"]["qty"])
-                db.execute("INSERT OR REPLACE INTO decisions VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)", drow)
-                out.decision = drow
+                db.execute("UPDATE orders SET status='filled' WHERE client_order_id=?", (row[1],))
+            if out.alerts:
+                db.executemany("INSERT INTO risk_alerts VALUES (?,?,?,?,?,?,?)", out.alerts)
+            if out.incidents:
+                db.executemany("INSERT INTO incidents VALUES (?,?,?,?)", out.incidents)
+            if out.decision is not None:
+                db.execute("INSERT OR REPLACE INTO decisions VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)", out.decision)
             db.execute("INSERT OR REPLACE INTO meta VALUES ('state', ?)", (orjson.dumps(state).decode(),))
             db.execute("COMMIT")
         except BaseException:
             db.execute("ROLLBACK")
-            # ids handed out inside the failed transaction are reused next time
-            self._next_fill = self._max_id("fills", "fill_id") + 1
-            self._next_alert = self._max_id("risk_alerts", "alert_id") + 1
-            self._next_incident = self._max_id("incidents", "incident_id") + 1
+            self.ids = self._ids_from_db()  # ids handed out inside the failed transaction are reused next time
             raise
         self.commits += 1
         return out
@@ -201,6 +183,38 @@ class Persisted:
     decision: tuple[Any, ...] | None
     alerts: list[tuple[Any, ...]]
     incidents: list[tuple[Any, ...]]
+
+
+@dataclass
+class RowIds:
+    """Next ids for the tables whose rows the operator files reference."""
+
+    fill: int = 1
+    alert: int = 1
+    incident: int = 1
+
+
+def build_rows(res: StepResult, ids: RowIds, equity: str, position: str) -> Persisted:
+    """The database rows of one step (pure; ids advance). The store inserts them; a backtest only formats them."""
+    out = Persisted([], None, [], [])
+    for f in res.fills:
+        out.fills.append((ids.fill, f.client_order_id, f.symbol, f.side.value, str(f.qty), str(f.price), str(f.fee),
+                          str(f.realized_pnl), f.ts_ms))
+        ids.fill += 1
+    for a in res.alerts:
+        out.alerts.append((ids.alert, a.ts_ms, a.limit, a.value, a.threshold, a.action,
+                           orjson.dumps(a.detail).decode()))
+        ids.alert += 1
+    for inc in res.incidents:
+        out.incidents.append((ids.incident, inc.ts_ms, inc.kind, orjson.dumps(inc.detail).decode()))
+        ids.incident += 1
+    if res.decision is not None:
+        d = res.decision
+        dec = d.decision
+        out.decision = (dec.candle_ts, dec.symbol, d.decided_ms, orjson.dumps(dec.probabilities).decode(), dec.action,
+                        dec.target, dec.confidence, int(d.allowed), d.reason, d.order_id, dec.inference_us, equity,
+                        position)
+    return out
 
 
 # ---------------------------------------------------------------------------------------------
@@ -255,8 +269,11 @@ def _fmt_dec(text: str) -> str:
 class OperatorFiles:
     """Append-only operator files in the log directory, derived from the store's rows."""
 
-    def __init__(self, log_dir: Path) -> None:
+    def __init__(self, log_dir: Path, buffered: bool = False) -> None:
+        """``buffered`` (backtests): lines collect in memory and go out in large writes; the daemon writes
+        every line at once so a crash can cost at most the line being written."""
         log_dir.mkdir(parents=True, exist_ok=True)
+        self._buffers: dict[str, bytearray] | None = {} if buffered else None
         self.dir = log_dir
         self.paths = {
             "trades": log_dir / "trades.csv",
@@ -273,12 +290,27 @@ class OperatorFiles:
         self._reasons: dict[str, str] = {}
 
     def close(self) -> None:
+        self.flush()
         for fd in self._fds.values():
             os.close(fd)
         self._fds.clear()
 
+    def flush(self) -> None:
+        if self._buffers:
+            for key, buf in self._buffers.items():
+                if buf:
+                    os.write(self._fds[key], buf)
+                    buf.clear()
+
     def _write(self, key: str, line: bytes) -> None:
-        os.write(self._fds[key], line)
+        if self._buffers is None:
+            os.write(self._fds[key], line)
+            return
+        buf = self._buffers.setdefault(key, bytearray())
+        buf += line
+        if len(buf) >= 1 << 20:
+            os.write(self._fds[key], buf)
+            buf.clear()
 
     # ---- line formats -------------------------------------------------------------------------
     def trade(self, row: tuple[Any, ...], reason: str) -> None:

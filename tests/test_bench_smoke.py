@@ -1,0 +1,100 @@
+"""The benchmark script runs end to end and reports every number; its data builder keeps time consistent.
+
+The smoke test checks that ``scripts/bench.py --quick`` produces a complete result, not that this machine
+meets the latency/memory targets: timing on a shared CI machine is too noisy for a pass/fail test.
+"""
+
+from __future__ import annotations
+
+import gzip
+import importlib.util
+import itertools
+import json
+import math
+import subprocess
+import sys
+from datetime import datetime
+from pathlib import Path
+from types import ModuleType
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+SCRIPT = REPO / "scripts" / "bench.py"
+BUNDLED = REPO / "alphapulse" / "data" / "BTC_USDT_USDT-5m.csv.gz"
+BAR_MS = 300_000
+
+
+def _load_bench() -> ModuleType:
+    spec = importlib.util.spec_from_file_location("alphapulse_bench", SCRIPT)
+    assert spec is not None and spec.loader is not None
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = mod  # dataclasses resolve annotations through sys.modules
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def _positive(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value > 0
+
+
+@pytest.mark.slow
+def test_quick_benchmark_reports_every_number(tmp_path: Path) -> None:
+    out = tmp_path / "latest.json"
+    proc = subprocess.run([sys.executable, str(SCRIPT), "--quick", "--json", "--out", str(out)], cwd=REPO,
+                          capture_output=True, text=True, timeout=240, stdin=subprocess.DEVNULL)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(out.read_text())
+    assert json.loads(proc.stdout)["date"] == result["date"]  # --json prints exactly what it wrote
+
+    for section in ("tick_to_order_us", "floor_us"):
+        for q in ("p50", "p99"):
+            assert _positive(result[section][q]), (section, q, result[section])
+        assert result[section]["p50"] <= result[section]["p99"]
+    for key in ("ratio_p99", "ready_s", "rss_mb", "candles", "memory_candles"):
+        assert _positive(result[key]), (key, result[key])
+    # growth can legitimately be zero or negative (memory handed back); it must be a real number
+    growth = result["rss_growth_mb"]
+    assert isinstance(growth, (int, float)) and math.isfinite(growth) and abs(growth) < result["rss_mb"]
+    assert result["candles"] == 20_000 and result["memory_candles"] == 60_000
+    assert result["floor_us"]["candles"] == result["candles"]
+    assert len(result["tick_to_order_us"]["reps"]) == 3 and len(result["ready_s_reps"]) == 3
+    split = result["tick_to_order_split_us"]
+    assert split["with_order"]["count"] + split["without_order"]["count"] == result["candles"]
+
+    machine = result["machine"]
+    assert _positive(machine["cores"]) and machine["python"] and machine["onnxruntime"]
+    assert datetime.fromisoformat(result["date"]).tzinfo is not None
+    assert set(result["targets"]) == {"tick_to_order_p99_vs_floor", "tick_to_order_p99_under_1ms", "ready_s",
+                                      "rss_mb", "rss_growth_mb"}
+    assert all(isinstance(t["pass"], bool) for t in result["targets"].values())
+
+
+def test_replay_builder_repeats_real_rows_time_shifted(tmp_path: Path) -> None:
+    bench = _load_bench()
+    with gzip.open(BUNDLED, "rt") as f:
+        f.readline()
+        rows = [f.readline().strip() for _ in range(1000)]
+    dest = tmp_path / "replay.csv"
+    assert bench.write_replay(rows, 2500, dest) == 2500
+
+    lines = dest.read_text().splitlines()
+    assert lines[0] == "timestamp,open,high,low,close,volume"
+    ts = [int(line.split(",", 1)[0]) for line in lines[1:]]
+    assert len(ts) == 2500
+    assert all(b > a for a, b in itertools.pairwise(ts)), "timestamps must strictly increase across repeats"
+    assert all(t % BAR_MS == 0 for t in ts)
+    span = ts[999] - ts[0] + BAR_MS
+    for i in (0, 1, 999):  # each copy is the same real candle, one span (+1 bar) later
+        assert ts[1000 + i] == ts[i] + span and ts[2000 + i % 500] == ts[i % 500] + 2 * span
+        assert lines[1 + 1000 + i].split(",", 1)[1] == rows[i].split(",", 1)[1]
+    # enough rows: the most recent n, unchanged
+    assert list(bench.shifted_rows(rows, 10)) == rows[-10:]
+
+
+def test_rss_at_interpolates_between_samples() -> None:
+    bench = _load_bench()
+    samples = [(0.5, 1000, 90.0), (1.0, 3000, 94.0), (1.5, 5000, 95.0)]
+    assert bench.rss_at(samples, 2000) == (92.0, 2000)
+    assert bench.rss_at(samples, 500) == (90.0, 1000.0)  # before the first sample: the first sample
+    assert bench.rss_at(samples, 9000) == (95.0, 5000.0)
