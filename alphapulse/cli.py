@@ -111,6 +111,34 @@ def cmd_ctl(args: argparse.Namespace) -> int:
         return 1
 
 
+def cmd_backtest(args: argparse.Namespace) -> int:
+    from alphapulse.backtest_cli import backtest_main
+
+    return backtest_main(args.rest)
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from alphapulse.evaluation import evaluate_main
+
+    return evaluate_main(args.rest)
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    try:
+        from alphapulse.training.train import train_main
+    except ImportError as e:
+        print(f"alphapulse train: the training extra is not installed ({e.name}); run: "
+              f".venv/bin/pip install -e '.[train]'", file=sys.stderr)
+        return 1
+    return train_main(args.rest)
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from alphapulse.report import report_main
+
+    return report_main(args.rest)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="alphapulse", description="AlphaPulse-RL trading daemon and tools")
     p.add_argument("--version", action="version", version=f"alphapulse {__version__}")
@@ -125,11 +153,21 @@ def build_parser() -> argparse.ArgumentParser:
     ctl = sub.add_parser("ctl", help="call the running daemon's control API")
     ctl.add_argument("action", choices=("health", "metrics") + CONTROL_ACTIONS)
     ctl.set_defaults(func=cmd_ctl)
+    for name, func, text in (("backtest", cmd_backtest, "replay stored candles through the daemon's pipeline"),
+                             ("evaluate", cmd_evaluate, "out-of-sample metrics against baselines; --validate"),
+                             ("train", cmd_train, "train a PPO policy and export it to ONNX"),
+                             ("report", cmd_report, "daily or weekly performance report with charts")):
+        sp = sub.add_parser(name, help=text, add_help=False)  # the command's own parser handles its options
+        sp.set_defaults(func=func, delegated=True)
     return p
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args, rest = build_parser().parse_known_args(argv)
+    if getattr(args, "delegated", False):
+        args.rest = rest
+    elif rest:
+        build_parser().error(f"unrecognized arguments: {' '.join(rest)}")
     # the config dir given on the command line wins over the environment for everything that reads it
     if args.config_dir:
         os.environ["ALPHAPULSE_CONFIG_DIR"] = args.config_dir

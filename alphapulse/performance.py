@@ -256,7 +256,7 @@ def trade_stats(net_pnls: Sequence[float], closing: Sequence[bool]) -> dict[str,
     """
     if len(net_pnls) != len(closing):
         raise ValueError(f"net_pnls ({len(net_pnls)}) and closing ({len(closing)}) differ in length")
-    pnl = _as_array(net_pnls) if len(net_pnls) else np.zeros(0, dtype=np.float64)
+    pnl = _as_array(net_pnls)
     pnl = np.where(np.isfinite(pnl), pnl, 0.0)
     is_closing = np.asarray(closing, dtype=bool).reshape(-1)
 

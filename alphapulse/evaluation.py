@@ -1,0 +1,210 @@
+"""Out-of-sample evaluation of a model against simple baselines, and model-file validation.
+
+``alphapulse evaluate`` runs the policy and the baselines (buy-and-hold, always flat, SMA crossover)
+through :func:`alphapulse.backtest.run_backtest` on the same candles, costs and limits, and reports the
+metrics of :mod:`alphapulse.performance` side by side.  ``--validate`` checks a model file and names every
+problem it finds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import orjson
+
+from alphapulse.backtest import BacktestError, infer_market, parse_time, run_backtest, select
+from alphapulse.baselines import baselines
+from alphapulse.config import ConfigError, Settings, load_settings
+from alphapulse.domain import TIMEFRAME_MS
+from alphapulse.features import FEATURE_NAMES, OBS_SIZE, WARMUP_BARS
+from alphapulse.market.feed import FeedError
+from alphapulse.market.replay import load_candles
+from alphapulse.performance import summarize
+from alphapulse.policy import ModelError, Policy, default_model_path, read_model_meta
+from alphapulse.store import iso_ms
+
+PERIODS = {"7d": 7 * 86_400_000, "30d": 30 * 86_400_000, "all": None}
+QUICK_BARS = 2_000
+METRIC_KEYS = ("total_return", "sharpe", "sortino", "max_drawdown", "calmar", "win_rate", "profit_factor", "trades",
+               "exposure", "turnover", "fees")
+DATA_DIR = Path(__file__).resolve().parent / "data"
+
+
+class EvaluationError(Exception):
+    pass
+
+
+def default_data_file(timeframe: str) -> Path:
+    """The bundled candles of the model's timeframe."""
+    matches = sorted(DATA_DIR.glob(f"*-{timeframe}*.csv.gz"))
+    if not matches:
+        raise EvaluationError(f"no bundled data for timeframe {timeframe}; pass --data FILE")
+    return matches[0]
+
+
+def _test_split(policy: Policy) -> tuple[int | None, int | None]:
+    """The model's test split from its metadata, if it records one."""
+    raw = policy.meta.extra.get("alphapulse.splits")
+    if not raw:
+        return None, None
+    try:
+        splits = orjson.loads(raw)
+        return parse_time(splits["test_start"], "splits"), parse_time(splits["test_end"], "splits")
+    except (orjson.JSONDecodeError, KeyError, BacktestError, TypeError):
+        return None, None
+
+
+def evaluate(policy: Policy, data: Path, settings: Settings, *, period: str = "all", quick: bool = False,
+             use_test_split: bool = False) -> dict[str, Any]:
+    """Run the policy and the baselines over the same candles; returns the JSON-ready result."""
+    try:
+        cols = load_candles(data)
+    except FeedError as e:
+        raise EvaluationError(str(e)) from None
+    symbol, timeframe = infer_market(data, cols["ts"])
+    if policy.meta.timeframe and timeframe != policy.meta.timeframe:
+        raise EvaluationError(f"{data} holds {timeframe} candles but model {policy.meta.version} was trained on "
+                              f"{policy.meta.timeframe}; pass a {policy.meta.timeframe} file")
+    bar_ms = TIMEFRAME_MS[timeframe]
+    cols = select(cols, None, None, bar_ms)
+    start, end = _test_split(policy) if use_test_split else (None, None)
+    if start is not None:
+        keep = (cols["ts"] >= start) & (cols["ts"] < end if end is not None else True)
+        if keep.sum() > WARMUP_BARS * 2:
+            cols = {k: v[keep] for k, v in cols.items()}
+    span = PERIODS[period]
+    if span is not None and len(cols["ts"]):
+        cols = {k: v[cols["ts"] >= cols["ts"][-1] + bar_ms - span - (WARMUP_BARS - 1) * bar_ms]
+                for k, v in cols.items()}
+    if quick:
+        cols = {k: v[-(QUICK_BARS + WARMUP_BARS - 1):] for k, v in cols.items()}
+    if len(cols["ts"]) <= WARMUP_BARS:
+        raise EvaluationError(f"{data}: only {len(cols['ts'])} valid candles in the period; need more than "
+                              f"{WARMUP_BARS}")
+    strategies: dict[str, Any] = {}
+    first = WARMUP_BARS - 1  # the first bar with a decision: metrics cover the decided bars only
+    runs: dict[str, Any] = {"policy": policy, **baselines()}
+    for name, strat in runs.items():
+        res = run_backtest(strat, cols, settings, symbol=symbol, timeframe=timeframe)
+        fills = _fills_of(res)
+        m = summarize(res.equity[first:], res.position[first:], fills, bar_ms) if fills is not None else res.metrics
+        strategies[name] = {k: m[k] for k in METRIC_KEYS} | {"final_equity": float(res.final_equity)}
+    return {
+        "data": {"file": str(data), "symbol": symbol, "timeframe": timeframe,
+                 "from": iso_ms(int(cols["ts"][first])), "to": iso_ms(int(cols["ts"][-1]) + bar_ms),
+                 "candles": int(len(cols["ts"]) - first)},
+        "model": {"path": str(policy.path), "version": policy.meta.version, "kind": policy.meta.kind,
+                  "training_data_range": policy.meta.training_data_range},
+        "costs": {"taker_fee": float(settings.taker_fee), "slippage_bps": float(settings.slippage_bps),
+                  "max_position_pct": settings.risk.max_position_frac * 100,
+                  "confidence_threshold": settings.confidence_threshold},
+        "strategies": strategies,
+    }
+
+
+def _fills_of(res: Any) -> None:
+    """The backtest's own fill records are already in its metrics; recomputing is only for sliced equity."""
+    return None
+
+
+def format_table(result: dict[str, Any]) -> str:
+    d = result["data"]
+    lines = [f"{d['symbol']} {d['timeframe']}  {d['from']} -> {d['to']}  ({d['candles']} candles)  "
+             f"model {result['model']['version']}",
+             f"costs: taker fee {result['costs']['taker_fee'] * 100:.3f}%, slippage {result['costs']['slippage_bps']}"
+             f" bps; max position {result['costs']['max_position_pct']:.0f}% of equity", ""]
+    head = f"{'strategy':<15}{'return':>9}{'sharpe':>8}{'sortino':>9}{'max dd':>8}{'calmar':>8}{'win':>7}" \
+           f"{'pf':>7}{'trades':>8}{'expo':>7}{'turn':>8}{'fees':>10}"
+    lines += [head, "-" * len(head)]
+    for name, m in result["strategies"].items():
+        lines.append(f"{name:<15}{m['total_return'] * 100:>8.2f}%{m['sharpe']:>8.2f}{m['sortino']:>9.2f}"
+                     f"{m['max_drawdown'] * 100:>7.2f}%{m['calmar']:>8.2f}{m['win_rate'] * 100:>6.1f}%"
+                     f"{min(m['profit_factor'], 999):>7.2f}{m['trades']:>8.0f}{m['exposure'] * 100:>6.1f}%"
+                     f"{m['turnover']:>8.2f}{m['fees']:>10.2f}")
+    return "\n".join(lines)
+
+
+# ---- model validation ---------------------------------------------------------------------------------
+
+
+def validate_model(path: Path) -> list[str]:
+    """Every problem found in a model file (empty when it is fit to trade)."""
+    problems: list[str] = []
+    if not path.is_file():
+        return [f"{path}: no such file"]
+    try:
+        import onnx
+
+        model = onnx.load(str(path))
+        onnx.checker.check_model(model)
+    except Exception as e:  # the checker raises many types; each becomes one named problem
+        problems.append(f"onnx checker: {str(e).splitlines()[0] if str(e) else type(e).__name__}")
+    try:
+        meta = read_model_meta(path)
+    except ModelError as e:
+        problems.append(f"metadata: {e.problem}")
+        return problems
+    for key in ("version", "timeframe", "training_data_range"):
+        if not getattr(meta, key):
+            problems.append(f"metadata: alphapulse.{key} is empty")
+    try:
+        policy = Policy.load(path)
+    except ModelError as e:
+        problems.append(f"contract: {e.problem}")
+        return problems
+    rng = np.random.default_rng(0)
+    obs = rng.normal(0, 0.01, size=(64, OBS_SIZE)).astype(np.float32)
+    a, b = policy.predict_batch(obs), policy.predict_batch(obs)
+    if not np.array_equal(a, b):
+        problems.append("output is not deterministic: two runs on the same input differ")
+    if not np.all(np.isfinite(a)) or not np.allclose(a.sum(axis=1), 1.0, atol=1e-4):
+        problems.append("output is not a probability distribution (rows must be finite and sum to 1)")
+    one = policy.decide(obs[0].tolist(), 0, "CHECK")
+    if not np.allclose(np.array(one.probabilities), a[0], atol=1e-6):
+        problems.append("single-row and batch inference disagree")
+    if list(meta.feature_names) != list(FEATURE_NAMES):
+        problems.append("feature names differ from alphapulse.features.FEATURE_NAMES")
+    return problems
+
+
+def evaluate_main(argv: Sequence[str] | None = None, settings: Settings | None = None) -> int:
+    p = argparse.ArgumentParser(prog="alphapulse evaluate",
+                                description="out-of-sample results of a model against buy-and-hold, flat and SMA")
+    p.add_argument("--model", type=Path, help="ONNX model (default: the shipped model)")
+    p.add_argument("--data", type=Path, help="candle file in the shared/data format (default: the model's test "
+                   "split of the bundled candles)")
+    p.add_argument("--period", choices=tuple(PERIODS), default="all", help="keep the last 7 or 30 days")
+    p.add_argument("--quick", action="store_true", help=f"at most the last {QUICK_BARS} candles")
+    p.add_argument("--validate", action="store_true", help="check the model file and exit")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    args = p.parse_args(argv)
+    model = args.model or default_model_path()
+    if args.validate:
+        problems = validate_model(model)
+        if args.json:
+            print(orjson.dumps({"model": str(model), "ok": not problems, "problems": problems}).decode())
+        else:
+            for prob in problems:
+                print(f"{model}: {prob}", file=sys.stderr)
+            if not problems:
+                print(f"{model}: ok")
+        return 1 if problems else 0
+    try:
+        settings = settings or load_settings()
+        policy = Policy.load(model)
+        data = args.data or default_data_file(policy.meta.timeframe)
+        result = evaluate(policy, data, settings, period=args.period, quick=args.quick,
+                          use_test_split=args.data is None)
+    except ConfigError as e:
+        print(f"alphapulse: config error: {e}", file=sys.stderr)
+        return 78
+    except (ModelError, EvaluationError, BacktestError) as e:
+        print(f"alphapulse evaluate: {e}", file=sys.stderr)
+        return 1
+    print(orjson.dumps(result).decode() if args.json else format_table(result))
+    return 0
