@@ -33,7 +33,8 @@ CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS decisions (
     candle_ts INTEGER PRIMARY KEY, symbol TEXT NOT NULL, decided_ms INTEGER NOT NULL, probabilities TEXT NOT NULL,
     action INTEGER NOT NULL, target REAL NOT NULL, confidence REAL NOT NULL, allowed INTEGER NOT NULL,
-    reason TEXT NOT NULL, order_id TEXT, inference_us REAL NOT NULL, equity TEXT NOT NULL, position TEXT NOT NULL);
+    reason TEXT NOT NULL, order_id TEXT, inference_us REAL NOT NULL, equity TEXT NOT NULL, position TEXT NOT NULL,
+    seq INTEGER NOT NULL, state TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS orders (
     client_order_id TEXT PRIMARY KEY, symbol TEXT NOT NULL, side TEXT NOT NULL, qty TEXT NOT NULL,
     reduce_only INTEGER NOT NULL, created_ms INTEGER NOT NULL, reason TEXT NOT NULL, status TEXT NOT NULL);
@@ -48,12 +49,25 @@ CREATE TABLE IF NOT EXISTS incidents (
     incident_id INTEGER PRIMARY KEY, ts_ms INTEGER NOT NULL, kind TEXT NOT NULL, detail TEXT NOT NULL);
 """
 
+_INSERT_DECISION = "INSERT OR REPLACE INTO decisions VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)"
 TRADES_HEADER = "timestamp,symbol,side,qty,price,fee,pnl,realized_pnl,order_id,fill_id,reason\n"
 
 
+_DAY_PREFIX: dict[int, str] = {}
+
+
 def iso_ms(ts_ms: int) -> str:
-    """ISO 8601 UTC with milliseconds and a Z."""
-    return datetime.fromtimestamp(ts_ms / 1000, tz=timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%f")[:-3] + "Z"
+    """ISO 8601 UTC with milliseconds and a Z (on the per-candle path: the date part is cached per day)."""
+    day, ms_of_day = divmod(ts_ms, 86_400_000)
+    prefix = _DAY_PREFIX.get(day)
+    if prefix is None:
+        if len(_DAY_PREFIX) > 64:
+            _DAY_PREFIX.clear()
+        prefix = _DAY_PREFIX[day] = datetime.fromtimestamp(day * 86_400, tz=timezone.utc).strftime("%Y-%m-%dT")
+    s, ms = divmod(ms_of_day, 1000)
+    h, rem = divmod(s, 3600)
+    m, sec = divmod(rem, 60)
+    return f"{prefix}{h:02d}:{m:02d}:{sec:02d}.{ms:03d}Z"
 
 
 @dataclass(frozen=True)
@@ -78,6 +92,9 @@ class Store:
         self._db.execute("PRAGMA foreign_keys=ON")
         self._db.executescript(SCHEMA)
         self.ids = self._ids_from_db()
+        row = self._db.execute("SELECT value FROM meta WHERE key='state'").fetchone()
+        meta_seq = orjson.loads(row[0]).get("seq", 0) if row else 0
+        self.seq: int = max(meta_seq, self._max_id("decisions", "seq"))
         self._ckpt_lock = threading.Lock()
         self.commits = 0
 
@@ -90,24 +107,47 @@ class Store:
         return int(row[0])
 
     def close(self) -> None:
-        self.checkpoint()
+        self.checkpoint("TRUNCATE")
         self._db.close()
 
-    def checkpoint(self) -> None:
-        """Move the WAL into the database file; safe to call from a worker thread."""
+    WAL_LIMIT_BYTES = 16 << 20
+
+    def checkpoint(self, mode: str | None = None) -> str:
+        """Copy the WAL into the database file; safe to call from a worker thread. Returns the mode used.
+
+        PASSIVE (the periodic one) never makes the writer wait.  But a writer that commits faster than a
+        passive checkpoint copies (a replay at full speed) keeps the WAL from ever restarting, so it and its
+        shared-memory index would grow without end: past ``WAL_LIMIT_BYTES`` a TRUNCATE checkpoint makes the
+        writer wait once (a few ms) and resets it.  TRUNCATE is also used at close.
+        """
+        if mode is None:
+            try:
+                big = os.path.getsize(f"{self.path}-wal") > self.WAL_LIMIT_BYTES
+            except OSError:
+                big = False
+            mode = "TRUNCATE" if big else "PASSIVE"
+        assert mode in ("PASSIVE", "TRUNCATE")
         with self._ckpt_lock:
             con = sqlite3.connect(self.path, isolation_level=None)
             try:
-                con.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+                con.execute(f"PRAGMA wal_checkpoint({mode})")
             finally:
                 con.close()
+        return mode
 
     # ---- state ------------------------------------------------------------------------------
     def load(self) -> PersistedState | None:
+        """The newest state: the last decision row's or the meta row's (operator actions, warm-up), by seq."""
+        candidates = []
         row = self._db.execute("SELECT value FROM meta WHERE key='state'").fetchone()
-        if row is None:
+        if row is not None:
+            candidates.append(orjson.loads(row[0]))
+        row = self._db.execute("SELECT state FROM decisions ORDER BY seq DESC LIMIT 1").fetchone()
+        if row is not None:
+            candidates.append(orjson.loads(row[0]))
+        if not candidates:
             return None
-        st = orjson.loads(row[0])
+        st = max(candidates, key=lambda c: c.get("seq", 0))
         orders = [
             Order(r[0], r[1], Side(r[2]), Decimal(r[3]), bool(r[4]), r[5], r[6])
             for r in self._db.execute(
@@ -124,7 +164,19 @@ class Store:
     def commit_step(self, res: StepResult, state: dict[str, Any]) -> "Persisted":
         """Write one step atomically; returns the rows with their ids for the operator files."""
         db = self._db
+        self.seq += 1
+        state["seq"] = self.seq
         out = build_rows(res, self.ids, state.get("equity", state["portfolio"]["cash"]), state["portfolio"]["qty"])
+        state_json = orjson.dumps(state).decode()
+        if out.decision is not None and not (res.orders or res.cancelled or out.fills or out.alerts or out.incidents):
+            # The common case, a decision and nothing else: one autocommitted INSERT carries the state too.
+            try:
+                db.execute(_INSERT_DECISION, (*out.decision, self.seq, state_json))
+            except BaseException:
+                self.seq -= 1
+                raise
+            self.commits += 1
+            return out
         db.execute("BEGIN")
         try:
             for o in res.orders:
@@ -141,11 +193,13 @@ class Store:
             if out.incidents:
                 db.executemany("INSERT INTO incidents VALUES (?,?,?,?)", out.incidents)
             if out.decision is not None:
-                db.execute("INSERT OR REPLACE INTO decisions VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)", out.decision)
-            db.execute("INSERT OR REPLACE INTO meta VALUES ('state', ?)", (orjson.dumps(state).decode(),))
+                db.execute(_INSERT_DECISION, (*out.decision, self.seq, state_json))
+            else:
+                db.execute("INSERT OR REPLACE INTO meta VALUES ('state', ?)", (state_json,))
             db.execute("COMMIT")
         except BaseException:
             db.execute("ROLLBACK")
+            self.seq -= 1
             self.ids = self._ids_from_db()  # ids handed out inside the failed transaction are reused next time
             raise
         self.commits += 1
@@ -163,7 +217,10 @@ class Store:
         return dict(self._db.execute(q, ids).fetchall())
 
     def decisions_after(self, candle_ts: int) -> Iterator[tuple[Any, ...]]:
-        yield from self._db.execute("SELECT * FROM decisions WHERE candle_ts > ? ORDER BY candle_ts", (candle_ts,))
+        yield from self._db.execute(
+            "SELECT candle_ts, symbol, decided_ms, probabilities, action, target, confidence, allowed, reason, "
+            "order_id, inference_us, equity, position FROM decisions WHERE candle_ts > ? ORDER BY candle_ts",
+            (candle_ts,))
 
     def alerts_after(self, alert_id: int) -> Iterator[tuple[Any, ...]]:
         yield from self._db.execute("SELECT * FROM risk_alerts WHERE alert_id > ? ORDER BY alert_id", (alert_id,))

@@ -55,6 +55,10 @@ import sys
 import tempfile
 import time
 import urllib.request
+
+import orjson
+
+from alphapulse.store import _INSERT_DECISION, SCHEMA
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -420,7 +424,7 @@ class SplitLatency(LatencyHistogram):
 
 def inprocess_split(root: Path, replay: Path) -> dict[str, Any]:
     """Run ``Daemon.run`` (its real ``_run_engine`` loop) in this process with two hooks that only observe:
-    ``_persist`` notes whether the step produced an order, and ``latency`` files the daemon's own per-candle
+    ``_commit`` notes whether the step produced an order, and ``latency`` files the daemon's own per-candle
     sample accordingly.  Console logging is off here (the JSON log file is on, as in the daemon)."""
     import uvloop
 
@@ -442,12 +446,12 @@ def inprocess_split(root: Path, replay: Path) -> dict[str, Any]:
 
     async def main() -> int:
         d = Daemon(settings, exit_at_end=True)
-        persist = d._persist
+        commit = d._commit
         start = d.start
 
-        def observed(res: StepResult) -> None:
+        def observed(res: StepResult) -> Any:
             split.order_pending = bool(res.orders)
-            persist(res)
+            return commit(res)
 
         async def start_then_time_stages() -> None:
             await start()
@@ -455,7 +459,7 @@ def inprocess_split(root: Path, replay: Path) -> dict[str, Any]:
             d.store.commit_step = timed(d.store.commit_step, stages["store_commit"])  # type: ignore[method-assign]
             d.files.write = timed(d.files.write, stages["operator_files"])  # type: ignore[method-assign]
 
-        d._persist = observed  # type: ignore[method-assign]
+        d._commit = observed  # type: ignore[method-assign]
         d.start = start_then_time_stages  # type: ignore[method-assign]
         d.latency = split
         return await d.run()
@@ -506,8 +510,19 @@ def observations(rows: list[str], n: int) -> list[list[float]]:
     return out
 
 
+def floor_state() -> str:
+    """The state snapshot the daemon stores with each decision (a fresh engine's, as JSON)."""
+    from decimal import Decimal
+
+    from alphapulse.portfolio import Portfolio
+
+    snap = {"portfolio": Portfolio.new("BTCUSDT", Decimal(10_000)).snapshot(), "trading_state": "ACTIVE",
+            "state_reason": "", "last_candle_ts": 1_735_603_200_000, "equity": "10000.00000000", "seq": 1}
+    return orjson.dumps(snap).decode()
+
+
 def floor_once(db_path: Path, obs: list[list[float]], n: int) -> dict[str, Any]:
-    """``n`` x (the daemon's ONNX call + one SQLite WAL commit of one small row), each timed.
+    """``n`` x (the daemon's ONNX call + one SQLite WAL commit of the row the daemon commits), each timed.
 
     Checkpoints run every 10,000 commits outside the timed section, as the daemon runs them off the hot
     path (in a thread); automatic checkpoints are off, as in the daemon's store.
@@ -523,19 +538,23 @@ def floor_once(db_path: Path, obs: list[list[float]], n: int) -> dict[str, Any]:
         db.execute("PRAGMA journal_mode=WAL")
         db.execute("PRAGMA synchronous=NORMAL")
         db.execute("PRAGMA wal_autocheckpoint=0")
-        db.execute("CREATE TABLE floor (candle_ts INTEGER PRIMARY KEY, action INTEGER, confidence REAL)")
+        db.executescript(SCHEMA)  # the daemon's own tables: the floor commits the row the daemon commits
         hist = LatencyHistogram()
         raw = np.empty(n, dtype=np.float64)
         perf = time.perf_counter_ns
         execute = db.execute
         decide = policy.decide
+        insert = _INSERT_DECISION
+        dumps = orjson.dumps
+        state = floor_state()
         m = len(obs)
         for i in range(n):
             x = obs[i % m]
             ts = i * BAR_MS
             t0 = perf()
             d = decide(x, ts, "BTCUSDT")
-            execute("INSERT INTO floor VALUES (?,?,?)", (ts, d.action, d.confidence))
+            execute(insert, (ts, "BTCUSDT", ts, dumps(d.probabilities).decode(), d.action, d.target, d.confidence, 0,
+                             "below_confidence_threshold", None, d.inference_us, "10000", "0", i, state))
             us = (perf() - t0) / 1000
             hist.add(us)
             raw[i] = us
