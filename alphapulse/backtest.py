@@ -13,6 +13,7 @@ from __future__ import annotations
 import re
 import time
 from dataclasses import dataclass, field
+from datetime import UTC
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
@@ -56,14 +57,14 @@ def infer_market(path: Path, ts: np.ndarray) -> tuple[str, str]:
 
 def parse_time(text: str, flag: str) -> int:
     """ISO date or datetime (UTC when no zone) -> ms."""
-    from datetime import datetime, timezone
+    from datetime import datetime
 
     try:
         dt = datetime.fromisoformat(text.replace("Z", "+00:00"))
     except ValueError:
         raise BacktestError(f"{flag}: not an ISO date or datetime: {text!r}") from None
     if dt.tzinfo is None:
-        dt = dt.replace(tzinfo=timezone.utc)
+        dt = dt.replace(tzinfo=UTC)
     return int(dt.timestamp() * 1000)
 
 
@@ -93,6 +94,7 @@ class BacktestResult:
     elapsed_s: float
     equity: np.ndarray = field(repr=False)
     position: np.ndarray = field(repr=False)
+    fills: list[FillRecord] = field(repr=False, default_factory=list)
     out_dir: Path | None = None
 
     def summary(self) -> dict[str, Any]:
@@ -175,7 +177,7 @@ def run_backtest(
 
     metrics = summarize(equity, position, fills, bar_ms)
     result = BacktestResult(symbol, timeframe, n, ts[0], last_close_ms, pf.initial_equity, pf.equity, pf.fees_paid,
-                            pf.realized_pnl, metrics, elapsed, equity, position, out_dir)
+                            pf.realized_pnl, metrics, elapsed, equity, position, fills, out_dir)
     if files is not None and out_dir is not None:
         files.close()
         (out_dir / "equity.csv").write_bytes(b"timestamp,equity,position,price\n" + b"".join(eq_lines))

@@ -11,8 +11,8 @@ import os
 import sys
 import urllib.error
 import urllib.request
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 from alphapulse import __version__
 from alphapulse.config import EX_CONFIG, ConfigError, Settings, check_paths, load_settings

@@ -9,7 +9,8 @@ from __future__ import annotations
 import asyncio
 import hmac
 import time
-from typing import TYPE_CHECKING, Any, Awaitable, Callable
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING, Any
 
 import orjson
 from aiohttp import web
@@ -22,7 +23,7 @@ if TYPE_CHECKING:
     from alphapulse.daemon import Daemon
 
 log = get_logger("alphapulse.control")
-DAEMON: web.AppKey["Daemon"] = web.AppKey("daemon")
+DAEMON: web.AppKey[Daemon] = web.AppKey("daemon")
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
@@ -151,7 +152,7 @@ def _prometheus(m: dict[str, Any]) -> str:
     return prometheus_text(samples)
 
 
-def _action(name: str, fn: Callable[["Daemon", dict[str, Any]], Any]) -> Handler:
+def _action(name: str, fn: Callable[[Daemon, dict[str, Any]], Any]) -> Handler:
     async def handler(request: web.Request) -> web.Response:
         denied = _authorized(request)
         if denied is not None:
@@ -213,7 +214,7 @@ async def debug_block_loop(request: web.Request) -> web.Response:
     return _json({"ok": True, "blocked_s": seconds})
 
 
-def create_app(daemon: "Daemon") -> web.Application:
+def create_app(daemon: Daemon) -> web.Application:
     app = web.Application(middlewares=[errors_as_json], client_max_size=64 * 1024)
     app[DAEMON] = daemon
     app.router.add_get("/health", health)
@@ -230,7 +231,7 @@ def create_app(daemon: "Daemon") -> web.Application:
     return app
 
 
-async def start_control_server(daemon: "Daemon", host: str, port: int) -> web.AppRunner:
+async def start_control_server(daemon: Daemon, host: str, port: int) -> web.AppRunner:
     runner = web.AppRunner(create_app(daemon), access_log=None, handle_signals=False)
     await runner.setup()
     site = web.TCPSite(runner, host, port, reuse_address=True)

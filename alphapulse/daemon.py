@@ -27,7 +27,7 @@ from alphapulse.domain import Candle, TradingState
 from alphapulse.engine import Engine, EngineConfig, StepResult
 from alphapulse.execution.paper import PaperBroker
 from alphapulse.features import WARMUP_BARS, StreamingFeatures
-from alphapulse.log import configure_logging, get_logger, register_secrets
+from alphapulse.log import get_logger, register_secrets
 from alphapulse.market.replay import ReplayFeed, default_replay_file
 from alphapulse.market.validate import CandleValidator
 from alphapulse.metrics import LatencyHistogram

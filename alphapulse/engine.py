@@ -10,9 +10,10 @@ maintenance, resume) are methods here too, so they follow the same rules in ever
 from __future__ import annotations
 
 from collections import deque
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from decimal import Decimal
-from typing import Any, Protocol, Sequence
+from typing import Any, Protocol
 
 from alphapulse.domain import Candle, Decision, Fill, Order, RiskAlert, Side, TradingState
 from alphapulse.features import StreamingFeatures, observation

@@ -91,8 +91,7 @@ def evaluate(policy: Policy, data: Path, settings: Settings, *, period: str = "a
     runs: dict[str, Any] = {"policy": policy, **baselines()}
     for name, strat in runs.items():
         res = run_backtest(strat, cols, settings, symbol=symbol, timeframe=timeframe)
-        fills = _fills_of(res)
-        m = summarize(res.equity[first:], res.position[first:], fills, bar_ms) if fills is not None else res.metrics
+        m = summarize(res.equity[first:], res.position[first:], res.fills, bar_ms)
         strategies[name] = {k: m[k] for k in METRIC_KEYS} | {"final_equity": float(res.final_equity)}
     return {
         "data": {"file": str(data), "symbol": symbol, "timeframe": timeframe,
@@ -105,11 +104,6 @@ def evaluate(policy: Policy, data: Path, settings: Settings, *, period: str = "a
                   "confidence_threshold": settings.confidence_threshold},
         "strategies": strategies,
     }
-
-
-def _fills_of(res: Any) -> None:
-    """The backtest's own fill records are already in its metrics; recomputing is only for sliced equity."""
-    return None
 
 
 def format_table(result: dict[str, Any]) -> str:

@@ -372,7 +372,7 @@ class PrecomputedFeatures:
     batch agree to 1e-9 (tests/test_features.py).
     """
 
-    __slots__ = ("_rows", "_i")
+    __slots__ = ("_i", "_rows")
 
     def __init__(self, matrix: np.ndarray) -> None:
         self._rows: list[list[float] | None] = [None if np.isnan(r[0]) else r.tolist() for r in matrix]

@@ -7,7 +7,7 @@ A long-running bot must not keep every sample: :class:`LatencyHistogram` has fix
 from __future__ import annotations
 
 import math
-from typing import Iterable
+from collections.abc import Iterable
 
 _GROWTH = 1.04
 _MIN_US = 0.5
@@ -17,7 +17,7 @@ _N_BUCKETS = 400  # 0.5 µs .. ~3e6 µs
 class LatencyHistogram:
     """Log-bucketed histogram of microsecond durations; quantiles are accurate to a bucket width."""
 
-    __slots__ = ("counts", "count", "total", "max")
+    __slots__ = ("count", "counts", "max", "total")
 
     def __init__(self) -> None:
         self.counts = [0] * _N_BUCKETS

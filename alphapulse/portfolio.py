@@ -58,7 +58,7 @@ class Portfolio:
     _last_ts: int = field(default=0, repr=False)
 
     @classmethod
-    def new(cls, symbol: str, initial_equity: Decimal) -> "Portfolio":
+    def new(cls, symbol: str, initial_equity: Decimal) -> Portfolio:
         eq = money(initial_equity)
         return cls(symbol, eq, eq, Position(symbol), peak_equity=eq, day_start_equity=eq)
 
@@ -150,7 +150,7 @@ class Portfolio:
         }
 
     @classmethod
-    def restore(cls, snap: dict[str, Any]) -> "Portfolio":
+    def restore(cls, snap: dict[str, Any]) -> Portfolio:
         d = Decimal
         return cls(
             symbol=snap["symbol"],

@@ -17,16 +17,17 @@ from __future__ import annotations
 import os
 import sqlite3
 import threading
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from decimal import Decimal
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any
 
 import orjson
 
 from alphapulse.domain import Order, Side
-from alphapulse.engine import Incident, StepResult
+from alphapulse.engine import StepResult
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -63,7 +64,7 @@ def iso_ms(ts_ms: int) -> str:
     if prefix is None:
         if len(_DAY_PREFIX) > 64:
             _DAY_PREFIX.clear()
-        prefix = _DAY_PREFIX[day] = datetime.fromtimestamp(day * 86_400, tz=timezone.utc).strftime("%Y-%m-%dT")
+        prefix = _DAY_PREFIX[day] = datetime.fromtimestamp(day * 86_400, tz=UTC).strftime("%Y-%m-%dT")
     s, ms = divmod(ms_of_day, 1000)
     h, rem = divmod(s, 3600)
     m, sec = divmod(rem, 60)
@@ -98,7 +99,7 @@ class Store:
         self._ckpt_lock = threading.Lock()
         self.commits = 0
 
-    def _ids_from_db(self) -> "RowIds":
+    def _ids_from_db(self) -> RowIds:
         return RowIds(self._max_id("fills", "fill_id") + 1, self._max_id("risk_alerts", "alert_id") + 1,
                       self._max_id("incidents", "incident_id") + 1)
 
@@ -157,11 +158,8 @@ class Store:
         return PersistedState(st["portfolio"], st["trading_state"], st.get("state_reason", ""),
                               st.get("last_candle_ts"), orders)
 
-    def order_exists(self, client_order_id: str) -> bool:
-        return self._db.execute("SELECT 1 FROM orders WHERE client_order_id=?", (client_order_id,)).fetchone() is not None
-
     # ---- the per-step transaction -----------------------------------------------------------
-    def commit_step(self, res: StepResult, state: dict[str, Any]) -> "Persisted":
+    def commit_step(self, res: StepResult, state: dict[str, Any]) -> Persisted:
         """Write one step atomically; returns the rows with their ids for the operator files."""
         db = self._db
         self.seq += 1
@@ -213,7 +211,8 @@ class Store:
         ids = list(ids)
         if not ids:
             return {}
-        q = "SELECT client_order_id, reason FROM orders WHERE client_order_id IN (%s)" % ",".join("?" * len(ids))
+        marks = ",".join("?" * len(ids))
+        q = f"SELECT client_order_id, reason FROM orders WHERE client_order_id IN ({marks})"
         return dict(self._db.execute(q, ids).fetchall())
 
     def decisions_after(self, candle_ts: int) -> Iterator[tuple[Any, ...]]:

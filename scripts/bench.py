@@ -55,15 +55,15 @@ import sys
 import tempfile
 import time
 import urllib.request
-
-import orjson
-
-from alphapulse.store import _INSERT_DECISION, SCHEMA
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
+
+import orjson
+
+from alphapulse.store import _INSERT_DECISION, SCHEMA
 
 REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:  # `python scripts/bench.py` from a checkout that is not pip-installed

@@ -86,7 +86,7 @@ class DaemonProc:
         self.started = 0.0
 
     # ---- process --------------------------------------------------------------------------
-    def start(self) -> "DaemonProc":
+    def start(self) -> DaemonProc:
         if self.sock is None:
             self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
             if self.sock_path.exists():
@@ -112,7 +112,7 @@ class DaemonProc:
                 for line in data.decode().splitlines():
                     self.messages.append((time.monotonic(), line))
                 continue
-            except (TimeoutError, BlockingIOError, socket.timeout):
+            except (TimeoutError, BlockingIOError):
                 pass
             if time.monotonic() >= end:
                 return

@@ -64,7 +64,8 @@ def test_backtest_trades_exactly_what_the_paper_daemon_trades(replay: Path, tmp_
 
         def decisions(p: Path) -> list[tuple[object, ...]]:
             rows = [json.loads(ln) for ln in p.read_text().splitlines()]
-            return [(r["candle_time"], r["action"], r["allowed"], r["reason"], r["order_id"], r["equity"]) for r in rows]
+            keys = ("candle_time", "action", "allowed", "reason", "order_id", "equity")
+            return [tuple(r[k] for k in keys) for r in rows]
 
         assert decisions(out / "ai_decisions.json") == decisions(d.log_dir / "ai_decisions.json")
         assert (out / "risk_alerts.json").read_text().count("RISK_LIMIT_EXCEEDED") == \

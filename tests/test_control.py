@@ -53,8 +53,8 @@ def test_metrics_json_has_the_documented_shape(daemon: DaemonProc) -> None:
     assert abs(p["equity"] - (p["cash"] + upnl)) < 1e-6
 
 
-PROM_LINE = re.compile(r'^[a-zA-Z_:][a-zA-Z0-9_:]*(\{[a-zA-Z_][a-zA-Z0-9_]*="[^"]*"(,[a-zA-Z_][a-zA-Z0-9_]*="[^"]*")*\})? '
-                       r'(-?[0-9.e+-]+|NaN|[+-]Inf)$')
+_LABEL = r'[a-zA-Z_][a-zA-Z0-9_]*="[^"]*"'
+PROM_LINE = re.compile(rf"^[a-zA-Z_:][a-zA-Z0-9_:]*(\{{{_LABEL}(,{_LABEL})*\}})? (-?[0-9.e+-]+|NaN|[+-]Inf)$")
 
 
 @pytest.mark.parametrize("how", ["accept", "query"])

@@ -274,7 +274,8 @@ def check_limits_hold(audit: list[Audit], limits: RiskLimits, slippage_bps: Deci
         d = s.res.decision
         if d is not None and s.after in REDUCING_STATES and s.before is s.after:
             # the max-long policy is only ever allowed to trade here when its target shrinks the position
-            assert d.reason in ("reduce_only", "state_halted", "at_target", "ok", "within_rebalance_band"), (i, d.reason)
+            allowed_reasons = ("reduce_only", "state_halted", "at_target", "ok", "within_rebalance_band")
+            assert d.reason in allowed_reasons, (i, d.reason)
             assert not d.allowed or all(o.reduce_only for o in s.res.orders), (i, d)
 
     out: dict[str, object] = {"alerts": alerts, "max_dd": max(s.drawdown for s in audit)}
