@@ -160,9 +160,14 @@ def run_backtest(
             eq_lines.append(f"{iso_ms(t_ms)},{eq},{pf.position.qty},{pf.mark_price}\n".encode())
 
     t0 = time.perf_counter()
-    for i in range(n):
-        candle = Candle(ts[i], o[i], h[i], lo[i], c[i], v[i])
-        record(engine.step(candle), i, ts[i] + bar_ms)
+    step = engine.step
+    for i, candle in enumerate(map(Candle, ts, o, h, lo, c, v)):
+        res = step(candle)
+        if files is None and not res.fills:  # the common case, inline: no files, nothing booked
+            equity[i] = float(pf.equity)
+            position[i] = float(pf.position.qty)
+            continue
+        record(res, i, candle.ts + bar_ms)
     # End flat: close what is left at the last close (the next price a live run would get), with costs.
     last_close_ms = ts[-1] + bar_ms
     res = StepResult(None)

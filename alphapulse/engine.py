@@ -16,7 +16,7 @@ from decimal import Decimal
 from typing import Any, Protocol
 
 from alphapulse.domain import Candle, Decision, Fill, Order, RiskAlert, Side, TradingState
-from alphapulse.features import StreamingFeatures, observation
+from alphapulse.features import StreamingFeatures, observation, position_fractions
 from alphapulse.portfolio import Portfolio
 from alphapulse.risk import ORDER_WINDOW_MS, RiskLimits, check_order, next_state, resume_state, target_qty
 
@@ -125,15 +125,15 @@ class Engine:
         side = Side.SELL if qty > 0 else Side.BUY
         return Order(f"ap-{ref}-{tag}", self.cfg.symbol, side, abs(qty), True, now_ms, tag)
 
-    def position_features(self) -> tuple[float, float]:
+    def position_features(self, equity: Decimal | None = None) -> tuple[float, float]:
         """(position as a fraction of the maximum position, unrealized PnL as a fraction of equity)."""
         pf = self.portfolio
-        eq = pf.equity
-        if eq <= 0:
-            return 0.0, 0.0
-        max_notional = eq * Decimal(repr(self.cfg.limits.max_position_frac))
-        pos = float(pf.position.qty * pf.mark_price / max_notional) if max_notional > 0 else 0.0
-        return pos, float(pf.unrealized_pnl / eq)
+        eq = float(pf.equity if equity is None else equity)
+        qty = pf.position.qty
+        if qty == 0:
+            return 0.0, 0.0  # position_fractions(0, max, 0, equity), without the arithmetic
+        return position_fractions(float(qty * pf.mark_price), eq * self.cfg.limits.max_position_frac,
+                                  float(pf.unrealized_pnl), eq)
 
     def snapshot(self) -> dict[str, Any]:
         """Everything a restart needs, as the store persists it with every step."""
@@ -169,8 +169,10 @@ class Engine:
         rolled = pf.mark(self._price, close_ms)
         self.last_candle_ts = candle.ts
 
-        new_state, alerts = next_state(self.state, daily_loss=pf.daily_loss, drawdown=pf.drawdown,
-                                       day_rolled=rolled, limits=cfg.limits, now_ms=close_ms)
+        equity = pf.equity
+        new_state, alerts = next_state(self.state, daily_loss=pf.daily_loss_at(equity),
+                                       drawdown=pf.drawdown_at(equity), day_rolled=rolled, limits=cfg.limits,
+                                       now_ms=close_ms)
         res.alerts.extend(alerts)
         if new_state is not self.state:
             was = self.state
@@ -184,7 +186,9 @@ class Engine:
         market = self.features.update(candle)
         if market is None:
             return res, None
-        pos_frac, upnl_frac = self.position_features()
+        if res.orders:  # a halt just queued a close; equity is unchanged until it fills
+            equity = pf.equity
+        pos_frac, upnl_frac = self.position_features(equity) if pf.position.qty else (0.0, 0.0)
         return res, observation(market, pos_frac, upnl_frac)
 
     def act(self, res: StepResult, decision: Decision, candle: Candle, now_ms: int | None = None) -> None:

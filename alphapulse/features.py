@@ -360,7 +360,11 @@ def observation(market: Sequence[float], position_frac: float, unrealized_pnl_fr
     """The full model input in :data:`FEATURE_NAMES` order: market features then position features."""
     if len(market) != len(MARKET_FEATURES):
         raise ValueError(f"expected {len(MARKET_FEATURES)} market features, got {len(market)}")
-    return [float(x) for x in market] + position_features(position_frac, unrealized_pnl_frac)
+    # on the per-candle path: the market features are already a list of floats (both forms produce one)
+    head = market if type(market) is list else [float(x) for x in market]
+    if position_frac == 0.0 and unrealized_pnl_frac == 0.0:  # flat: nothing to clip
+        return [*head, 0.0, 0.0]
+    return head + [_clip_unit(position_frac), _clip_unit(unrealized_pnl_frac)]
 
 
 class PrecomputedFeatures:
@@ -375,7 +379,11 @@ class PrecomputedFeatures:
     __slots__ = ("_i", "_rows")
 
     def __init__(self, matrix: np.ndarray) -> None:
-        self._rows: list[list[float] | None] = [None if np.isnan(r[0]) else r.tolist() for r in matrix]
+        rows: list[list[float] | None] = matrix.tolist()  # one C-level conversion for the whole matrix
+        for i, r in enumerate(rows):
+            if r is not None and math.isnan(r[0]):  # warm-up rows: the first WARMUP_BARS - 1 only
+                rows[i] = None
+        self._rows = rows
         self._i = 0
 
     @property

@@ -175,6 +175,8 @@ def _redact_value(value: Any, pattern: re.Pattern[str] | None, depth: int) -> An
         return "<too deep>"
     if isinstance(value, Mapping):
         return _redact_mapping(value.items(), pattern, depth)
+    if isinstance(value, tuple) and hasattr(value, "_asdict"):  # a NamedTuple (Candle) logs as an object
+        return _redact_mapping(value._asdict().items(), pattern, depth)
     if isinstance(value, (list, tuple, set, frozenset)):
         return [_redact_value(v, pattern, depth + 1) for v in value]
     if dataclasses.is_dataclass(value) and not isinstance(value, type):

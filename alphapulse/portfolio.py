@@ -85,16 +85,23 @@ class Portfolio:
     @property
     def drawdown(self) -> float:
         """Fraction below the peak equity, >= 0."""
+        return self.drawdown_at(self.equity)
+
+    def drawdown_at(self, equity: Decimal) -> float:
+        """:attr:`drawdown` for an equity the caller already computed (the per-candle path does it once)."""
         if self.peak_equity <= 0:
             return 0.0
-        return max(0.0, float(1 - self.equity / self.peak_equity))
+        return max(0.0, float(1 - equity / self.peak_equity))
 
     @property
     def daily_loss(self) -> float:
         """Loss since the start of the UTC day as a fraction of that day's starting equity, >= 0."""
+        return self.daily_loss_at(self.equity)
+
+    def daily_loss_at(self, equity: Decimal) -> float:
         if self.day_start_equity <= 0:
             return 0.0
-        return max(0.0, float(-self.daily_pnl / self.day_start_equity))
+        return max(0.0, float((self.day_start_equity - equity) / self.day_start_equity))
 
     @property
     def leverage(self) -> float:
@@ -108,11 +115,11 @@ class Portfolio:
         self._last_ts = ts_ms
         day = utc_day(ts_ms)
         rolled = day != self.day
+        eq = self.equity
         if rolled:
             # The day's reference is the equity at the first mark of the day.
             self.day = day
-            self.day_start_equity = self.equity
-        eq = self.equity
+            self.day_start_equity = eq
         if eq > self.peak_equity:
             self.peak_equity = eq
         return rolled

@@ -56,6 +56,9 @@ def next_state(
     EMERGENCY_STOP -> HALTED on the drawdown limit.  HALTED, MAINTENANCE and EMERGENCY_STOP only leave by
     an operator's resume (see :func:`resume_state`).
     """
+    if (state is TradingState.ACTIVE and drawdown < limits.max_drawdown_frac
+            and daily_loss < limits.daily_loss_limit_frac):
+        return state, ()  # the per-candle common case
     if state is TradingState.EMERGENCY_STOP:
         return state, ()
     if drawdown >= limits.max_drawdown_frac and state is not TradingState.HALTED:

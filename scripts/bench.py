@@ -61,6 +61,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import orjson
 
 from alphapulse.store import _INSERT_DECISION, SCHEMA
@@ -700,6 +701,42 @@ def machine() -> dict[str, Any]:
             "platform": platform.platform(), "alphapulse": __version__}
 
 
+def backtest_throughput(reps: int, quick: bool) -> dict[str, Any]:
+    """Backtest candles/s (the engine's full per-candle path, no output files) against a bare loop of the same
+    ONNX call (Policy.decide) over the same observations; median of ``reps`` runs each, on the bundled candles."""
+    import gc
+
+    from alphapulse.backtest import run_backtest, select
+    from alphapulse.config import load_settings
+    from alphapulse.features import batch_market_features, observation
+    from alphapulse.market.replay import default_replay_file, load_candles
+    from alphapulse.policy import Policy, default_model_path
+
+    settings = load_settings(REPO / "config", env={})
+    cols = select(load_candles(default_replay_file()), None, None, BAR_MS)
+    if quick:
+        cols = {k: v[:20_000] for k, v in cols.items()}
+    n = len(cols["ts"])
+    policy = Policy.load(default_model_path())
+    policy.warmup(200)
+    market = batch_market_features(cols["open"], cols["high"], cols["low"], cols["close"], cols["volume"])
+    obs = [observation(row, 0.0, 0.0) for row in market[~np.isnan(market[:, 0])].tolist()]
+    bt, loop = [], []
+    for _ in range(reps):
+        gc.collect()
+        t0 = time.perf_counter()
+        run_backtest(policy, cols, settings, symbol="BTCUSDT", timeframe="5m")
+        bt.append(n / (time.perf_counter() - t0))
+        decide = policy.decide
+        t0 = time.perf_counter()
+        for x in obs:
+            decide(x, 0, "BTCUSDT")
+        loop.append(len(obs) / (time.perf_counter() - t0))
+    b, o = statistics.median(bt), statistics.median(loop)
+    return {"backtest_candles_per_s": round(b), "onnx_loop_per_s": round(o), "ratio": round(b / o, 3),
+            "candles": n, "runs_backtest": [round(x) for x in bt], "runs_onnx_loop": [round(x) for x in loop]}
+
+
 def targets(r: dict[str, Any]) -> dict[str, dict[str, Any]]:
     t = r["tick_to_order_us"]["p99"]
     rows = {
@@ -708,6 +745,7 @@ def targets(r: dict[str, Any]) -> dict[str, dict[str, Any]]:
         "ready_s": (r["ready_s"], TARGET_READY_S, r["ready_s"] < TARGET_READY_S, "s"),
         "rss_mb": (r["rss_mb"], TARGET_RSS_MB, r["rss_mb"] < TARGET_RSS_MB, "MB"),
         "rss_growth_mb": (r["rss_growth_mb"], TARGET_GROWTH_MB, r["rss_growth_mb"] <= TARGET_GROWTH_MB, "MB"),
+        "backtest_vs_onnx_loop": (r["backtest"]["ratio"], 0.5, r["backtest"]["ratio"] >= 0.5, "x onnx loop rate"),
     }
     return {k: {"value": v, "limit": lim, "unit": unit, "pass": bool(ok)} for k, (v, lim, ok, unit) in rows.items()}
 
@@ -750,6 +788,11 @@ def table(r: dict[str, Any]) -> str:
          verdict("rss_mb")),
         ("RSS growth 10% -> 100% of the replay", f"{r['rss_growth_mb']:+.2f} MB", "<= 5 MB", verdict("rss_growth_mb")),
         ("  peak RSS / replay throughput", f"{m['rss_peak_mb']:.1f} MB / {m['candles_per_s']:,} candles/s", "", ""),
+        (f"backtest, full per-candle path ({r['backtest']['candles']:,} candles, median of 3)",
+         f"{r['backtest']['backtest_candles_per_s']:,} /s", "", ""),
+        ("bare ONNX loop (Policy.decide) over the same observations", f"{r['backtest']['onnx_loop_per_s']:,} /s",
+         "", ""),
+        ("ratio backtest / ONNX loop", f"{r['backtest']['ratio']:.2f}x", ">= 0.5x", verdict("backtest_vs_onnx_loop")),
     ]
     w0 = max(len(x[0]) for x in lines)
     w1 = max(len(x[1]) for x in lines)
@@ -800,6 +843,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             shutil.rmtree(tmp / "inproc", ignore_errors=True)
         note(f"floor: ONNX call + WAL commit, {n_lat:,} candles, {reps} runs")
         floor = floor_reps(tmp, src.rows, n_lat, reps)
+        note(f"backtest throughput vs a bare ONNX loop, {reps} runs")
+        bt = backtest_throughput(reps, args.quick)
+        note(f"  {bt['backtest_candles_per_s']:,} candles/s vs {bt['onnx_loop_per_s']:,} decisions/s "
+             f"({bt['ratio']:.2f}x)")
         note(f"memory: real daemon, {n_mem:,} candles at max speed, RSS every 0.5 s")
         mem = memory_run(tmp, mem_file, n_mem)
         note(f"  RSS {mem['rss_mb']:.1f} MB at end, {mem['rss_growth_mb']:+.2f} MB since 10 %, "
@@ -818,6 +865,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "rss_mb": mem["rss_mb"],
         "rss_growth_mb": mem["rss_growth_mb"],
         "candles": lat["candles"],
+        "backtest": bt,
+        "backtest_candles_per_s": bt["backtest_candles_per_s"],
+        "onnx_loop_per_s": bt["onnx_loop_per_s"],
         "memory_candles": mem["candles"],
         "memory": mem,
         "data": {"source": str(src.path), "kind": src.kind, "rows": len(src.rows), "description": desc,

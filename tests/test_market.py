@@ -8,7 +8,6 @@ candles must be rejected and which must pass.
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import gzip
 import math
 import time
@@ -109,7 +108,7 @@ def test_every_reject_reason(real_lines: list[str], change: dict[str, float], re
     assert v.check(first) is None and v.check(second) is None
     base = real_candle(real_lines, 2)
     fields = {k: val for k, val in change.items() if k != "ts_delta"}
-    bad = dataclasses.replace(base, ts=base.ts + int(change.get("ts_delta", 0)), **fields)
+    bad = base._replace(ts=base.ts + int(change.get("ts_delta", 0)), **fields)
     assert v.check(bad) == reason
     assert reason in REJECT_REASONS
     assert v.rejected == Counter({reason: 1})

@@ -1,0 +1,237 @@
+"""Gymnasium environment that trades through the daemon's own engine.
+
+A policy trained on a simplified market model (fills at the close, no lot rounding, no risk limits) learns
+habits the daemon then punishes: trades that the risk checks reject, positions the lot size cannot hold,
+edges that fees eat.  So this environment simulates nothing itself.  Every step is the daemon's step, split
+in two around the agent's choice:
+
+1. ``Engine.observe(candle_t)`` - fills of the previous decision at this candle's open (with the configured
+   slippage and taker fee, :class:`~alphapulse.execution.paper.PaperBroker`), mark to market, the trading-state
+   machine (daily-loss REDUCE_ONLY, drawdown HALT), and the observation;
+2. the agent picks an action -> a :class:`~alphapulse.domain.Decision` ->
+   ``Engine.act(...)``: confidence threshold, risk checks, lot rounding, the order.
+
+Costs, limits, lot size and initial equity come from :class:`~alphapulse.config.Settings`
+(``config/trading_params.yaml``), the same values the daemon runs with.
+
+Features: each segment's market features are computed once by
+:func:`~alphapulse.features.batch_market_features` and replayed through
+:class:`~alphapulse.features.PrecomputedFeatures` (the streaming interface the engine calls).  Per candle that
+is an index instead of ~10 µs of Python arithmetic, and training makes millions of steps; the batch and
+streaming forms agree to 1e-9 (tests/test_features.py, and the env test compares against a streaming engine).
+Because a segment's features depend only on earlier candles of that segment, an episode can start anywhere
+after the warm-up without replaying it.
+
+Reward: ``log(equity_{t+1} / equity_t)`` - the decision at close *t* fills at the open of *t+1*, so this is
+exactly what the decision earned after costs - minus optional penalties on the increase in drawdown and on
+traded notional.  ``terminated`` when the engine HALTs (the drawdown limit: in production nothing trades
+until an operator resumes, so it is a true end of the episode); ``truncated`` at the end of the episode's
+window or of the segment (the market goes on, so PPO should bootstrap the value there, not treat it as 0).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from decimal import Decimal
+from typing import Any, SupportsFloat, cast
+
+import gymnasium as gym
+import numpy as np
+
+from alphapulse.config import Settings
+from alphapulse.domain import Candle, Decision, TradingState, timeframe_ms
+from alphapulse.engine import Engine, EngineConfig, StepResult
+from alphapulse.execution.paper import PaperBroker
+from alphapulse.features import OBS_SIZE, PrecomputedFeatures, StreamingFeatures
+from alphapulse.portfolio import Portfolio
+from alphapulse.training.data import Segment
+
+#: Target positions (fraction of the maximum position) of the discrete actions, in model output order.
+ACTION_TARGETS: tuple[float, ...] = (-1.0, -0.5, 0.0, 0.5, 1.0)
+ACTION_MEANINGS: tuple[str, ...] = ("short_full", "short_half", "flat", "long_half", "long_full")
+FLAT_ACTION = ACTION_TARGETS.index(0.0)
+#: Reward for a step that wipes out the account (log of a non-positive ratio is undefined).
+RUIN_REWARD = -10.0
+
+
+@dataclass(frozen=True)
+class EnvConfig:
+    """Episode shape and reward shaping; everything about money comes from :class:`Settings` instead."""
+
+    timeframe: str = "1h"
+    episode_length: int | None = 336  # decisions per episode; None: to the end of the segment
+    drawdown_penalty: float = 0.0  # per unit of increase in drawdown from peak equity
+    turnover_penalty: float = 0.0  # per unit of traded notional / equity
+
+    def __post_init__(self) -> None:
+        timeframe_ms(self.timeframe)
+        if self.episode_length is not None and self.episode_length < 1:
+            raise ValueError(f"episode_length must be >= 1 or None, got {self.episode_length}")
+        if self.drawdown_penalty < 0 or self.turnover_penalty < 0:
+            raise ValueError("reward penalties must be >= 0")
+
+
+class _NoPolicy:
+    """The engine's own policy is never called: the agent decides between observe() and act()."""
+
+    def decide(self, obs: Sequence[float], candle_ts: int, symbol: str) -> Decision:
+        raise RuntimeError("TradingEnv drives Engine.observe/act directly; Engine.step must not be used")
+
+
+def action_decision(action: int, candle_ts: int, symbol: str) -> Decision:
+    """The agent's discrete action as the daemon's Decision: one-hot probabilities, full confidence."""
+    probs = tuple(1.0 if i == action else 0.0 for i in range(len(ACTION_TARGETS)))
+    return Decision(candle_ts, symbol, probs, action, ACTION_TARGETS[action], 1.0, 0.0)
+
+
+def build_engine(segment: Segment, settings: Settings, bar_ms: int, features: StreamingFeatures) -> Engine:
+    """A fresh engine for one episode: a new portfolio and paper broker with the configured costs."""
+    cfg = EngineConfig(segment.symbol, bar_ms, settings.lot_size, settings.confidence_threshold, settings.risk)
+    broker = PaperBroker(settings.taker_fee, settings.slippage_bps)
+    portfolio = Portfolio.new(segment.symbol, settings.initial_equity)
+    return Engine(cfg, _NoPolicy(), broker, portfolio, features=features)
+
+
+class TradingEnv(gym.Env[np.ndarray, np.int64]):
+    """Episodes over one or more segments (pairs x contiguous runs); see the module docstring.
+
+    ``reset(options={"segment": i, "start": s, "length": n})`` pins an episode (evaluation, tests); without
+    options the segment and start are drawn from ``self.np_random`` with every admissible start equally
+    likely, so longer segments are sampled proportionally more often.
+    """
+
+    metadata: dict[str, Any] = {"render_modes": []}  # noqa: RUF012 - gymnasium's class attribute
+
+    def __init__(self, segments: Sequence[Segment], settings: Settings, cfg: EnvConfig | None = None) -> None:
+        super().__init__()
+        self.cfg = cfg or EnvConfig()
+        self.settings = settings
+        self.bar_ms = timeframe_ms(self.cfg.timeframe)
+        self.segments = list(segments)
+        if not self.segments:
+            raise ValueError("TradingEnv needs at least one segment")
+        self.action_space = gym.spaces.Discrete(len(ACTION_TARGETS))
+        self.observation_space = gym.spaces.Box(-np.inf, np.inf, shape=(OBS_SIZE,), dtype=np.float32)
+        self._weights = self._start_weights()
+        self.engine: Engine | None = None
+        self.segment: Segment = self.segments[0]
+        self.t = 0  # index in the segment of the candle whose close the agent is deciding at
+        self.end = 0  # index of the last candle of the episode (no decision is taken there)
+        self.steps = 0
+        self._res: StepResult | None = None
+        self._equity = 0.0
+        self._drawdown = 0.0
+
+    # ---- episode sampling ---------------------------------------------------------------------
+    def _length(self, length: int | None) -> int | None:
+        return self.cfg.episode_length if length is None else length
+
+    def _start_weights(self) -> np.ndarray:
+        n = self.cfg.episode_length or 1
+        starts = np.array([max(0, len(s) - n - s.first_obs_index) for s in self.segments], dtype=np.float64)
+        if starts.sum() <= 0:
+            raise ValueError(f"no segment is long enough for warm-up plus an episode of {n} bars")
+        return starts / starts.sum()
+
+    def _sample_start(self) -> tuple[int, int]:
+        i = int(self.np_random.choice(len(self.segments), p=self._weights))
+        seg = self.segments[i]
+        n = self.cfg.episode_length or 1
+        hi = len(seg) - n  # exclusive: start + n must still be a candle of the segment
+        return i, int(self.np_random.integers(seg.first_obs_index, hi))
+
+    # ---- gymnasium API ------------------------------------------------------------------------
+    def reset(
+        self, *, seed: int | None = None, options: dict[str, Any] | None = None
+    ) -> tuple[np.ndarray, dict[str, Any]]:
+        super().reset(seed=seed)
+        opts = options or {}
+        if "segment" in opts:
+            index = int(opts["segment"])
+            seg = self.segments[index]
+            start = int(opts.get("start", seg.first_obs_index))
+        else:
+            index, start = self._sample_start()
+            seg = self.segments[index]
+        if not seg.first_obs_index <= start < len(seg) - 1:
+            raise ValueError(f"start {start} outside [{seg.first_obs_index}, {len(seg) - 1}) for {seg.describe()}")
+        length = self._length(opts.get("length"))
+        self.segment = seg
+        self.end = len(seg) - 1 if length is None else min(start + length, len(seg) - 1)
+        self.t = start
+        self.steps = 0
+        # The engine sees this episode's candles only; rows start..end of the segment's precomputed features.
+        features = cast(StreamingFeatures, PrecomputedFeatures(seg.features[start : self.end + 1]))
+        self.engine = build_engine(seg, self.settings, self.bar_ms, features)
+        res, obs = self.engine.observe(seg.candle(start))
+        if obs is None:  # cannot happen for start >= first_obs_index; guards a broken segment
+            raise RuntimeError(f"no observation at bar {start} of {seg.describe()}")
+        self._res = res
+        self._equity = float(self.engine.portfolio.equity)
+        self._drawdown = self.engine.portfolio.drawdown
+        return self._obs(obs), self._info(res, 0.0, 0.0)
+
+    def step(self, action: int | np.integer[Any]) -> tuple[np.ndarray, SupportsFloat, bool, bool, dict[str, Any]]:
+        a = int(action)
+        if not 0 <= a < len(ACTION_TARGETS):
+            raise ValueError(f"action must be in [0, {len(ACTION_TARGETS)}), got {action!r}")
+        return self.step_decision(action_decision(a, int(self.segment.ts[self.t]), self.segment.symbol))
+
+    def step_decision(self, decision: Decision) -> tuple[np.ndarray, float, bool, bool, dict[str, Any]]:
+        """One step with a ready-made Decision (evaluation passes the model's real probabilities and
+        confidence here, so the engine's confidence threshold applies exactly as in the daemon)."""
+        engine, res = self.engine, self._res
+        if engine is None or res is None:
+            raise RuntimeError("call reset() before step()")
+        if self.t >= self.end:
+            raise RuntimeError("episode is over; call reset()")
+        engine.act(res, decision, self.segment.candle(self.t))
+        self.t += 1
+        self.steps += 1
+        res, obs = engine.observe(self.segment.candle(self.t))
+        if obs is None:
+            raise RuntimeError(f"no observation at bar {self.t} of {self.segment.describe()}")
+        self._res = res
+        pf = engine.portfolio
+        equity = float(pf.equity)
+        traded = float(sum((f.qty * f.price for f in res.fills), Decimal(0)))
+        turnover = traded / self._equity if self._equity > 0 else 0.0
+        if equity > 0 and self._equity > 0:
+            log_ret = math.log(equity / self._equity)
+            reward = log_ret
+        else:
+            log_ret = reward = RUIN_REWARD
+        drawdown = pf.drawdown
+        reward -= self.cfg.drawdown_penalty * max(0.0, drawdown - self._drawdown)
+        reward -= self.cfg.turnover_penalty * turnover
+        self._equity, self._drawdown = equity, drawdown
+        terminated = engine.state is TradingState.HALTED or equity <= 0
+        truncated = not terminated and self.t >= self.end
+        return self._obs(obs), float(reward), terminated, truncated, self._info(res, log_ret, turnover)
+
+    # ---- helpers ------------------------------------------------------------------------------
+    @staticmethod
+    def _obs(obs: Sequence[float]) -> np.ndarray:
+        arr = np.asarray(obs, dtype=np.float32)
+        if not np.all(np.isfinite(arr)):
+            raise ValueError(f"non-finite observation {arr.tolist()}")
+        return arr
+
+    def _info(self, res: StepResult, log_ret: float, turnover: float) -> dict[str, Any]:
+        assert self.engine is not None
+        pf = self.engine.portfolio
+        return {
+            "pair": self.segment.pair,
+            "ts": int(self.segment.ts[self.t]),
+            "equity": self._equity,
+            "log_return": log_ret,
+            "turnover": turnover,
+            "fills": len(res.fills),
+            "position_qty": float(pf.position.qty),
+            "state": self.engine.state.value,
+        }
+
+    def current_candle(self) -> Candle:
+        return self.segment.candle(self.t)
