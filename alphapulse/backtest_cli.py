@@ -35,7 +35,7 @@ def backtest_main(argv: Sequence[str] | None = None) -> int:
     try:
         settings = load_settings()
         policy = Policy.load(args.model or default_model_path())
-        data = args.data or default_replay_file()
+        data = args.data or default_replay_file(policy.meta.timeframe or settings.timeframe)
         cols = load_candles(data)
         symbol, timeframe = infer_market(data, cols["ts"])
         if policy.meta.timeframe and policy.meta.timeframe != timeframe:

@@ -28,6 +28,7 @@ from alphapulse.engine import Engine, EngineConfig, StepResult
 from alphapulse.execution.paper import PaperBroker
 from alphapulse.features import WARMUP_BARS, StreamingFeatures
 from alphapulse.log import get_logger, register_secrets
+from alphapulse.market.feed import FeedError
 from alphapulse.market.replay import ReplayFeed, default_replay_file
 from alphapulse.market.validate import CandleValidator
 from alphapulse.metrics import LatencyHistogram
@@ -201,9 +202,12 @@ class Daemon:
             log.warning("operator files were behind the database (crash between commit and append); restored",
                         **added)
 
-        replay = s.replay_file or default_replay_file()
-        self.feed = ReplayFeed(replay, s.symbol, s.timeframe, s.replay_speed, start_after_ts=last_ts)
-        await self.feed.open()
+        try:
+            replay = s.replay_file or default_replay_file(s.timeframe)
+            self.feed = ReplayFeed(replay, s.symbol, s.timeframe, s.replay_speed, start_after_ts=last_ts)
+            await self.feed.open()
+        except FeedError as e:
+            raise ConfigError("config.yaml", "feed.replay_file", str(e)) from None
         if last_ts is not None:
             history = self.feed.history(last_ts + 1, WARMUP_BARS)
             self.engine.features.warmup(history)

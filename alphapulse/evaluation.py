@@ -49,7 +49,7 @@ def default_data_file(timeframe: str) -> Path:
 
 def _test_split(policy: Policy) -> tuple[int | None, int | None]:
     """The model's test split from its metadata, if it records one."""
-    raw = policy.meta.extra.get("alphapulse.splits")
+    raw = policy.meta.extra.get("alphapulse.data_split")
     if not raw:
         return None, None
     try:

@@ -8,7 +8,6 @@ from __future__ import annotations
 import gzip
 import json
 import os
-import shutil
 import signal
 import socket
 import subprocess
@@ -23,6 +22,7 @@ import yaml
 
 REPO = Path(__file__).resolve().parent.parent
 BUNDLED = REPO / "alphapulse" / "data" / "BTC_USDT_USDT-5m.csv.gz"
+BASELINE_MODEL = REPO / "alphapulse" / "models" / "baseline_momentum.onnx"
 
 
 def free_port() -> int:
@@ -49,15 +49,21 @@ def slice_bundled(dest: Path, n: int, start: int = 0) -> Path:
 class DaemonProc:
     def __init__(self, root: Path, *, replay_file: Path | None = None, speed: str = "max",
                  service: dict[str, Any] | None = None, env: dict[str, str] | None = None,
-                 watchdog_usec: int | None = None, args: tuple[str, ...] = ()) -> None:
+                 watchdog_usec: int | None = None, args: tuple[str, ...] = (),
+                 trading: dict[str, Any] | None = None) -> None:
+        """A daemon on the 5m baseline model and 5m candles unless told otherwise: the process tests are
+        about plumbing, and the 70k bundled 5m candles give them plenty of real data to slice."""
         self.root = root
         self.data_dir = root / "data"
         self.log_dir = root / "log"
         self.config_dir = root / "config"
         self.port = free_port()
         self.config_dir.mkdir(parents=True, exist_ok=True)
-        shutil.copy(REPO / "config" / "trading_params.yaml", self.config_dir / "trading_params.yaml")
+        params = yaml.safe_load((REPO / "config" / "trading_params.yaml").read_text())
+        params.update({"timeframe": "5m", **(trading or {})})
+        (self.config_dir / "trading_params.yaml").write_text(yaml.safe_dump(params))
         base = yaml.safe_load((REPO / "config" / "config.yaml").read_text())
+        base.setdefault("model", {})["path"] = str(BASELINE_MODEL)
         for section, values in (service or {}).items():
             if isinstance(values, dict):
                 base.setdefault(section, {}).update(values)

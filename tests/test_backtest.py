@@ -19,7 +19,7 @@ from alphapulse.config import load_settings
 from alphapulse.evaluation import METRIC_KEYS, evaluate, validate_model
 from alphapulse.market.replay import load_candles
 from alphapulse.policy import Policy, default_model_path
-from tests.daemon_harness import REPO, DaemonProc, clean_env, slice_bundled
+from tests.daemon_harness import BASELINE_MODEL, REPO, DaemonProc, clean_env, slice_bundled
 from tests.test_policy import good_metadata, write_model
 
 N = 6_000
@@ -37,6 +37,9 @@ def settings():  # type: ignore[no-untyped-def]
 
 
 def _cli(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
+    """``alphapulse <args>`` with the 5m baseline model (these tests slice the bundled 5m candles)."""
+    if args[0] in ("backtest", "evaluate") and "--model" not in args and "--validate" not in args:
+        args = (args[0], "--model", str(BASELINE_MODEL), *args[1:])
     env = clean_env() | {"ALPHAPULSE_CONFIG_DIR": str(REPO / "config")}
     return subprocess.run([sys.executable, "-m", "alphapulse", *args], capture_output=True, text=True, env=env,
                           cwd=cwd, timeout=300, stdin=subprocess.DEVNULL)
@@ -166,7 +169,7 @@ def test_evaluate_json_has_every_strategy_and_metric(replay: Path) -> None:
 
 
 def test_evaluate_matches_a_direct_backtest(replay: Path, settings) -> None:  # type: ignore[no-untyped-def]
-    policy = Policy.load(default_model_path())
+    policy = Policy.load(BASELINE_MODEL)
     out = evaluate(policy, replay, settings)
     cols = select(load_candles(replay), None, None, 300_000)
     direct = run_backtest(ConstantTarget(1.0), cols, settings, symbol="BTCUSDT", timeframe="5m")

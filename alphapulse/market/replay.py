@@ -41,7 +41,6 @@ HEADER: tuple[str, ...] = ("timestamp", "open", "high", "low", "close", "volume"
 
 DEFAULT_REPLAY_SYMBOL = "BTCUSDT"
 DEFAULT_REPLAY_TIMEFRAME = "5m"
-_DEFAULT_REPLAY_NAME = "BTC_USDT_USDT-5m.csv.gz"
 
 _GZIP_MAGIC = b"\x1f\x8b"
 # Timestamps pass through float64 on the fast path; beyond 2**53 ms they would lose precision.
@@ -53,9 +52,13 @@ _YIELD_EVERY = 64
 _CHUNK_ROWS = 4096
 
 
-def default_replay_file() -> Path:
-    """The bundled replay file: 70,272 real BTCUSDT perpetual 5m candles (symbol "BTCUSDT", "5m")."""
-    return Path(__file__).resolve().parent.parent / "data" / _DEFAULT_REPLAY_NAME
+def default_replay_file(timeframe: str = DEFAULT_REPLAY_TIMEFRAME) -> Path:
+    """The bundled replay file of ``timeframe``: real BTCUSDT perpetual candles 2024-12-31 .. 2025-08-31
+    (5m: 70,272 candles; 1h: 5,856). :class:`FeedError` when none is bundled for that timeframe."""
+    path = Path(__file__).resolve().parent.parent / "data" / f"BTC_USDT_USDT-{timeframe}.csv.gz"
+    if not path.is_file():
+        raise FeedError(f"{path}: no bundled replay for timeframe {timeframe}; set ALPHAPULSE_REPLAY_FILE")
+    return path
 
 
 @dataclass(frozen=True)
