@@ -9,6 +9,7 @@ problem it finds.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -60,7 +61,8 @@ def _test_split(policy: Policy) -> tuple[int | None, int | None]:
 
 
 def evaluate(policy: Policy, data: Path, settings: Settings, *, period: str = "all", quick: bool = False,
-             use_test_split: bool = False) -> dict[str, Any]:
+             use_test_split: bool = False, start_ms: int | None = None, end_ms: int | None = None
+             ) -> dict[str, Any]:
     """Run the policy and the baselines over the same candles; returns the JSON-ready result."""
     try:
         cols = load_candles(data)
@@ -72,10 +74,11 @@ def evaluate(policy: Policy, data: Path, settings: Settings, *, period: str = "a
                               f"{policy.meta.timeframe}; pass a {policy.meta.timeframe} file")
     bar_ms = TIMEFRAME_MS[timeframe]
     cols = select(cols, None, None, bar_ms)
-    start, end = _test_split(policy) if use_test_split else (None, None)
-    if start is not None:
-        keep = (cols["ts"] >= start) & (cols["ts"] < end if end is not None else True)
-        if keep.sum() > WARMUP_BARS * 2:
+    start, end = _test_split(policy) if use_test_split else (start_ms, end_ms)
+    if start is not None or end is not None:
+        lo = -(2**62) if start is None else start - (WARMUP_BARS - 1) * bar_ms  # warm up before the period
+        keep = (cols["ts"] >= lo) & (cols["ts"] < (end if end is not None else 2**62))
+        if keep.sum() > WARMUP_BARS * 2 or not use_test_split:
             cols = {k: v[keep] for k, v in cols.items()}
     span = PERIODS[period]
     if span is not None and len(cols["ts"]):
@@ -88,9 +91,14 @@ def evaluate(policy: Policy, data: Path, settings: Settings, *, period: str = "a
                               f"{WARMUP_BARS}")
     strategies: dict[str, Any] = {}
     first = WARMUP_BARS - 1  # the first bar with a decision: metrics cover the decided bars only
+    # The policy trades under the daemon's limits (that is what would happen); the baselines are the plain
+    # strategies: same candles, costs and position size, but no daily-loss or drawdown halt, which would
+    # otherwise stop buy-and-hold at its first 12 % dip and flatter the comparison.
+    plain = dataclasses.replace(settings, risk=dataclasses.replace(
+        settings.risk, daily_loss_limit_frac=1.0, max_drawdown_frac=1.0))
     runs: dict[str, Any] = {"policy": policy, **baselines()}
     for name, strat in runs.items():
-        res = run_backtest(strat, cols, settings, symbol=symbol, timeframe=timeframe)
+        res = run_backtest(strat, cols, settings if name == "policy" else plain, symbol=symbol, timeframe=timeframe)
         m = summarize(res.equity[first:], res.position[first:], res.fills, bar_ms)
         strategies[name] = {k: m[k] for k in METRIC_KEYS} | {"final_equity": float(res.final_equity)}
     return {
@@ -101,7 +109,8 @@ def evaluate(policy: Policy, data: Path, settings: Settings, *, period: str = "a
                   "training_data_range": policy.meta.training_data_range},
         "costs": {"taker_fee": float(settings.taker_fee), "slippage_bps": float(settings.slippage_bps),
                   "max_position_pct": settings.risk.max_position_frac * 100,
-                  "confidence_threshold": settings.confidence_threshold},
+                  "confidence_threshold": settings.confidence_threshold,
+                  "policy_limits": "daemon's (daily loss, drawdown halt)", "baseline_limits": "no halts"},
         "strategies": strategies,
     }
 
@@ -111,7 +120,8 @@ def format_table(result: dict[str, Any]) -> str:
     lines = [f"{d['symbol']} {d['timeframe']}  {d['from']} -> {d['to']}  ({d['candles']} candles)  "
              f"model {result['model']['version']}",
              f"costs: taker fee {result['costs']['taker_fee'] * 100:.3f}%, slippage {result['costs']['slippage_bps']}"
-             f" bps; max position {result['costs']['max_position_pct']:.0f}% of equity", ""]
+             f" bps; max position {result['costs']['max_position_pct']:.0f}% of equity; the policy trades under the "
+             "daemon's risk limits, the baselines without halts", ""]
     head = f"{'strategy':<15}{'return':>9}{'sharpe':>8}{'sortino':>9}{'max dd':>8}{'calmar':>8}{'win':>7}" \
            f"{'pf':>7}{'trades':>8}{'expo':>7}{'turn':>8}{'fees':>10}"
     lines += [head, "-" * len(head)]
@@ -173,6 +183,8 @@ def evaluate_main(argv: Sequence[str] | None = None, settings: Settings | None =
     p.add_argument("--data", type=Path, help="candle file in the shared/data format (default: the model's test "
                    "split of the bundled candles)")
     p.add_argument("--period", choices=tuple(PERIODS), default="all", help="keep the last 7 or 30 days")
+    p.add_argument("--from", dest="start", help="first bar to evaluate (ISO date/time, UTC)")
+    p.add_argument("--to", dest="end", help="end of the evaluated period, exclusive (ISO date/time, UTC)")
     p.add_argument("--quick", action="store_true", help=f"at most the last {QUICK_BARS} candles")
     p.add_argument("--validate", action="store_true", help="check the model file and exit")
     p.add_argument("--json", action="store_true", help="print one JSON object")
@@ -192,8 +204,11 @@ def evaluate_main(argv: Sequence[str] | None = None, settings: Settings | None =
         settings = settings or load_settings()
         policy = Policy.load(model)
         data = args.data or default_data_file(policy.meta.timeframe)
+        start = parse_time(args.start, "--from") if args.start else None
+        end = parse_time(args.end, "--to") if args.end else None
         result = evaluate(policy, data, settings, period=args.period, quick=args.quick,
-                          use_test_split=args.data is None)
+                          use_test_split=args.data is None and start is None and end is None,
+                          start_ms=start, end_ms=end)
     except ConfigError as e:
         print(f"alphapulse: config error: {e}", file=sys.stderr)
         return 78

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import dataclasses
 import gzip
 import json
 import subprocess
@@ -172,8 +173,13 @@ def test_evaluate_matches_a_direct_backtest(replay: Path, settings) -> None:  # 
     policy = Policy.load(BASELINE_MODEL)
     out = evaluate(policy, replay, settings)
     cols = select(load_candles(replay), None, None, 300_000)
-    direct = run_backtest(ConstantTarget(1.0), cols, settings, symbol="BTCUSDT", timeframe="5m")
+    # baselines are the plain strategies: the daemon's costs and position size, but no halts
+    plain = dataclasses.replace(settings, risk=dataclasses.replace(settings.risk, daily_loss_limit_frac=1.0,
+                                                                  max_drawdown_frac=1.0))
+    direct = run_backtest(ConstantTarget(1.0), cols, plain, symbol="BTCUSDT", timeframe="5m")
     assert out["strategies"]["buy_and_hold"]["final_equity"] == float(direct.final_equity)
+    halted = run_backtest(policy, cols, settings, symbol="BTCUSDT", timeframe="5m")
+    assert out["strategies"]["policy"]["final_equity"] == float(halted.final_equity), "policy: daemon limits"
     assert out["strategies"]["buy_and_hold"]["fees"] == pytest.approx(float(direct.fees))
 
 
