@@ -163,8 +163,9 @@ class Engine:
         cfg, pf = self.cfg, self.portfolio
         close_ms = candle.ts + cfg.bar_ms
         res = StepResult(candle.ts)
-        for fill in self.broker.on_candle(candle):
-            res.fills.append(pf.apply_fill(fill))
+        fills = self.broker.on_candle(candle)
+        if fills:
+            res.fills.extend(pf.apply_fill(f) for f in fills)
         self._price = Decimal(repr(candle.close))
         rolled = pf.mark(self._price, close_ms)
         self.last_candle_ts = candle.ts
@@ -173,8 +174,8 @@ class Engine:
         new_state, alerts = next_state(self.state, daily_loss=pf.daily_loss_at(equity),
                                        drawdown=pf.drawdown_at(equity), day_rolled=rolled, limits=cfg.limits,
                                        now_ms=close_ms)
-        res.alerts.extend(alerts)
         if new_state is not self.state:
+            res.alerts.extend(alerts)
             was = self.state
             self._set_state(new_state, alerts[0].limit if alerts else "new_utc_day", res, close_ms)
             if new_state is TradingState.HALTED and was is not TradingState.HALTED and cfg.limits.flatten_on_halt:

@@ -95,9 +95,18 @@ class ModelMeta:
         return self.extra.get("alphapulse.created", "")
 
 
+MODELS_DIR = Path(__file__).resolve().parent / "models"
+DEFAULT_MODEL_NAME = "baseline_momentum.onnx"
+
+
 def default_model_path() -> Path:
-    """The model shipped inside the package; a file next to this module, so it works from a checkout or a wheel."""
-    return Path(__file__).resolve().parent / "models" / "baseline_momentum.onnx"
+    """The model the daemon trades with by default; shipped inside the package (works from a checkout or a wheel)."""
+    return MODELS_DIR / DEFAULT_MODEL_NAME
+
+
+def baseline_model_path() -> Path:
+    """The hand-set 5m momentum baseline: the model contract's reference, used by the plumbing tests."""
+    return MODELS_DIR / "baseline_momentum.onnx"
 
 
 def _session_options() -> ort.SessionOptions:

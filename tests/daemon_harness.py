@@ -20,9 +20,11 @@ from typing import Any
 
 import yaml
 
+from alphapulse.policy import baseline_model_path
+
 REPO = Path(__file__).resolve().parent.parent
 BUNDLED = REPO / "alphapulse" / "data" / "BTC_USDT_USDT-5m.csv.gz"
-BASELINE_MODEL = REPO / "alphapulse" / "models" / "baseline_momentum.onnx"
+BASELINE_MODEL = baseline_model_path()
 
 
 def free_port() -> int:

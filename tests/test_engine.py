@@ -22,7 +22,7 @@ from alphapulse.domain import Candle, Decision, Fill, Order, RiskAlert, Side, Tr
 from alphapulse.engine import Engine, EngineConfig, StateConflict, StepResult
 from alphapulse.execution.paper import PaperBroker
 from alphapulse.features import WARMUP_BARS, StreamingFeatures
-from alphapulse.policy import Policy, default_model_path
+from alphapulse.policy import Policy, baseline_model_path
 from alphapulse.portfolio import Portfolio, utc_day
 from alphapulse.risk import RiskLimits, target_qty
 from alphapulse.store import Store
@@ -40,7 +40,7 @@ def settings(repo_dir: Path) -> Settings:
 
 @pytest.fixture(scope="module")
 def shipped_policy() -> Policy:
-    return Policy.load(default_model_path())
+    return Policy.load(baseline_model_path())
 
 
 class ScriptPolicy:
@@ -560,7 +560,7 @@ def _persist(store: Store, eng: Engine, res: StepResult) -> None:
 def test_store_round_trip_and_restart_equivalence(tmp_path: Path, settings: Settings,
                                                   btc_candles: list[Candle]) -> None:
     candles = btc_candles[10_000:13_000]
-    eng = make_engine(settings, Policy.load(default_model_path()))
+    eng = make_engine(settings, Policy.load(baseline_model_path()))
     store = Store(tmp_path)
     stop = None
     for i, c in enumerate(candles):
@@ -591,7 +591,7 @@ def test_store_round_trip_and_restart_equivalence(tmp_path: Path, settings: Sett
     feats.warmup(candles[: stop + 1])
     cfg = EngineConfig(settings.symbol, settings.bar_ms, settings.lot_size, settings.confidence_threshold,
                        settings.risk)
-    twin = Engine(cfg, Policy.load(default_model_path()), broker, Portfolio.restore(st.portfolio),
+    twin = Engine(cfg, Policy.load(baseline_model_path()), broker, Portfolio.restore(st.portfolio),
                   TradingState(st.trading_state), feats, st.last_candle_ts)
     for c in candles[stop + 1: stop + 400]:
         a, b = eng.step(c), twin.step(c)

@@ -24,7 +24,7 @@ import pytest
 
 from alphapulse.domain import Decision
 from alphapulse.features import FEATURE_NAMES, batch_market_features, observation
-from alphapulse.policy import ModelError, ModelMeta, Policy, default_model_path, read_model_meta
+from alphapulse.policy import ModelError, ModelMeta, Policy, baseline_model_path, read_model_meta
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA_FILE = ROOT / "alphapulse" / "data" / "BTC_USDT_USDT-5m.csv.gz"
@@ -62,7 +62,7 @@ def real_obs(market: np.ndarray) -> np.ndarray:
 
 @pytest.fixture(scope="module")
 def policy() -> Iterator[Policy]:
-    p = Policy.load(default_model_path())
+    p = Policy.load(baseline_model_path())
     p.warmup(50)
     yield p
 
@@ -151,7 +151,7 @@ def assert_clean_model_error(excinfo: pytest.ExceptionInfo[ModelError], path: Pa
 
 
 def test_shipped_model_metadata(policy: Policy) -> None:
-    path = default_model_path()
+    path = baseline_model_path()
     assert path.is_file() and path.name == "baseline_momentum.onnx"
     assert path.stat().st_size < 20_000
     meta = read_model_meta(path)
@@ -197,7 +197,7 @@ def test_decide_is_deterministic(policy: Policy, real_obs: np.ndarray) -> None:
     assert [d.probabilities for d in first] == [d.probabilities for d in second]
     assert [d.action for d in first] == [d.action for d in second]
     # And a second, independently loaded session agrees bit for bit.
-    other = Policy.load(default_model_path())
+    other = Policy.load(baseline_model_path())
     assert [other.decide(r.tolist(), 0, "BTC").probabilities for r in real_obs[:200]] == [
         d.probabilities for d in first
     ]
@@ -218,7 +218,7 @@ def test_predict_batch_matches_decide_row_by_row(policy: Policy, real_obs: np.nd
 
 
 def test_both_inference_paths_agree(real_obs: np.ndarray) -> None:
-    p = Policy.load(default_model_path())
+    p = Policy.load(baseline_model_path())
     p.warmup(20)
     assert p.binding_mode in ("iobinding", "run")
     assert set(p.timings_us) == {"iobinding", "run"} and all(t > 0 for t in p.timings_us.values())
@@ -262,7 +262,7 @@ def test_predict_batch_shapes(policy: Policy, real_obs: np.ndarray) -> None:
 
 def test_baseline_trades_rarely_on_real_data(market: np.ndarray) -> None:
     """With threshold 0.6 the baseline is confident on 2-10% of bars and mostly flat otherwise."""
-    stats = _load_build_script().replay_stats(default_model_path(), market)
+    stats = _load_build_script().replay_stats(baseline_model_path(), market)
     assert 0.02 <= stats["confident_frac"] <= 0.10, stats
     assert stats["flat_argmax_frac"] >= 0.5, stats
     assert 0.5 <= stats["trades_per_day"] <= 20.0, stats
@@ -272,7 +272,7 @@ def test_baseline_trades_rarely_on_real_data(market: np.ndarray) -> None:
 def test_shipped_model_is_a_fresh_build() -> None:
     _onnx()
     script = _load_build_script()
-    assert script.model_bytes() == default_model_path().read_bytes()
+    assert script.model_bytes() == baseline_model_path().read_bytes()
     assert script.model_bytes() == script.model_bytes()
 
 
@@ -297,8 +297,8 @@ def test_metadata_round_trip(tmp_path: Path) -> None:
         extra={"alphapulse.created": "2026-01-01T00:00:00Z", "alphapulse.note": "built by tests/test_policy.py"},
     )
     # And the shipped model's parsed metadata matches what the onnx package reads from the file.
-    raw = {p.key: p.value for p in onnx.load(str(default_model_path())).metadata_props}
-    shipped = read_model_meta(default_model_path())
+    raw = {p.key: p.value for p in onnx.load(str(baseline_model_path())).metadata_props}
+    shipped = read_model_meta(baseline_model_path())
     assert json.loads(raw["alphapulse.feature_names"]) == list(shipped.feature_names)
     assert json.loads(raw["alphapulse.action_targets"]) == list(shipped.action_targets)
     assert raw["alphapulse.kind"] == shipped.kind and raw["alphapulse.version"] == shipped.version
@@ -418,7 +418,7 @@ def test_corrupt_file_is_refused(tmp_path: Path) -> None:
 
 def test_truncated_shipped_model_is_refused(tmp_path: Path) -> None:
     path = tmp_path / "truncated.onnx"
-    path.write_bytes(default_model_path().read_bytes()[:500])
+    path.write_bytes(baseline_model_path().read_bytes()[:500])
     with pytest.raises(ModelError) as ei:
         Policy.load(path)
     assert_clean_model_error(ei, path)
