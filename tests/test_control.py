@@ -150,3 +150,37 @@ def test_debug_endpoints_absent_unless_fault_injection(daemon: DaemonProc) -> No
     t0 = time.monotonic()
     assert daemon.http("GET", "/health")[0] == 200
     assert time.monotonic() - t0 < 1.0
+
+
+def test_generated_token_is_private_and_only_its_path_is_logged(daemon: DaemonProc) -> None:
+    path = daemon.data_dir / "control_token"
+    assert path.stat().st_mode & 0o777 == 0o600
+    token = daemon.token()
+    assert len(token) >= 32
+    logs = daemon.stderr() + "".join(p.read_text() for p in daemon.log_dir.glob("alphapulse_*.log"))
+    assert str(path) in logs and token not in logs
+
+
+def test_ctl_command_talks_to_the_daemon(daemon: DaemonProc) -> None:
+    import json
+    import subprocess
+    import sys
+
+    env = daemon.env.copy()
+    env.pop("NOTIFY_SOCKET", None)
+
+    def ctl(action: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "alphapulse", "ctl", action], env=env, capture_output=True,
+                              text=True, timeout=60)
+
+    r = ctl("health")
+    assert r.returncode == 0 and json.loads(r.stdout)["status"] == "ok", r.stderr
+    r = ctl("maintenance_mode")  # reads the token file from the data directory by itself
+    assert r.returncode == 0 and json.loads(r.stdout)["state"] == "MAINTENANCE", r.stderr
+    r = ctl("resume_trading")
+    assert r.returncode == 0 and json.loads(r.stdout)["state"] == "ACTIVE", r.stderr
+    bad = env | {"ALPHAPULSE_CONTROL_TOKEN": "not-the-token"}
+    r = subprocess.run([sys.executable, "-m", "alphapulse", "ctl", "emergency_stop"], env=bad, capture_output=True,
+                       text=True, timeout=60)
+    assert r.returncode == 1 and "wrong bearer token" in r.stderr, (r.stdout, r.stderr)
+    assert daemon.metrics()["trading"]["state"] == "ACTIVE"

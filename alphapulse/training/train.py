@@ -523,7 +523,7 @@ def _summary_lines(res: TrainingResult) -> list[str]:
 
 def train_main(argv: list[str] | None = None) -> int:
     """CLI entry point; returns the process exit status (0 ok, 2 bad config/data, 1 export refused)."""
-    ap = argparse.ArgumentParser(prog="python -m alphapulse.training.train", description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(prog="alphapulse train", description=__doc__.splitlines()[0])
     ap.add_argument("--config", default="quick", help="profile in the training config: quick | production")
     ap.add_argument("--config-file", type=Path, default=DEFAULT_CONFIG, help="training config YAML")
     ap.add_argument("--out", type=Path, help="model path (default: <output_dir>/models/<version>.onnx)")
