@@ -52,7 +52,7 @@ class DaemonProc:
     def __init__(self, root: Path, *, replay_file: Path | None = None, speed: str = "max",
                  service: dict[str, Any] | None = None, env: dict[str, str] | None = None,
                  watchdog_usec: int | None = None, args: tuple[str, ...] = (),
-                 trading: dict[str, Any] | None = None) -> None:
+                 trading: dict[str, Any] | None = None, shipped_defaults: bool = False) -> None:
         """A daemon on the 5m baseline model and 5m candles unless told otherwise: the process tests are
         about plumbing, and the 70k bundled 5m candles give them plenty of real data to slice."""
         self.root = root
@@ -62,10 +62,13 @@ class DaemonProc:
         self.port = free_port()
         self.config_dir.mkdir(parents=True, exist_ok=True)
         params = yaml.safe_load((REPO / "config" / "trading_params.yaml").read_text())
-        params.update({"timeframe": "5m", **(trading or {})})
+        if not shipped_defaults:
+            params.update({"timeframe": "5m"})
+        params.update(trading or {})
         (self.config_dir / "trading_params.yaml").write_text(yaml.safe_dump(params))
         base = yaml.safe_load((REPO / "config" / "config.yaml").read_text())
-        base.setdefault("model", {})["path"] = str(BASELINE_MODEL)
+        if not shipped_defaults:
+            base.setdefault("model", {})["path"] = str(BASELINE_MODEL)
         for section, values in (service or {}).items():
             if isinstance(values, dict):
                 base.setdefault(section, {}).update(values)

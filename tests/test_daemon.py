@@ -213,3 +213,21 @@ def test_bad_candles_are_rejected_counted_and_never_decided(tmp_path: Path, proc
 
     assert not decided & {iso_ms(t) for t in bad_ts}, "a rejected candle reached the model"
     assert "candle rejected" in d.stderr()
+
+
+def test_shipped_defaults_trade_the_bundled_replay(tmp_path: Path, procs: list[DaemonProc]) -> None:
+    """What `make run` does: the repository's config, the default model, the bundled replay of its timeframe."""
+    d = DaemonProc(tmp_path, shipped_defaults=True, args=("--exit-at-end",))
+    procs.append(d)
+    d.start()
+    assert d.wait_exit(timeout=180) == 0, d.stderr()
+    decisions = (d.log_dir / "ai_decisions.json").read_text().splitlines()
+    trades = (d.log_dir / "trades.csv").read_text().splitlines()
+    assert len(decisions) > 1000, "the bundled replay should be decided candle by candle"
+    assert len(trades) > 5, "the default model should trade the bundled replay"
+    from alphapulse.policy import default_model_path, read_model_meta
+
+    meta = read_model_meta(default_model_path())
+    first = json.loads(decisions[0])
+    assert set(first["probabilities"]) == set(meta.action_meanings)
+    assert "replay finished" in d.stderr()
