@@ -708,24 +708,27 @@ def backtest_throughput(reps: int, quick: bool) -> dict[str, Any]:
 
     from alphapulse.backtest import run_backtest, select
     from alphapulse.config import load_settings
+    from alphapulse.domain import TIMEFRAME_MS
     from alphapulse.features import batch_market_features, observation
     from alphapulse.market.replay import default_replay_file, load_candles
     from alphapulse.policy import Policy, default_model_path
 
     settings = load_settings(REPO / "config", env={})
-    cols = select(load_candles(default_replay_file()), None, None, BAR_MS)
-    if quick:
-        cols = {k: v[:20_000] for k, v in cols.items()}
-    n = len(cols["ts"])
-    policy = Policy.load(default_model_path())
+    policy = Policy.load(default_model_path())  # the shipped model, on candles of its own timeframe
     policy.warmup(200)
+    tf = policy.meta.timeframe
+    shared = REPO.parent / "shared" / "data" / f"BTC_USDT-{tf}.csv.gz"
+    source = shared if shared.exists() else default_replay_file(tf)
+    cols = select(load_candles(source), None, None, TIMEFRAME_MS[tf])
+    cols = {k: v[-(20_000 if quick else 70_000):] for k, v in cols.items()}
+    n = len(cols["ts"])
     market = batch_market_features(cols["open"], cols["high"], cols["low"], cols["close"], cols["volume"])
     obs = [observation(row, 0.0, 0.0) for row in market[~np.isnan(market[:, 0])].tolist()]
     bt, loop = [], []
     for _ in range(reps):
         gc.collect()
         t0 = time.perf_counter()
-        run_backtest(policy, cols, settings, symbol="BTCUSDT", timeframe="5m")
+        run_backtest(policy, cols, settings, symbol="BTCUSDT", timeframe=tf)
         bt.append(n / (time.perf_counter() - t0))
         decide = policy.decide
         t0 = time.perf_counter()
@@ -734,7 +737,8 @@ def backtest_throughput(reps: int, quick: bool) -> dict[str, Any]:
         loop.append(len(obs) / (time.perf_counter() - t0))
     b, o = statistics.median(bt), statistics.median(loop)
     return {"backtest_candles_per_s": round(b), "onnx_loop_per_s": round(o), "ratio": round(b / o, 3),
-            "candles": n, "runs_backtest": [round(x) for x in bt], "runs_onnx_loop": [round(x) for x in loop]}
+            "candles": n, "model": policy.meta.version, "data": str(source),
+            "runs_backtest": [round(x) for x in bt], "runs_onnx_loop": [round(x) for x in loop]}
 
 
 def targets(r: dict[str, Any]) -> dict[str, dict[str, Any]]:
@@ -788,7 +792,8 @@ def table(r: dict[str, Any]) -> str:
          verdict("rss_mb")),
         ("RSS growth 10% -> 100% of the replay", f"{r['rss_growth_mb']:+.2f} MB", "<= 5 MB", verdict("rss_growth_mb")),
         ("  peak RSS / replay throughput", f"{m['rss_peak_mb']:.1f} MB / {m['candles_per_s']:,} candles/s", "", ""),
-        (f"backtest, full per-candle path ({r['backtest']['candles']:,} candles, median of 3)",
+        (f"backtest, full per-candle path ({r['backtest']['candles']:,} candles, {r['backtest']['model']}, "
+         "median of 3)",
          f"{r['backtest']['backtest_candles_per_s']:,} /s", "", ""),
         ("bare ONNX loop (Policy.decide) over the same observations", f"{r['backtest']['onnx_loop_per_s']:,} /s",
          "", ""),
