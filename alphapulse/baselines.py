@@ -11,16 +11,14 @@ from collections.abc import Sequence
 
 from alphapulse.domain import Decision
 from alphapulse.features import FEATURE_NAMES
+from alphapulse.policy import ACTION_TARGETS, decision_for_action
 
-ACTION_TARGETS = (-1.0, -0.5, 0.0, 0.5, 1.0)
 _MOM_FAST = FEATURE_NAMES.index("mom_12")
 _MOM_SLOW = FEATURE_NAMES.index("mom_48")
 
 
 def _decision(target: float, candle_ts: int, symbol: str) -> Decision:
-    action = ACTION_TARGETS.index(target)
-    probs = tuple(1.0 if i == action else 0.0 for i in range(len(ACTION_TARGETS)))
-    return Decision(candle_ts, symbol, probs, action, target, 1.0, 0.0)
+    return decision_for_action(ACTION_TARGETS.index(target), candle_ts, symbol)
 
 
 class ConstantTarget:

@@ -95,6 +95,41 @@ class ModelMeta:
         return self.extra.get("alphapulse.created", "")
 
 
+# The action space of every model: target positions as a fraction of the maximum position.
+ACTION_TARGETS: tuple[float, ...] = (-1.0, -0.5, 0.0, 0.5, 1.0)
+ACTION_MEANINGS: tuple[str, ...] = ("short_full", "short_half", "flat", "long_half", "long_full")
+
+
+def contract_metadata(*, kind: str, version: str, timeframe: str, training_data_range: str, created: str,
+                      extra: Mapping[str, Any] | None = None) -> dict[str, str]:
+    """The ``alphapulse.*`` metadata a model file must carry (what :func:`parse_model_meta` checks), plus
+    provenance: ``extra`` keys get the ``alphapulse.`` prefix, non-string values are stored as JSON.
+    Both the baseline builder and the PPO exporter write their metadata through this one function."""
+    meta = {
+        "alphapulse.feature_names": json.dumps(list(FEATURE_NAMES)),
+        "alphapulse.obs_size": str(len(FEATURE_NAMES)),
+        "alphapulse.action_targets": json.dumps(list(ACTION_TARGETS)),
+        "alphapulse.action_meanings": json.dumps(list(ACTION_MEANINGS)),
+        "alphapulse.version": version,
+        "alphapulse.kind": kind,
+        "alphapulse.timeframe": timeframe,
+        "alphapulse.training_data_range": training_data_range,
+        "alphapulse.created": created,
+    }
+    for key, value in (extra or {}).items():
+        full = key if key.startswith("alphapulse.") else "alphapulse." + key
+        if full in meta:
+            raise ValueError(f"metadata key {full!r} is part of the contract; set it through its argument")
+        meta[full] = value if isinstance(value, str) else json.dumps(value, sort_keys=True)
+    return meta
+
+
+def decision_for_action(action: int, candle_ts: int, symbol: str) -> Decision:
+    """A fully confident decision for ``action`` (baselines, and the training agent's sampled action)."""
+    probs = tuple(1.0 if i == action else 0.0 for i in range(len(ACTION_TARGETS)))
+    return Decision(candle_ts, symbol, probs, action, ACTION_TARGETS[action], 1.0, 0.0)
+
+
 MODELS_DIR = Path(__file__).resolve().parent / "models"
 DEFAULT_MODEL_NAME = "baseline_momentum.onnx"
 

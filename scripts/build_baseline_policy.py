@@ -45,7 +45,6 @@ from __future__ import annotations
 
 import argparse
 import gzip
-import json
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -57,6 +56,7 @@ if str(ROOT) not in sys.path:  # run as a plain script from a checkout
     sys.path.insert(0, str(ROOT))
 
 from alphapulse.features import FEATURE_NAMES, MARKET_FEATURES, batch_market_features  # noqa: E402
+from alphapulse.policy import ACTION_MEANINGS, ACTION_TARGETS, contract_metadata  # noqa: E402
 
 if TYPE_CHECKING:
     import onnx
@@ -77,8 +77,6 @@ FEE_RATE = 0.0005  # taker fee per unit of turnover, for the rough PnL in --stat
 IR_VERSION = 8  # readable by onnxruntime >= 1.14; pinned so the bytes do not follow the onnx package
 OPSET = 17
 
-ACTION_TARGETS: tuple[float, ...] = (-1.0, -0.5, 0.0, 0.5, 1.0)
-ACTION_MEANINGS: tuple[str, ...] = ("short_full", "short_half", "flat", "long_half", "long_full")
 FLAT = ACTION_MEANINGS.index("flat")
 
 # (centre, typical scale) per feature: rounded medians/standard deviations on the bundled data, so
@@ -149,18 +147,9 @@ def parameters() -> dict[str, np.ndarray]:
 
 
 def metadata() -> dict[str, str]:
-    return {
-        "alphapulse.feature_names": json.dumps(list(FEATURE_NAMES)),
-        "alphapulse.obs_size": str(len(FEATURE_NAMES)),
-        "alphapulse.action_targets": json.dumps(list(ACTION_TARGETS)),
-        "alphapulse.action_meanings": json.dumps(list(ACTION_MEANINGS)),
-        "alphapulse.version": VERSION,
-        "alphapulse.kind": "baseline",
-        "alphapulse.timeframe": TIMEFRAME,
-        "alphapulse.training_data_range": TRAINING_DATA_RANGE,
-        "alphapulse.created": CREATED,
-        "alphapulse.description": DESCRIPTION,
-    }
+    return contract_metadata(kind="baseline", version=VERSION, timeframe=TIMEFRAME,
+                             training_data_range=TRAINING_DATA_RANGE, created=CREATED,
+                             extra={"description": DESCRIPTION})
 
 
 def build_model() -> onnx.ModelProto:

@@ -45,12 +45,11 @@ from alphapulse.domain import Candle, Decision, TradingState, timeframe_ms
 from alphapulse.engine import Engine, EngineConfig, StepResult
 from alphapulse.execution.paper import PaperBroker
 from alphapulse.features import OBS_SIZE, PrecomputedFeatures, StreamingFeatures
+from alphapulse.policy import ACTION_TARGETS, decision_for_action
 from alphapulse.portfolio import Portfolio
 from alphapulse.training.data import Segment
 
 #: Target positions (fraction of the maximum position) of the discrete actions, in model output order.
-ACTION_TARGETS: tuple[float, ...] = (-1.0, -0.5, 0.0, 0.5, 1.0)
-ACTION_MEANINGS: tuple[str, ...] = ("short_full", "short_half", "flat", "long_half", "long_full")
 FLAT_ACTION = ACTION_TARGETS.index(0.0)
 #: Reward for a step that wipes out the account (log of a non-positive ratio is undefined).
 RUIN_REWARD = -10.0
@@ -80,10 +79,8 @@ class _NoPolicy:
         raise RuntimeError("TradingEnv drives Engine.observe/act directly; Engine.step must not be used")
 
 
-def action_decision(action: int, candle_ts: int, symbol: str) -> Decision:
-    """The agent's discrete action as the daemon's Decision: one-hot probabilities, full confidence."""
-    probs = tuple(1.0 if i == action else 0.0 for i in range(len(ACTION_TARGETS)))
-    return Decision(candle_ts, symbol, probs, action, ACTION_TARGETS[action], 1.0, 0.0)
+# The agent's discrete action as the daemon's Decision: one-hot probabilities, full confidence.
+action_decision = decision_for_action
 
 
 def build_engine(segment: Segment, settings: Settings, bar_ms: int, features: StreamingFeatures) -> Engine:

@@ -21,7 +21,6 @@ static MLP exactly, so it is used with its deprecation warning silenced.
 from __future__ import annotations
 
 import io
-import json
 import os
 import warnings
 from collections.abc import Mapping
@@ -35,9 +34,9 @@ import onnxruntime as ort
 import torch
 from torch import nn
 
-from alphapulse.features import FEATURE_NAMES, OBS_SIZE
+from alphapulse.features import OBS_SIZE
 from alphapulse.policy import INPUT_NAME, OUTPUT_NAME, ModelError, Policy
-from alphapulse.training.env import ACTION_MEANINGS, ACTION_TARGETS
+from alphapulse.policy import contract_metadata as policy_contract_metadata
 
 if TYPE_CHECKING:
     from stable_baselines3 import PPO
@@ -141,27 +140,9 @@ def onnx_bytes(actor: nn.Module) -> bytes:
 
 def contract_metadata(*, version: str, timeframe: str, training_data_range: str, created: str,
                       extra: Mapping[str, Any] | None = None) -> dict[str, str]:
-    """The ``alphapulse.*`` metadata of :mod:`alphapulse.policy`'s contract, plus provenance.
-
-    ``extra`` keys get the ``alphapulse.`` prefix; non-string values are stored as JSON.
-    """
-    meta = {
-        "alphapulse.feature_names": json.dumps(list(FEATURE_NAMES)),
-        "alphapulse.obs_size": str(OBS_SIZE),
-        "alphapulse.action_targets": json.dumps(list(ACTION_TARGETS)),
-        "alphapulse.action_meanings": json.dumps(list(ACTION_MEANINGS)),
-        "alphapulse.version": version,
-        "alphapulse.kind": "ppo",
-        "alphapulse.timeframe": timeframe,
-        "alphapulse.training_data_range": training_data_range,
-        "alphapulse.created": created,
-    }
-    for key, value in (extra or {}).items():
-        full = key if key.startswith(META_PREFIX) else META_PREFIX + key
-        if full in meta:
-            raise ValueError(f"metadata key {full!r} is part of the contract; set it through its argument")
-        meta[full] = value if isinstance(value, str) else json.dumps(value, sort_keys=True)
-    return meta
+    """The model contract's metadata for a PPO policy (:func:`alphapulse.policy.contract_metadata`)."""
+    return policy_contract_metadata(kind="ppo", version=version, timeframe=timeframe,
+                                    training_data_range=training_data_range, created=created, extra=extra)
 
 
 def with_metadata(model_bytes: bytes, metadata: Mapping[str, str], doc: str = "") -> onnx.ModelProto:
