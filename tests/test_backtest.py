@@ -211,3 +211,12 @@ def test_evaluate_refuses_a_file_of_another_timeframe(tmp_path: Path) -> None:
     hourly.write_text("\n".join([lines[0]] + [r for r in lines[1:3000] if int(r.split(",")[0]) % 3_600_000 == 0]))
     r = _cli("evaluate", "--data", str(hourly))
     assert r.returncode == 1 and "trained on 5m" in r.stderr
+
+
+def test_evaluate_quick_uses_the_bundled_candles_of_the_models_timeframe() -> None:
+    r = _cli("evaluate", "--quick", "--json")  # no --data: the bundled file of the model's timeframe
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout)
+    assert out["data"]["candles"] == 2_000 and out["data"]["timeframe"] == "5m"
+    assert out["data"]["file"].endswith("BTC_USDT_USDT-5m.csv.gz")
+    assert out["data"]["to"] == "2025-09-01T00:00:00.000Z"
