@@ -68,9 +68,18 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_check_config(args: argparse.Namespace) -> int:
+    from alphapulse.policy import ModelError, default_model_path, read_model_meta
+
     try:
         s = _load(args)
         check_paths(s)
+        try:
+            meta = read_model_meta(s.model_path or default_model_path())
+        except ModelError as e:
+            raise ConfigError("config.yaml", "model.path", str(e)) from None
+        if meta.timeframe != s.timeframe:
+            raise ConfigError("trading_params.yaml", "timeframe",
+                              f"{s.timeframe} but model {meta.version} was built for {meta.timeframe}")
     except ConfigError as e:
         return _config_error(e)
     print(f"config ok: mode={s.mode} symbol={s.symbol} timeframe={s.timeframe} data_dir={s.data_dir} "

@@ -102,7 +102,7 @@ SERVICE_SCHEMA: dict[str, Any] = {
     "feed": {
         "source": (str, "replay", _choice("replay")),
         "replay_file": (str, "", None),
-        "replay_speed": (str, "3000", _speed),
+        "replay_speed": (str, "36000", _speed),
         "queue_size": (int, 1024, _range(1, 1_000_000)),
     },
     "model": {
@@ -116,7 +116,7 @@ SERVICE_SCHEMA: dict[str, Any] = {
 
 TRADING_SCHEMA: dict[str, Any] = {
     "symbol": (str, "BTCUSDT", None),
-    "timeframe": (str, "5m", _choice(*TIMEFRAME_MS)),
+    "timeframe": (str, "1h", _choice(*TIMEFRAME_MS)),
     "initial_equity": (float, 10_000.0, _range(0, lo_open=True)),
     "lot_size": (float, 0.001, _range(0, lo_open=True)),
     "confidence_threshold": (float, 0.6, _range(0, 1)),

@@ -61,8 +61,8 @@ def test_defaults_load_from_an_empty_config_dir(tmp_path: Path) -> None:
     s = load_settings(tmp_path, env={})
     assert s.mode == "paper"
     assert (s.control_host, s.control_port, s.control_token) == ("127.0.0.1", 8080, None)
-    assert s.replay_speed == 3000.0 and s.replay_file is None and s.model_path is None
-    assert s.symbol == "BTCUSDT" and s.timeframe == "5m" and s.bar_ms == 300_000
+    assert s.replay_speed == 36000.0 and s.replay_file is None and s.model_path is None
+    assert s.symbol == "BTCUSDT" and s.timeframe == "1h" and s.bar_ms == 3_600_000
     assert s.initial_equity == Decimal("10000.0") and s.lot_size == Decimal("0.001")
     assert s.taker_fee == Decimal("0.0006") and s.slippage_bps == Decimal("2.0")
     assert s.confidence_threshold == 0.6
@@ -347,7 +347,7 @@ def test_check_config_ok_on_shipped_config(tmp_path: Path, repo_dir: Path) -> No
                      ALPHAPULSE_LOG_DIR=str(tmp_path / "log"))
     proc = _cli(["check-config"], env, tmp_path)
     assert proc.returncode == 0, proc.stderr
-    assert proc.stdout.startswith("config ok: mode=paper symbol=BTCUSDT timeframe=5m")
+    assert proc.stdout.startswith("config ok: mode=paper symbol=BTCUSDT timeframe=1h")
     assert proc.stderr == ""
     assert (tmp_path / "data").is_dir() and (tmp_path / "log").is_dir()
 
