@@ -7,6 +7,7 @@ engine logs as ``RISK_LIMIT_EXCEEDED`` and appends to ``risk_alerts.json``.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from decimal import ROUND_DOWN, Decimal
 
@@ -14,6 +15,12 @@ from alphapulse.domain import RiskAlert, TradingState
 
 ZERO = Decimal(0)
 ORDER_WINDOW_MS = 60_000
+
+
+@functools.lru_cache(maxsize=1024)
+def _dec(x: float) -> Decimal:
+    """Exact decimal of a float's shortest repr; cached because the same limits convert on every order check."""
+    return Decimal(repr(x))
 
 # States in which the policy may not open or change risk at all.
 BLOCKING_STATES = frozenset({TradingState.HALTED, TradingState.MAINTENANCE, TradingState.EMERGENCY_STOP})
@@ -83,7 +90,7 @@ def target_qty(target_frac: float, equity: Decimal, price: Decimal, limits: Risk
     if equity <= 0 or price <= 0 or target_frac == 0:
         return ZERO
     frac = max(-1.0, min(1.0, target_frac))
-    raw = Decimal(repr(frac * limits.max_position_frac)) * equity / price
+    raw = _dec(frac * limits.max_position_frac) * equity / price
     lots = (abs(raw) / lot).to_integral_value(rounding=ROUND_DOWN)
     return (lots * lot).copy_sign(raw) if lots else ZERO
 
@@ -120,7 +127,7 @@ def check_order(
         return Verdict(ZERO, False, "stale_data", (alert,))
     if (desired_qty != 0 and current_qty != 0 and (desired_qty > 0) == (current_qty > 0) and price > 0
             and abs(desired_qty - current_qty) * price
-            < Decimal(repr(limits.rebalance_band * limits.max_position_frac)) * max(equity, ZERO)):
+            < _dec(limits.rebalance_band * limits.max_position_frac) * max(equity, ZERO)):
         # Equity and price drift every bar; chasing them would pay fees for nothing.
         return Verdict(ZERO, False, "within_rebalance_band")
     alerts: list[RiskAlert] = []
@@ -138,8 +145,8 @@ def check_order(
     increasing = abs(desired) > abs(current_qty) or (desired != 0 and current_qty != 0
                                                       and (desired > 0) != (current_qty > 0))
     if increasing and price > 0 and equity > 0:
-        pos_cap = Decimal(repr(limits.max_position_frac)) * equity / price
-        lev_cap = Decimal(repr(limits.max_leverage)) * equity / price
+        pos_cap = _dec(limits.max_position_frac) * equity / price
+        lev_cap = _dec(limits.max_leverage) * equity / price
         cap = min(pos_cap, lev_cap)
         if abs(desired) > cap:
             name = "max_position" if pos_cap <= lev_cap else "max_leverage"
