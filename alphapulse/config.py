@@ -102,7 +102,7 @@ SERVICE_SCHEMA: dict[str, Any] = {
     "feed": {
         "source": (str, "replay", _choice("replay")),
         "replay_file": (str, "", None),
-        "replay_speed": (str, "36000", _speed),
+        "replay_speed": (str, "72000", _speed),
         "queue_size": (int, 1024, _range(1, 1_000_000)),
     },
     "model": {

@@ -27,10 +27,11 @@ Targets (PASS/FAIL is printed, but the exit status is 0 either way: timing on a 
 only a benchmark that could not run exits 1): tick-to-order p99 <= 3x floor p99 and < 1 ms, READY < 2 s,
 RSS < 150 MB, RSS growth <= 5 MB.
 
-Data: real candles only.  ``BTC_USDT-5m.csv.gz`` from the project's shared data directory (found next to
-the checkout, or given with ``--data``); on a machine without it, the bundled 70,272-candle replay file,
-repeated time-shifted as often as needed (the output says which).  A repeat is shifted by the file's span
-plus one bar, so timestamps stay strictly increasing and aligned to 5 minutes.
+Data: real candles only, of the shipped config's timeframe (1h): ``BTC_USDT-1h.csv.gz`` from the project's
+shared data directory (found next to the checkout, or given with ``--data``); on a machine without it, the
+bundled replay file of that timeframe; either repeated time-shifted as often as needed to reach the counts
+(the output says which).  A repeat is shifted by the file's span plus one bar, so timestamps stay strictly
+increasing and aligned to the bar.
 
 Output: a table on stdout (or only the JSON with ``--json``) and ``.bench/latest.json``.
 """
@@ -70,11 +71,21 @@ REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:  # `python scripts/bench.py` from a checkout that is not pip-installed
     sys.path.insert(0, str(REPO))
 
+from alphapulse.domain import TIMEFRAME_MS  # noqa: E402
 from alphapulse.metrics import LatencyHistogram  # noqa: E402
 
-BAR_MS = 5 * 60 * 1000  # the shipped config replays BTCUSDT 5m
-SHARED_NAME = "BTC_USDT-5m.csv.gz"
-BUNDLED = REPO / "alphapulse" / "data" / "BTC_USDT_USDT-5m.csv.gz"
+
+def _shipped_timeframe() -> str:
+    """The timeframe the shipped config (and so the shipped model) trades: the bench measures the product."""
+    from alphapulse.config import load_settings
+
+    return load_settings(REPO / "config", env={}).timeframe
+
+
+TIMEFRAME = _shipped_timeframe()
+BAR_MS = TIMEFRAME_MS[TIMEFRAME]
+SHARED_NAME = f"BTC_USDT-{TIMEFRAME}.csv.gz"
+BUNDLED = REPO / "alphapulse" / "data" / f"BTC_USDT_USDT-{TIMEFRAME}.csv.gz"
 HEADER = "timestamp,open,high,low,close,volume"
 OUT_DIR = REPO / ".bench"
 
@@ -241,7 +252,7 @@ class Source:
 
 
 def find_source(given: str | None, bundled_only: bool) -> Source:
-    """The long real 5m file when present, else the bundled replay file (always shipped)."""
+    """The long real file of the shipped timeframe when present, else the bundled replay file (always shipped)."""
     if given:
         path, kind = Path(given), "given"
     else:
@@ -263,12 +274,12 @@ def read_rows(path: Path) -> list[str]:
 
 
 def check_rows(path: Path, rows: list[str]) -> None:
-    """The daemon runs the shipped 5m config: refuse data it would reject wholesale."""
+    """The daemon runs the shipped config: refuse data it would reject wholesale."""
     if len(rows) < 1000:
         raise BenchError(f"{path}: only {len(rows)} rows")
     for row in (rows[0], rows[len(rows) // 2], rows[-1]):
         if int(row.split(",", 1)[0]) % BAR_MS:
-            raise BenchError(f"{path}: timestamps are not aligned to 5 minutes; use 5m candles")
+            raise BenchError(f"{path}: timestamps are not aligned to {TIMEFRAME} bars; use {TIMEFRAME} candles")
 
 
 def shifted_rows(rows: list[str], n: int) -> Iterator[str]:
@@ -830,7 +841,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         n_lat = write_replay(src.rows, n_lat, lat_file)
         n_mem = write_replay(src.rows, n_mem, mem_file)
         rep_lat, rep_mem = repeats_needed(len(src.rows), n_lat), repeats_needed(len(src.rows), n_mem)
-        desc = f"{src.label} ({len(src.rows):,} real 5m candles)"
+        desc = f"{src.label} ({len(src.rows):,} real {TIMEFRAME} candles)"
         if src.kind == "bundled":
             desc += " - shared data not found, using the bundled replay file"
         desc += f"; latency: {describe_rows(len(src.rows), n_lat)}; memory: {describe_rows(len(src.rows), n_mem)}"
@@ -906,7 +917,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     ap.add_argument("--quick", action="store_true", help="smoke test: 20k latency candles, 60k memory candles")
     ap.add_argument("--json", action="store_true", help="print only the JSON result")
-    ap.add_argument("--data", help=f"a 5m candle file to use instead of the shared {SHARED_NAME}")
+    ap.add_argument("--data", help=f"a {TIMEFRAME} candle file to use instead of the shared {SHARED_NAME}")
     ap.add_argument("--bundled", action="store_true", help="use only the bundled replay file (as on a user's machine)")
     ap.add_argument("--out", default=str(OUT_DIR / "latest.json"),
                     help="where to write the JSON (default: %(default)s)")

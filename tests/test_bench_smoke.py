@@ -21,8 +21,6 @@ import pytest
 
 REPO = Path(__file__).resolve().parent.parent
 SCRIPT = REPO / "scripts" / "bench.py"
-BUNDLED = REPO / "alphapulse" / "data" / "BTC_USDT_USDT-5m.csv.gz"
-BAR_MS = 300_000
 
 
 def _load_bench() -> ModuleType:
@@ -66,13 +64,16 @@ def test_quick_benchmark_reports_every_number(tmp_path: Path) -> None:
     assert _positive(machine["cores"]) and machine["python"] and machine["onnxruntime"]
     assert datetime.fromisoformat(result["date"]).tzinfo is not None
     assert set(result["targets"]) == {"tick_to_order_p99_vs_floor", "tick_to_order_p99_under_1ms", "ready_s",
-                                      "rss_mb", "rss_growth_mb"}
+                                      "rss_mb", "rss_growth_mb", "backtest_vs_onnx_loop"}
+    for key in ("backtest_candles_per_s", "onnx_loop_per_s"):
+        assert _positive(result[key]), (key, result[key])
     assert all(isinstance(t["pass"], bool) for t in result["targets"].values())
 
 
 def test_replay_builder_repeats_real_rows_time_shifted(tmp_path: Path) -> None:
     bench = _load_bench()
-    with gzip.open(BUNDLED, "rt") as f:
+    bar_ms = bench.BAR_MS  # the shipped config's timeframe
+    with gzip.open(bench.BUNDLED, "rt") as f:
         f.readline()
         rows = [f.readline().strip() for _ in range(1000)]
     dest = tmp_path / "replay.csv"
@@ -83,8 +84,8 @@ def test_replay_builder_repeats_real_rows_time_shifted(tmp_path: Path) -> None:
     ts = [int(line.split(",", 1)[0]) for line in lines[1:]]
     assert len(ts) == 2500
     assert all(b > a for a, b in itertools.pairwise(ts)), "timestamps must strictly increase across repeats"
-    assert all(t % BAR_MS == 0 for t in ts)
-    span = ts[999] - ts[0] + BAR_MS
+    assert all(t % bar_ms == 0 for t in ts)
+    span = ts[999] - ts[0] + bar_ms
     for i in (0, 1, 999):  # each copy is the same real candle, one span (+1 bar) later
         assert ts[1000 + i] == ts[i] + span and ts[2000 + i % 500] == ts[i % 500] + 2 * span
         assert lines[1 + 1000 + i].split(",", 1)[1] == rows[i].split(",", 1)[1]

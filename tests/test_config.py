@@ -61,7 +61,7 @@ def test_defaults_load_from_an_empty_config_dir(tmp_path: Path) -> None:
     s = load_settings(tmp_path, env={})
     assert s.mode == "paper"
     assert (s.control_host, s.control_port, s.control_token) == ("127.0.0.1", 8080, None)
-    assert s.replay_speed == 36000.0 and s.replay_file is None and s.model_path is None
+    assert s.replay_speed == 72000.0 and s.replay_file is None and s.model_path is None
     assert s.symbol == "BTCUSDT" and s.timeframe == "1h" and s.bar_ms == 3_600_000
     assert s.initial_equity == Decimal("10000.0") and s.lot_size == Decimal("0.001")
     assert s.taker_fee == Decimal("0.0006") and s.slippage_bps == Decimal("2.0")
