@@ -99,7 +99,11 @@ class Engine:
 
     # ---- helpers ----------------------------------------------------------------------------
     def _orders_last_minute(self, now_ms: int) -> int:
-        return sum(1 for t in self._order_times if now_ms - t < ORDER_WINDOW_MS)
+        """Orders in the rate window; expired times are dropped (times only grow, so the oldest go first)."""
+        times = self._order_times
+        while times and now_ms - times[0] >= ORDER_WINDOW_MS:
+            times.popleft()
+        return len(times)
 
     def _set_state(self, new: TradingState, reason: str, res: StepResult, now_ms: int) -> None:
         if new is self.state:

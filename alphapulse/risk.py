@@ -90,9 +90,8 @@ def target_qty(target_frac: float, equity: Decimal, price: Decimal, limits: Risk
     if equity <= 0 or price <= 0 or target_frac == 0:
         return ZERO
     frac = max(-1.0, min(1.0, target_frac))
-    raw = _dec(frac * limits.max_position_frac) * equity / price
-    lots = (abs(raw) / lot).to_integral_value(rounding=ROUND_DOWN)
-    return (lots * lot).copy_sign(raw) if lots else ZERO
+    lots = (_dec(abs(frac) * limits.max_position_frac) * equity / (price * lot)).to_integral_value(rounding=ROUND_DOWN)
+    return (lots * lot).copy_sign(_dec(frac)) if lots else ZERO
 
 
 def _cap(qty: Decimal, cap: Decimal, lot: Decimal) -> Decimal:
