@@ -25,7 +25,7 @@ from alphapulse.config import Settings
 from alphapulse.domain import TIMEFRAME_MS, Candle
 from alphapulse.engine import DecisionPolicy, Engine, EngineConfig, StepResult
 from alphapulse.execution.paper import PaperBroker
-from alphapulse.features import PrecomputedFeatures, StreamingFeatures, batch_market_features
+from alphapulse.features import FeatureSource, PrecomputedFeatures, StreamingFeatures, batch_market_features
 from alphapulse.market.validate import valid_mask
 from alphapulse.performance import FillRecord, summarize
 from alphapulse.portfolio import Portfolio
@@ -131,7 +131,7 @@ def run_backtest(
         raise BacktestError("no candles in the selected period")
     bar_ms = TIMEFRAME_MS[timeframe]
     cfg = EngineConfig(symbol, bar_ms, settings.lot_size, settings.confidence_threshold, settings.risk)
-    feats: Any = StreamingFeatures() if streaming_features else PrecomputedFeatures(
+    feats: FeatureSource = StreamingFeatures() if streaming_features else PrecomputedFeatures(
         batch_market_features(cols["open"], cols["high"], cols["low"], cols["close"], cols["volume"]))
     broker = PaperBroker(settings.taker_fee, settings.slippage_bps)
     engine = Engine(cfg, policy, broker, Portfolio.new(symbol, settings.initial_equity), features=feats)

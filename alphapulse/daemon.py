@@ -193,7 +193,8 @@ class Daemon:
                 persisted.last_candle_ts
             broker.restore(persisted.open_orders)
         cfg = EngineConfig(s.symbol, s.bar_ms, s.lot_size, s.confidence_threshold, s.risk)
-        self.engine = Engine(cfg, self.policy, broker, portfolio, state, StreamingFeatures(), last_ts)
+        self.features = StreamingFeatures()
+        self.engine = Engine(cfg, self.policy, broker, portfolio, state, self.features, last_ts)
         self.engine.state_reason = reason
 
         self.files = OperatorFiles(s.log_dir)
@@ -210,7 +211,7 @@ class Daemon:
             raise ConfigError("config.yaml", "feed.replay_file", str(e)) from None
         if last_ts is not None:
             history = self.feed.history(last_ts + 1, WARMUP_BARS)
-            self.engine.features.warmup(history)
+            self.features.warmup(history)
         self.validator = CandleValidator(s.bar_ms, last_ts)
 
         from alphapulse.control import start_control_server

@@ -16,20 +16,14 @@ from decimal import Decimal
 from typing import Any, Protocol
 
 from alphapulse.domain import Candle, Decision, Fill, Order, RiskAlert, Side, TradingState
-from alphapulse.features import StreamingFeatures, observation, position_fractions
+from alphapulse.execution import Broker
+from alphapulse.features import FeatureSource, StreamingFeatures, observation, position_fractions
 from alphapulse.portfolio import Portfolio
 from alphapulse.risk import ORDER_WINDOW_MS, RiskLimits, check_order, next_state, resume_state, target_qty
 
 
 class DecisionPolicy(Protocol):
     def decide(self, obs: Sequence[float], candle_ts: int, symbol: str) -> Decision: ...
-
-
-class EngineBroker(Protocol):
-    def submit(self, order: Order) -> bool: ...
-    def on_candle(self, candle: Candle) -> list[Fill]: ...
-    def cancel_all(self) -> list[Order]: ...
-    def open_orders(self) -> list[Order]: ...
 
 
 @dataclass(frozen=True)
@@ -78,10 +72,10 @@ class Engine:
         self,
         cfg: EngineConfig,
         policy: DecisionPolicy,
-        broker: EngineBroker,
+        broker: Broker,
         portfolio: Portfolio,
         state: TradingState = TradingState.ACTIVE,
-        features: StreamingFeatures | None = None,
+        features: FeatureSource | None = None,
         last_candle_ts: int | None = None,
     ) -> None:
         self.cfg = cfg

@@ -27,6 +27,7 @@ from __future__ import annotations
 import math
 from collections import deque
 from collections.abc import Callable, Iterable, Sequence
+from typing import Protocol
 
 import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
@@ -365,6 +366,13 @@ def observation(market: Sequence[float], position_frac: float, unrealized_pnl_fr
     if position_frac == 0.0 and unrealized_pnl_frac == 0.0:  # flat: nothing to clip
         return [*head, 0.0, 0.0]
     return head + [_clip_unit(position_frac), _clip_unit(unrealized_pnl_frac)]
+
+
+class FeatureSource(Protocol):
+    """What the engine needs from features: the market vector after each candle (None while warming up).
+    :class:`StreamingFeatures` (the daemon) and :class:`PrecomputedFeatures` (backtests, training) both fit."""
+
+    def update(self, candle: Candle) -> list[float] | None: ...
 
 
 class PrecomputedFeatures:

@@ -35,7 +35,7 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from decimal import Decimal
-from typing import Any, SupportsFloat, cast
+from typing import Any, SupportsFloat
 
 import gymnasium as gym
 import numpy as np
@@ -44,7 +44,7 @@ from alphapulse.config import Settings
 from alphapulse.domain import Candle, Decision, TradingState, timeframe_ms
 from alphapulse.engine import Engine, EngineConfig, StepResult
 from alphapulse.execution.paper import PaperBroker
-from alphapulse.features import OBS_SIZE, PrecomputedFeatures, StreamingFeatures
+from alphapulse.features import OBS_SIZE, FeatureSource, PrecomputedFeatures
 from alphapulse.policy import ACTION_TARGETS, decision_for_action
 from alphapulse.portfolio import Portfolio
 from alphapulse.training.data import Segment
@@ -83,7 +83,7 @@ class _NoPolicy:
 action_decision = decision_for_action
 
 
-def build_engine(segment: Segment, settings: Settings, bar_ms: int, features: StreamingFeatures) -> Engine:
+def build_engine(segment: Segment, settings: Settings, bar_ms: int, features: FeatureSource) -> Engine:
     """A fresh engine for one episode: a new portfolio and paper broker with the configured costs."""
     cfg = EngineConfig(segment.symbol, bar_ms, settings.lot_size, settings.confidence_threshold, settings.risk)
     broker = PaperBroker(settings.taker_fee, settings.slippage_bps)
@@ -160,7 +160,7 @@ class TradingEnv(gym.Env[np.ndarray, np.int64]):
         self.t = start
         self.steps = 0
         # The engine sees this episode's candles only; rows start..end of the segment's precomputed features.
-        features = cast(StreamingFeatures, PrecomputedFeatures(seg.features[start : self.end + 1]))
+        features = PrecomputedFeatures(seg.features[start : self.end + 1])
         self.engine = build_engine(seg, self.settings, self.bar_ms, features)
         res, obs = self.engine.observe(seg.candle(start))
         if obs is None:  # cannot happen for start >= first_obs_index; guards a broken segment
