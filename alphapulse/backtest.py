@@ -161,11 +161,19 @@ def run_backtest(
 
     t0 = time.perf_counter()
     step = engine.step
+    # float() of a Decimal goes through its digits; between fills (and always while flat) equity and quantity
+    # are the same objects from bar to bar, so convert only when they were replaced.
+    last_eq, last_eq_f, last_q, last_q_f = None, 0.0, None, 0.0
     for i, candle in enumerate(map(Candle, ts, o, h, lo, c, v)):
         res = step(candle)
         if files is None and not res.fills:  # the common case, inline: no files, nothing booked
-            equity[i] = float(pf.equity)
-            position[i] = float(pf.position.qty)
+            eq, q = pf.equity, pf.position.qty
+            if eq is not last_eq:
+                last_eq, last_eq_f = eq, float(eq)
+            if q is not last_q:
+                last_q, last_q_f = q, float(q)
+            equity[i] = last_eq_f
+            position[i] = last_q_f
             continue
         record(res, i, candle.ts + bar_ms)
     # End flat: close what is left at the last close (the next price a live run would get), with costs.

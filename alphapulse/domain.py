@@ -112,9 +112,12 @@ class Fill:
         return self.qty if self.side is Side.BUY else -self.qty
 
 
-@dataclass(slots=True)
+@dataclass(frozen=True, slots=True)
 class Position:
-    """Net position in one symbol (one-way mode, as on a perpetual-futures account)."""
+    """Net position in one symbol (one-way mode, as on a perpetual-futures account).
+
+    Immutable: a fill replaces it, which is what lets :class:`~alphapulse.portfolio.Portfolio` cache its
+    valuation by identity."""
 
     symbol: str
     qty: Decimal = Decimal(0)  # signed: > 0 long, < 0 short

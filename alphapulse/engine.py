@@ -169,9 +169,9 @@ class Engine:
         self.last_candle_ts = candle.ts
 
         equity = pf.equity
-        new_state, alerts = next_state(self.state, daily_loss=pf.daily_loss_at(equity),
-                                       drawdown=pf.drawdown_at(equity), day_rolled=rolled, limits=cfg.limits,
-                                       now_ms=close_ms)
+        daily_loss, drawdown = pf.loss_fractions(equity)
+        new_state, alerts = next_state(self.state, daily_loss=daily_loss, drawdown=drawdown, day_rolled=rolled,
+                                       limits=cfg.limits, now_ms=close_ms)
         if new_state is not self.state:
             res.alerts.extend(alerts)
             was = self.state

@@ -56,6 +56,13 @@ class Portfolio:
     day_start_equity: Decimal = ZERO
     fills: int = 0
     _last_ts: int = field(default=0, repr=False)
+    # (cash, position, mark_price, unrealized_pnl, equity) of the last valuation, keyed by the identity of its
+    # immutable inputs: the per-candle path asks for equity ~5 times between changes (mark, state machine,
+    # sizing, risk check, the driver), and each recomputation is a Decimal multiply and quantize.
+    _valued: tuple[Decimal, Position, Decimal, Decimal, Decimal] | None = field(
+        default=None, repr=False, compare=False)
+    # (equity, day_start_equity, peak_equity, daily_loss, drawdown): the same memo for the two loss fractions.
+    _losses: tuple[Decimal, Decimal, Decimal, float, float] | None = field(default=None, repr=False, compare=False)
 
     @classmethod
     def new(cls, symbol: str, initial_equity: Decimal) -> Portfolio:
@@ -63,16 +70,30 @@ class Portfolio:
         return cls(symbol, eq, eq, Position(symbol), peak_equity=eq, day_start_equity=eq)
 
     # ---- derived values -------------------------------------------------------------------
+    def _valuation(self) -> tuple[Decimal, Decimal, Decimal, Decimal, Decimal]:
+        """The cached valuation tuple, recomputed only when cash, position or mark price was replaced.
+
+        Sound because all three are immutable values (Decimal, frozen Position) that change only by
+        assignment, so an identity check is a complete staleness check.
+        """
+        cash, pos, mark = self.cash, self.position, self.mark_price
+        v = self._valued
+        if v is not None and v[0] is cash and v[1] is pos and v[2] is mark:
+            return v  # type: ignore[return-value]
+        if pos.qty == 0 or mark == 0:  # flat: equity *is* cash, the same object from bar to bar
+            self._valued = v = (cash, pos, mark, ZERO, cash)
+        else:
+            upnl = money(pos.qty * (mark - pos.entry_price))
+            self._valued = v = (cash, pos, mark, upnl, cash + upnl)
+        return v  # type: ignore[return-value]
+
     @property
     def unrealized_pnl(self) -> Decimal:
-        p = self.position
-        if p.qty == 0 or self.mark_price == 0:
-            return ZERO
-        return money(p.qty * (self.mark_price - p.entry_price))
+        return self._valuation()[3]
 
     @property
     def equity(self) -> Decimal:
-        return self.cash + self.unrealized_pnl
+        return self._valuation()[4]
 
     @property
     def notional(self) -> Decimal:
@@ -102,6 +123,20 @@ class Portfolio:
         if self.day_start_equity <= 0:
             return 0.0
         return max(0.0, float((self.day_start_equity - equity) / self.day_start_equity))
+
+    def loss_fractions(self, equity: Decimal) -> tuple[float, float]:
+        """``(daily_loss_at(equity), drawdown_at(equity))``, the state machine's inputs on every candle.
+
+        Memoised on the identity of equity, day-start equity and peak (immutable Decimals): while flat or
+        between fills nothing changes from bar to bar, and each fraction is a Decimal division.
+        """
+        day0, peak = self.day_start_equity, self.peak_equity
+        m = self._losses
+        if m is not None and m[0] is equity and m[1] is day0 and m[2] is peak:
+            return m[3], m[4]
+        daily, dd = self.daily_loss_at(equity), self.drawdown_at(equity)
+        self._losses = (equity, day0, peak, daily, dd)
+        return daily, dd
 
     @property
     def leverage(self) -> float:

@@ -26,6 +26,7 @@ FEE = Decimal("0.0006")
 SLIP = Decimal("2")
 BAR = timeframe_ms("5m")
 D = Decimal
+ZERO_D = Decimal(0)
 
 
 def _fill(side: Side, qty: str, price: Decimal, fee: Decimal | None = None, ts: int = 0, oid: str = "o") -> Fill:
@@ -154,6 +155,40 @@ def test_peak_and_drawdown(px: list[Decimal]) -> None:
     assert pf.drawdown > 0.04
     pf.reset_peak()
     assert pf.peak_equity == pf.equity and pf.drawdown == 0.0
+
+
+def test_cached_valuation_follows_every_change(px: list[Decimal]) -> None:
+    """Equity and the loss fractions are memoised by identity; every kind of change must show at once."""
+
+    def fresh(p: Portfolio) -> tuple[Decimal, Decimal, float, float]:
+        upnl = ZERO_D if p.position.qty == 0 else money(p.position.qty * (p.mark_price - p.position.entry_price))
+        eq = p.cash + upnl
+        return upnl, eq, p.daily_loss_at(eq), p.drawdown_at(eq)
+
+    pf = Portfolio.new(SYM, INITIAL)
+    pf.mark(px[0], 1)
+    seen: list[Decimal] = []
+    steps = [
+        lambda: pf.mark(px[0], 2),  # same price again: nothing changes
+        lambda: pf.apply_fill(_fill(Side.BUY, "0.050", px[0])),  # fee paid: cash and position replaced
+        lambda: pf.mark(px[1], 3),  # mark replaced
+        lambda: pf.mark(px[1] * D("0.9"), 4),  # a loss: drawdown and daily loss move
+        lambda: pf.apply_fill(_fill(Side.SELL, "0.020", px[2])),  # partial close: realized PnL into cash
+        lambda: pf.reset_peak(),  # peak replaced: drawdown back to 0
+        lambda: pf.mark(px[2], DAY_MS + 5),  # new day: the day's reference replaced
+        lambda: pf.apply_fill(_fill(Side.SELL, "0.030", px[3])),  # flat again
+    ]
+    for change in steps:
+        change()
+        for _ in range(2):  # a cold and a warm read give the same answer
+            upnl, eq, daily, dd = fresh(pf)
+            assert pf.unrealized_pnl == upnl and pf.equity == eq
+            assert pf.loss_fractions(pf.equity) == (daily, dd) == (pf.daily_loss, pf.drawdown)
+        seen.append(pf.equity)
+    assert len(set(seen)) >= 5  # the sequence really moved equity
+    assert pf.equity is pf.cash  # flat: equity is cash itself
+    with pytest.raises(AttributeError):
+        pf.position.qty = D(1)  # type: ignore[misc]  # frozen: a fill must replace it, which the cache sees
 
 
 def test_snapshot_restore_round_trip(px: list[Decimal]) -> None:
