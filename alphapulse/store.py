@@ -119,7 +119,9 @@ class Store:
         PASSIVE (the periodic one) never makes the writer wait.  But a writer that commits faster than a
         passive checkpoint copies (a replay at full speed) keeps the WAL from ever restarting, so it and its
         shared-memory index would grow without end: past ``WAL_LIMIT_BYTES`` a TRUNCATE checkpoint makes the
-        writer wait once (a few ms) and resets it.  TRUNCATE is also used at close.
+        writer wait once and resets it.  A PASSIVE pass goes first so that the TRUNCATE, which holds the write
+        lock while it works, finds almost nothing left to copy: alone it copied the whole WAL under the lock
+        and stalled the writer's commit for ~0.1 s.  TRUNCATE is also used at close.
         """
         if mode is None:
             try:
@@ -131,6 +133,9 @@ class Store:
         with self._ckpt_lock:
             con = sqlite3.connect(self.path, isolation_level=None)
             try:
+                if mode == "TRUNCATE":
+                    for _ in range(2):  # the second pass copies what the writer added during the first
+                        con.execute("PRAGMA wal_checkpoint(PASSIVE)")
                 con.execute(f"PRAGMA wal_checkpoint({mode})")
             finally:
                 con.close()
