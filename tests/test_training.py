@@ -16,6 +16,7 @@ from __future__ import annotations
 import copy
 import json
 import math
+import re
 import warnings
 from collections.abc import Iterator
 from dataclasses import replace
@@ -323,7 +324,11 @@ def test_exported_model_is_the_trained_policy_and_loads_in_the_daemon(runs: dict
     meta = policy.meta
     assert (meta.kind, meta.timeframe, meta.obs_size) == ("ppo", "1h", 20)
     assert meta.feature_names == FEATURE_NAMES and meta.action_targets == ACTION_TARGETS
-    assert meta.version.startswith("ppo-1h-") and meta.version.endswith("-s11")
+    fp = meta.extra["alphapulse.config_fingerprint"]
+    assert re.fullmatch(r"ppo-1h-\d{8}-s11-[0-9a-f]{8}", meta.version) and meta.version.endswith(f"-s11-{fp}")
+    # the same configuration gives the same fingerprint; another seed (or any hyper-parameter) another
+    other = {k: Policy.load(runs[k].path).meta.extra["alphapulse.config_fingerprint"] for k in "bc"}
+    assert other["b"] == fp and other["c"] != fp
     assert meta.extra["alphapulse.seed"] == "11"
     assert meta.extra["alphapulse.code_revision"]
     validation = json.loads(meta.extra["alphapulse.validation_metrics"])

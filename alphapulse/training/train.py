@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
+import hashlib
 import json
 import math
 import random
@@ -464,16 +465,22 @@ def run_training(cfg: TrainingConfig, out: Path | None = None, *, progress: bool
     sb3_diff = check_actor_matches_sb3(actor, model, venv, check)
 
     created = dt.datetime.now(dt.UTC)
-    version = f"ppo-{cfg.timeframe}-{created:%Y%m%d}-s{cfg.seed}"
-    path = out if out is not None else cfg.output_dir / "models" / f"{version}.onnx"
     hyper = {**asdict(cfg.ppo), "total_timesteps": cfg.total_timesteps, "episode_length": cfg.episode_length,
              "drawdown_penalty": cfg.drawdown_penalty, "turnover_penalty": cfg.turnover_penalty,
              "algorithm": "PPO (stable-baselines3 MlpPolicy)", "obs_normalisation": "VecNormalize, baked into graph"}
     trading = {"taker_fee": str(settings.taker_fee), "slippage_bps": str(settings.slippage_bps),
                "lot_size": str(settings.lot_size), "initial_equity": str(settings.initial_equity),
                "confidence_threshold": settings.confidence_threshold, "risk": asdict(settings.risk)}
+    # Date and seed alone name two different runs of the same day alike (candidates differing only in their
+    # hyper-parameters); a fingerprint of everything that shapes the weights tells them apart.
+    fingerprint = hashlib.sha256(json.dumps(
+        {"hyper": hyper, "trading": trading, "pairs": list(cfg.pairs), "split": ds.dates.describe(),
+         "timeframe": cfg.timeframe, "seed": cfg.seed}, sort_keys=True, default=str).encode()).hexdigest()[:8]
+    version = f"ppo-{cfg.timeframe}-{created:%Y%m%d}-s{cfg.seed}-{fingerprint}"
+    path = out if out is not None else cfg.output_dir / "models" / f"{version}.onnx"
     extra: dict[str, Any] = {
         "seed": str(cfg.seed),
+        "config_fingerprint": fingerprint,
         "code_revision": code_revision(),
         "profile": cfg.profile,
         "pairs": list(cfg.pairs),
