@@ -57,7 +57,7 @@ class StepResult:
     """Everything one candle (or one operator action) changed, for the driver to persist atomically.
 
     A plain slotted class rather than a dataclass: one is built per candle, and a dataclass's
-    ``default_factory`` calls cost twice as much as these list literals on the per-candle path.
+    ``default_factory`` calls cost about a third more than these list literals (~300 against ~225 ns).
     """
 
     __slots__ = ("alerts", "cancelled", "candle_ts", "decision", "fills", "incidents", "orders", "state_changed")
@@ -73,8 +73,7 @@ class StepResult:
         self.state_changed = False
 
     def __repr__(self) -> str:
-        return "StepResult(" + ", ".join(f"{k}={getattr(self, k)!r}" for k in (
-            "candle_ts", "fills", "orders", "cancelled", "alerts", "incidents", "decision", "state_changed")) + ")"
+        return "StepResult(" + ", ".join(f"{k}={getattr(self, k)!r}" for k in self.__slots__) + ")"
 
 
 class Engine:
