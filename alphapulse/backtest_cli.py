@@ -11,7 +11,7 @@ from pathlib import Path
 import orjson
 
 from alphapulse.backtest import BacktestError, infer_market, parse_time, run_backtest, select
-from alphapulse.config import ConfigError, load_settings
+from alphapulse.config import ConfigError, load_settings, report_config_error
 from alphapulse.domain import TIMEFRAME_MS
 from alphapulse.features import WARMUP_BARS
 from alphapulse.market.feed import FeedError
@@ -55,8 +55,7 @@ def backtest_main(argv: Sequence[str] | None = None) -> int:
                               action_meanings=policy.meta.action_meanings,
                               streaming_features=args.streaming_features)
     except ConfigError as e:
-        print(f"alphapulse: config error: {e}", file=sys.stderr)
-        return 78
+        return report_config_error(e)
     except (ModelError, FeedError, BacktestError) as e:
         print(f"alphapulse backtest: {e}", file=sys.stderr)
         return 1

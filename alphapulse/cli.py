@@ -15,14 +15,9 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from alphapulse import __version__
-from alphapulse.config import EX_CONFIG, ConfigError, Settings, check_paths, load_settings
+from alphapulse.config import ConfigError, Settings, check_paths, load_settings, report_config_error
 
 CONTROL_ACTIONS = ("emergency_stop", "flatten_positions", "maintenance_mode", "resume_trading")
-
-
-def _config_error(e: ConfigError) -> int:
-    print(f"alphapulse: config error: {e}", file=sys.stderr)
-    return EX_CONFIG
 
 
 def _load(args: argparse.Namespace) -> Settings:
@@ -34,7 +29,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         settings = _load(args)
         check_paths(settings)
     except ConfigError as e:
-        return _config_error(e)
+        return report_config_error(e)
 
     from alphapulse.log import close_logging, configure_logging, get_logger, register_secrets
 
@@ -58,7 +53,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         return asyncio.run(main())
     except ConfigError as e:
         log.error("config error", error=str(e))
-        return _config_error(e)
+        return report_config_error(e)
     except ControlServerError as e:
         log.error("control server failed", error=str(e))
         print(f"alphapulse: {e}", file=sys.stderr)
@@ -81,7 +76,7 @@ def cmd_check_config(args: argparse.Namespace) -> int:
             raise ConfigError("trading_params.yaml", "timeframe",
                               f"{s.timeframe} but model {meta.version} was built for {meta.timeframe}")
     except ConfigError as e:
-        return _config_error(e)
+        return report_config_error(e)
     print(f"config ok: mode={s.mode} symbol={s.symbol} timeframe={s.timeframe} data_dir={s.data_dir} "
           f"log_dir={s.log_dir} control={s.control_host}:{s.control_port}")
     return 0
@@ -92,7 +87,7 @@ def cmd_ctl(args: argparse.Namespace) -> int:
     try:
         s = _load(args)
     except ConfigError as e:
-        return _config_error(e)
+        return report_config_error(e)
     url = f"http://{s.control_host}:{s.control_port}/{args.action}"
     headers = {"Accept": "application/json"}
     method = "GET"

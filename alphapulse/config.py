@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 import os
+import sys
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from decimal import Decimal
@@ -36,6 +37,12 @@ class ConfigError(Exception):
         self.source = source
         self.key = key
         self.problem = problem
+
+
+def report_config_error(e: ConfigError) -> int:
+    """Print the one stderr line every command prints for a bad configuration; returns :data:`EX_CONFIG`."""
+    print(f"alphapulse: config error: {e}", file=sys.stderr)
+    return EX_CONFIG
 
 
 # --------------------------------------------------------------------------------------------

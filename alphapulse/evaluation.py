@@ -20,7 +20,7 @@ import orjson
 
 from alphapulse.backtest import BacktestError, infer_market, parse_time, run_backtest, select
 from alphapulse.baselines import baselines
-from alphapulse.config import ConfigError, Settings, load_settings
+from alphapulse.config import ConfigError, Settings, load_settings, report_config_error
 from alphapulse.domain import TIMEFRAME_MS
 from alphapulse.features import FEATURE_NAMES, OBS_SIZE, WARMUP_BARS
 from alphapulse.market.feed import FeedError
@@ -210,8 +210,7 @@ def evaluate_main(argv: Sequence[str] | None = None, settings: Settings | None =
                           use_test_split=args.data is None and start is None and end is None,
                           start_ms=start, end_ms=end)
     except ConfigError as e:
-        print(f"alphapulse: config error: {e}", file=sys.stderr)
-        return 78
+        return report_config_error(e)
     except (ModelError, EvaluationError, BacktestError) as e:
         print(f"alphapulse evaluate: {e}", file=sys.stderr)
         return 1
