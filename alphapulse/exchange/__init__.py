@@ -1,0 +1,1 @@
+"""Exchange adapters: the REST/WebSocket clients, live feeds and brokers for real venues (WEEX first)."""
