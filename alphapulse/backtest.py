@@ -21,14 +21,13 @@ from typing import Any
 import numpy as np
 import orjson
 
+from alphapulse.builder import build_engine
 from alphapulse.config import Settings
 from alphapulse.domain import TIMEFRAME_MS, Candle
-from alphapulse.engine import DecisionPolicy, Engine, EngineConfig, StepResult
-from alphapulse.execution.paper import PaperBroker
+from alphapulse.engine import DecisionPolicy, StepResult
 from alphapulse.features import FeatureSource, PrecomputedFeatures, StreamingFeatures, batch_market_features
 from alphapulse.market.validate import valid_mask
 from alphapulse.performance import FillRecord, summarize
-from alphapulse.portfolio import Portfolio
 from alphapulse.store import OperatorFiles, RowIds, build_rows, iso_ms
 
 _NAME = re.compile(r"^(?P<base>[A-Z0-9]+)_(?P<quote>[A-Z0-9]+)(?:_[A-Z0-9]+)?-(?P<tf>\d+[mhd])(?:-[a-z]+)?$")
@@ -130,11 +129,9 @@ def run_backtest(
     if n == 0:
         raise BacktestError("no candles in the selected period")
     bar_ms = TIMEFRAME_MS[timeframe]
-    cfg = EngineConfig(symbol, bar_ms, settings.lot_size, settings.confidence_threshold, settings.risk)
     feats: FeatureSource = StreamingFeatures() if streaming_features else PrecomputedFeatures(
         batch_market_features(cols["open"], cols["high"], cols["low"], cols["close"], cols["volume"]))
-    broker = PaperBroker(settings.taker_fee, settings.slippage_bps)
-    engine = Engine(cfg, policy, broker, Portfolio.new(symbol, settings.initial_equity), features=feats)
+    engine = build_engine(settings, policy, symbol=symbol, timeframe=timeframe, features=feats)
     files = OperatorFiles(out_dir, buffered=True) if out_dir is not None else None
     ids = RowIds()
     reasons: dict[str, str] = {}
@@ -178,14 +175,7 @@ def run_backtest(
         record(res, i, candle.ts + bar_ms)
     # End flat: close what is left at the last close (the next price a live run would get), with costs.
     last_close_ms = ts[-1] + bar_ms
-    res = StepResult(None)
-    order = engine.close_position_order("end_of_backtest", last_close_ms)
-    if order is not None and broker.submit(order):
-        res.orders.append(order)
-        last = Candle(last_close_ms, c[-1], c[-1], c[-1], c[-1], 0.0)
-        for fill in broker.on_candle(last):
-            res.fills.append(pf.apply_fill(fill))
-    record(res, n, last_close_ms)
+    record(engine.close_out(last_close_ms, c[-1], "end_of_backtest"), n, last_close_ms)
     elapsed = time.perf_counter() - t0
 
     metrics = summarize(equity, position, fills, bar_ms)

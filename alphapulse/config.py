@@ -21,8 +21,7 @@ from typing import Any
 
 import yaml
 
-from alphapulse.domain import TIMEFRAME_MS
-from alphapulse.risk import RiskLimits
+from alphapulse.domain import TIMEFRAME_MS, RiskLimits
 
 EX_CONFIG = 78
 SERVICE_FILE = "config.yaml"
@@ -85,6 +84,16 @@ def _speed(v: Any) -> str | None:
     return None
 
 
+def _url(*schemes: str) -> Check:
+    def check(v: Any) -> str | None:
+        scheme, sep, rest = str(v).partition("://")
+        if not sep or scheme not in schemes or not rest or rest.startswith("/"):
+            return f"must be a {' or '.join(s + '://' for s in schemes)} URL with a host, got {v!r}"
+        return None
+
+    return check
+
+
 def _host(v: Any) -> str | None:
     # The control API has no TLS: it must stay on loopback.
     return None if v in ("127.0.0.1", "localhost", "::1") else f"must be a loopback address, got {v!r}"
@@ -107,10 +116,18 @@ SERVICE_SCHEMA: dict[str, Any] = {
         "console": (bool, True, None),
     },
     "feed": {
-        "source": (str, "replay", _choice("replay")),
+        "source": (str, "replay", _choice("replay", "weex")),
         "replay_file": (str, "", None),
         "replay_speed": (str, "72000", _speed),
         "queue_size": (int, 1024, _range(1, 1_000_000)),
+    },
+    "exchange": {
+        "rest_url": (str, "https://api-contract.weex.com", _url("http", "https")),
+        "ws_url": (str, "wss://ws-contract.weex.com/v3/ws", _url("ws", "wss")),
+        "timeout_s": (float, 10.0, _range(0.1, 120)),
+        "reconcile_interval_s": (float, 300.0, _range(1, 86_400)),
+        "leverage": (int, 3, _range(1, 125)),
+        "margin_type": (str, "CROSSED", _choice("CROSSED", "ISOLATED")),
     },
     "model": {
         "path": (str, "", None),
@@ -151,9 +168,12 @@ ENV_KEYS: dict[str, tuple[str, str]] = {
     "ALPHAPULSE_DATA_DIR": ("service", "paths.data_dir"),
     "ALPHAPULSE_LOG_DIR": ("service", "paths.log_dir"),
     "ALPHAPULSE_LOG_LEVEL": ("service", "logging.level"),
+    "ALPHAPULSE_FEED": ("service", "feed.source"),
     "ALPHAPULSE_REPLAY_FILE": ("service", "feed.replay_file"),
     "ALPHAPULSE_REPLAY_SPEED": ("service", "feed.replay_speed"),
     "ALPHAPULSE_MODEL_PATH": ("service", "model.path"),
+    "WEEX_REST_URL": ("service", "exchange.rest_url"),
+    "WEEX_WS_URL": ("service", "exchange.ws_url"),
 }
 SECRET_ENV = ("WEEX_API_KEY", "WEEX_SECRET_KEY", "WEEX_PASSPHRASE")
 OTHER_ENV = ("ALPHAPULSE_CONFIG_DIR",)
@@ -264,6 +284,12 @@ class Settings:
     replay_file: Path | None  # None: the bundled replay
     replay_speed: float | None  # None: as fast as possible
     queue_size: int
+    rest_url: str  # WEEX contract REST base URL
+    ws_url: str  # WEEX contract WebSocket base URL
+    exchange_timeout_s: float
+    reconcile_interval_s: float
+    leverage: int
+    margin_type: str
     model_path: Path | None  # None: the shipped model
     model_warmup_runs: int
     stall_timeout_s: float
@@ -364,6 +390,12 @@ def load_settings(config_dir: Path | None = None, env: Mapping[str, str] | None 
         replay_file=Path(service["feed"]["replay_file"]).expanduser() if service["feed"]["replay_file"] else None,
         replay_speed=None if speed == "max" else float(speed),
         queue_size=service["feed"]["queue_size"],
+        rest_url=service["exchange"]["rest_url"].rstrip("/"),
+        ws_url=service["exchange"]["ws_url"].rstrip("/"),
+        exchange_timeout_s=service["exchange"]["timeout_s"],
+        reconcile_interval_s=service["exchange"]["reconcile_interval_s"],
+        leverage=service["exchange"]["leverage"],
+        margin_type=service["exchange"]["margin_type"],
         model_path=Path(service["model"]["path"]).expanduser() if service["model"]["path"] else None,
         model_warmup_runs=service["model"]["warmup_runs"],
         stall_timeout_s=service["watchdog"]["stall_timeout_s"],

@@ -10,20 +10,45 @@ import asyncio
 import hmac
 import time
 from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import orjson
 from aiohttp import web
 
-from alphapulse.engine import StateConflict
+from alphapulse.domain import StateConflict
 from alphapulse.log import get_logger
 from alphapulse.metrics import prometheus_text
 
-if TYPE_CHECKING:
-    from alphapulse.daemon import Daemon
-
 log = get_logger("alphapulse.control")
-DAEMON: web.AppKey[Daemon] = web.AppKey("daemon")
+
+#: The operator's actions, in the order the README lists them; each is ``POST /<name>``.
+OPERATOR_ACTIONS = ("emergency_stop", "flatten_positions", "maintenance_mode", "resume_trading")
+
+
+class ControlTarget(Protocol):
+    """What the control server needs from the process it controls: no more, so it never imports the daemon.
+
+    ``operator_action`` runs one of :data:`OPERATOR_ACTIONS` to completion (persisted before it returns) and
+    gives the answer's fields; it raises :class:`StateConflict` when the trading state forbids the action.
+    """
+
+    token: str
+    ready: bool
+
+    def health(self) -> tuple[int, dict[str, Any]]: ...
+
+    def metrics(self) -> dict[str, Any]: ...
+
+    def operator_action(self, action: str, reason: str) -> dict[str, Any]: ...
+
+    def trading_state(self) -> str: ...
+
+    def wedge_engine(self) -> None:
+        """Fault injection: the engine task stops consuming candles (as a task stuck on an await would)."""
+        ...
+
+
+DAEMON: web.AppKey[ControlTarget] = web.AppKey("daemon")
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
@@ -152,7 +177,7 @@ def _prometheus(m: dict[str, Any]) -> str:
     return prometheus_text(samples)
 
 
-def _action(name: str, fn: Callable[[Daemon, dict[str, Any]], Any]) -> Handler:
+def _action(name: str) -> Handler:
     async def handler(request: web.Request) -> web.Response:
         denied = _authorized(request)
         if denied is not None:
@@ -160,27 +185,19 @@ def _action(name: str, fn: Callable[[Daemon, dict[str, Any]], Any]) -> Handler:
         body = await _body(request)
         if isinstance(body, web.Response):
             return body
-        daemon = request.app[DAEMON]
-        if not daemon.ready:
+        target = request.app[DAEMON]
+        if not target.ready:
             return _error(503, "daemon is starting; retry shortly")
         try:
-            res = fn(daemon, body)
+            answer = target.operator_action(name, _reason(body))
         except StateConflict as e:
-            return _error(409, str(e), state=daemon.engine.state.value)
+            return _error(409, str(e), state=target.trading_state())
         except ValueError as e:
             return _error(400, str(e))
-        daemon.apply(res)
-        log.warning("operator action", action=name, state=daemon.engine.state.value,
-                    remote=request.remote or "?")
-        return _json({"ok": True, "action": name, "state": daemon.engine.state.value,
-                      "orders": [o.client_order_id for o in res.orders],
-                      "cancelled": [o.client_order_id for o in res.cancelled]})
+        log.warning("operator action", action=name, state=target.trading_state(), remote=request.remote or "?")
+        return _json({"ok": True, "action": name, **answer})
 
     return handler
-
-
-def _now_ms() -> int:
-    return int(time.time() * 1000)
 
 
 def _reason(body: dict[str, Any]) -> str:
@@ -195,7 +212,7 @@ async def debug_wedge(request: web.Request) -> web.Response:
     denied = _authorized(request)
     if denied is not None:
         return denied
-    request.app[DAEMON].wedged.set()
+    request.app[DAEMON].wedge_engine()
     return _json({"ok": True, "wedged": "engine"})
 
 
@@ -214,25 +231,22 @@ async def debug_block_loop(request: web.Request) -> web.Response:
     return _json({"ok": True, "blocked_s": seconds})
 
 
-def create_app(daemon: Daemon) -> web.Application:
+def create_app(target: ControlTarget, fault_injection: bool = False) -> web.Application:
     app = web.Application(middlewares=[errors_as_json], client_max_size=64 * 1024)
-    app[DAEMON] = daemon
+    app[DAEMON] = target
     app.router.add_get("/health", health)
     app.router.add_get("/metrics", metrics)
-    app.router.add_post("/emergency_stop",
-                        _action("emergency_stop", lambda d, b: d.engine.emergency_stop(_now_ms(), _reason(b))))
-    app.router.add_post("/flatten_positions", _action("flatten_positions", lambda d, b: d.engine.flatten(_now_ms())))
-    app.router.add_post("/maintenance_mode", _action("maintenance_mode",
-                                                     lambda d, b: d.engine.maintenance(_now_ms())))
-    app.router.add_post("/resume_trading", _action("resume_trading", lambda d, b: d.engine.resume(_now_ms())))
-    if daemon.settings.fault_injection:
+    for name in OPERATOR_ACTIONS:
+        app.router.add_post(f"/{name}", _action(name))
+    if fault_injection:
         app.router.add_post("/debug/wedge_engine", debug_wedge)
         app.router.add_post("/debug/block_loop", debug_block_loop)
     return app
 
 
-async def start_control_server(daemon: Daemon, host: str, port: int) -> web.AppRunner:
-    runner = web.AppRunner(create_app(daemon), access_log=None, handle_signals=False)
+async def start_control_server(target: ControlTarget, host: str, port: int, *,
+                               fault_injection: bool = False) -> web.AppRunner:
+    runner = web.AppRunner(create_app(target, fault_injection), access_log=None, handle_signals=False)
     await runner.setup()
     site = web.TCPSite(runner, host, port, reuse_address=True)
     try:

@@ -22,18 +22,17 @@ from pathlib import Path
 from typing import Any
 
 from alphapulse import __version__
+from alphapulse.builder import build_broker, build_engine, build_feed
 from alphapulse.config import ConfigError, Settings
+from alphapulse.control import start_control_server
 from alphapulse.domain import Candle, TradingState
-from alphapulse.engine import Engine, EngineConfig, StepResult
-from alphapulse.execution.paper import PaperBroker
+from alphapulse.engine import Engine, StepResult
 from alphapulse.features import WARMUP_BARS, StreamingFeatures
 from alphapulse.log import get_logger, register_secrets
-from alphapulse.market.feed import FeedError
-from alphapulse.market.replay import ReplayFeed, default_replay_file
+from alphapulse.market.feed import Feed, FeedError
 from alphapulse.market.validate import CandleValidator
 from alphapulse.metrics import LatencyHistogram
 from alphapulse.policy import ModelError, Policy, default_model_path
-from alphapulse.portfolio import Portfolio
 from alphapulse.store import OperatorFiles, Persisted, Store, iso_ms
 
 log = get_logger("alphapulse.daemon")
@@ -158,7 +157,7 @@ class Daemon:
         self.files: OperatorFiles
         self.engine: Engine
         self.policy: Policy
-        self.feed: ReplayFeed
+        self.feed: Feed
         self.validator: CandleValidator
         self._runner: Any = None
 
@@ -183,19 +182,12 @@ class Daemon:
 
         self.store = Store(s.data_dir)
         persisted = self.store.load()
-        broker = PaperBroker(s.taker_fee, s.slippage_bps)
-        if persisted is None:
-            portfolio = Portfolio.new(s.symbol, s.initial_equity)
-            state, reason, last_ts = TradingState.ACTIVE, "", None
-        else:
-            portfolio = Portfolio.restore(persisted.portfolio)
-            state, reason, last_ts = TradingState(persisted.trading_state), persisted.state_reason, \
-                persisted.last_candle_ts
-            broker.restore(persisted.open_orders)
-        cfg = EngineConfig(s.symbol, s.bar_ms, s.lot_size, s.confidence_threshold, s.risk)
         self.features = StreamingFeatures()
-        self.engine = Engine(cfg, self.policy, broker, portfolio, state, self.features, last_ts)
-        self.engine.state_reason = reason
+        self.engine = build_engine(s, self.policy, features=self.features, broker=build_broker(s),
+                                   persisted=persisted)
+        portfolio = self.engine.portfolio
+        last_ts = self.engine.last_candle_ts
+        reason = self.engine.state_reason
 
         self.files = OperatorFiles(s.log_dir)
         added = self.files.reconcile(self.store, self.policy.meta.action_meanings, s.bar_ms)
@@ -204,21 +196,20 @@ class Daemon:
                         **added)
 
         try:
-            replay = s.replay_file or default_replay_file(s.timeframe)
-            self.feed = ReplayFeed(replay, s.symbol, s.timeframe, s.replay_speed, start_after_ts=last_ts)
+            self.feed = build_feed(s, last_ts)
             await self.feed.open()
         except FeedError as e:
-            raise ConfigError("config.yaml", "feed.replay_file", str(e)) from None
+            raise ConfigError("config.yaml", "feed.replay_file" if s.feed_source == "replay" else "feed.source",
+                              str(e)) from None
         if last_ts is not None:
             history = self.feed.history(last_ts + 1, WARMUP_BARS)
             self.features.warmup(history)
         self.validator = CandleValidator(s.bar_ms, last_ts)
 
-        from alphapulse.control import start_control_server
-
-        self._runner = await start_control_server(self, s.control_host, s.control_port)
+        self._runner = await start_control_server(self, s.control_host, s.control_port,
+                                                  fault_injection=s.fault_injection)
         log.info("daemon started", version=__version__, mode=s.mode, symbol=s.symbol, timeframe=s.timeframe,
-                 model=self.policy.meta.version, replay=str(replay), speed=s.replay_speed or "max",
+                 model=self.policy.meta.version, feed=self.feed.describe(),
                  resumed_after=iso_ms(last_ts) if last_ts is not None else None,
                  state=self.engine.state.value, equity=str(portfolio.equity),
                  control=f"http://{s.control_host}:{s.control_port}")
@@ -378,10 +369,33 @@ class Daemon:
     def notify_status(self) -> None:
         self.notifier.notify(f"STATUS={self.status_line()}")
 
-    # ---- operator actions (called by the control server, on the loop thread) ------------------
+    # ---- the control server's view (ControlTarget; called on the loop thread) -----------------
     def apply(self, res: StepResult) -> None:
         self._persist(res)
         self.notify_status()
+
+    def operator_action(self, action: str, reason: str) -> dict[str, Any]:
+        """Run an operator action through the engine and persist it before answering."""
+        eng, now = self.engine, int(time.time() * 1000)
+        if action == "emergency_stop":
+            res = eng.emergency_stop(now, reason)
+        elif action == "flatten_positions":
+            res = eng.flatten(now)
+        elif action == "maintenance_mode":
+            res = eng.maintenance(now)
+        elif action == "resume_trading":
+            res = eng.resume(now)
+        else:
+            raise ValueError(f"unknown operator action {action!r}")
+        self.apply(res)
+        return {"state": eng.state.value, "orders": [o.client_order_id for o in res.orders],
+                "cancelled": [o.client_order_id for o in res.cancelled]}
+
+    def trading_state(self) -> str:
+        return self.engine.state.value
+
+    def wedge_engine(self) -> None:
+        self.wedged.set()
 
     # ---- lifecycle ----------------------------------------------------------------------------
     async def run(self) -> int:

@@ -11,7 +11,7 @@ import functools
 from dataclasses import dataclass
 from decimal import ROUND_DOWN, Decimal
 
-from alphapulse.domain import RiskAlert, TradingState
+from alphapulse.domain import RiskAlert, RiskLimits, TradingState
 
 ZERO = Decimal(0)
 ORDER_WINDOW_MS = 60_000
@@ -24,18 +24,6 @@ def _dec(x: float) -> Decimal:
 
 # States in which the policy may not open or change risk at all.
 BLOCKING_STATES = frozenset({TradingState.HALTED, TradingState.MAINTENANCE, TradingState.EMERGENCY_STOP})
-
-
-@dataclass(frozen=True, slots=True)
-class RiskLimits:
-    max_position_frac: float = 0.5  # maximum position notional as a fraction of equity
-    max_leverage: float = 3.0
-    daily_loss_limit_frac: float = 0.03  # of start-of-day equity; REDUCE_ONLY until the next UTC day
-    max_drawdown_frac: float = 0.12  # from peak equity; HALTED until an operator resumes
-    max_orders_per_minute: int = 10
-    max_data_age_bars: float = 2.0  # no trading on data older than this many bars
-    flatten_on_halt: bool = True
-    rebalance_band: float = 0.1  # same-side resizes smaller than this fraction of the max position are skipped
 
 
 @dataclass(frozen=True, slots=True)

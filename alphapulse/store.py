@@ -26,8 +26,7 @@ from typing import Any
 
 import orjson
 
-from alphapulse.domain import Order, Side
-from alphapulse.engine import StepResult
+from alphapulse.domain import Order, Side, StepResult
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);

@@ -91,25 +91,25 @@ def test_shipped_yaml_files_load_and_document_every_key(repo_dir: Path) -> None:
 def test_env_example_is_loadable_and_names_only_known_variables(repo_dir: Path) -> None:
     """The example env file must not carry a typo that would make the daemon refuse to start."""
     active: dict[str, str] = {}
-    commented: list[str] = []
+    commented: dict[str, str] = {}  # name -> the example value written after it (before any comment)
     for line in (repo_dir / "config" / "alphapulse.env.example").read_text().splitlines():
         text = line.strip()
         if not text:
             continue
         if text.startswith("#"):
             body = text.lstrip("#").strip()
-            name = body.split("=", 1)[0]
+            name, _, rest = body.partition("=")
             if "=" in body and name.isupper() and " " not in name:
-                commented.append(name)
+                commented[name] = rest.split("#", 1)[0].strip()
             continue
         name, value = text.split("=", 1)
         active[name] = value
     assert "TRADING_MODE" in active and len(commented) >= 5
     s = load_settings(repo_dir / "config", env=active)
     assert s.mode == "paper"
-    for name in commented:  # uncommenting any documented variable with a valid value must be accepted
-        value = {"ALPHAPULSE_CONFIG_DIR": str(repo_dir / "config"), "ALPHAPULSE_CONTROL_PORT": "8081",
-                 "ALPHAPULSE_REPLAY_SPEED": "600", "ALPHAPULSE_LOG_LEVEL": "INFO"}.get(name, "x")
+    for name, example in commented.items():  # uncommenting any documented variable must be accepted
+        value = {"ALPHAPULSE_CONFIG_DIR": str(repo_dir / "config"), "ALPHAPULSE_CONTROL_PORT": "8081"}.get(
+            name, example or "x")
         load_settings(repo_dir / "config", env={**active, name: value})
 
 

@@ -1,4 +1,4 @@
-"""Order execution: the :class:`Broker` protocol and its implementations (paper now, exchange later)."""
+"""Order execution: the :class:`Broker` protocol and its implementations (paper, and the exchange's)."""
 
 from __future__ import annotations
 
@@ -22,3 +22,7 @@ class Broker(Protocol):
     def cancel_all(self) -> list[Order]: ...
 
     def open_orders(self) -> list[Order]: ...
+
+    def restore(self, orders: list[Order]) -> None:
+        """Take back orders the store recorded as open (acknowledged, not yet filled) before a restart."""
+        ...

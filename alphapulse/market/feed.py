@@ -30,6 +30,13 @@ class Feed(Protocol):
     timeframe: str
     finished: bool
 
+    async def open(self) -> None:
+        """Get ready before the daemon says READY: load or connect, and fetch the warm-up history.
+
+        A problem the operator must fix (a missing file, a refused connection) raises :class:`FeedError`.
+        """
+        ...
+
     def candles(self) -> AsyncIterator[Candle]:
         """Raw, not yet validated candles in delivery order, each once it has closed.
 

@@ -30,7 +30,7 @@ from typing import IO
 
 import numpy as np
 
-from alphapulse.domain import Candle, timeframe_ms
+from alphapulse.domain import TIMEFRAME_MS, Candle, timeframe_ms
 from alphapulse.market.feed import FeedError
 from alphapulse.market.validate import valid_mask
 
@@ -216,8 +216,24 @@ class _Loaded:
     accepted_ts: np.ndarray
 
 
+def _check_spacing(path: Path, ts: np.ndarray, bar_ms: int) -> None:
+    """A file of another timeframe is a configuration mistake: say so once, naming both timeframes.
+
+    Otherwise most of its candles would be rejected one by one as misaligned (a 5m file under a 1h
+    configuration loses 11 candles in 12), or every bar would look like a gap.
+    """
+    if len(ts) < 3:
+        return
+    step = int(np.median(np.diff(ts)))
+    if step != bar_ms:
+        names = {ms: tf for tf, ms in TIMEFRAME_MS.items()}
+        raise FeedError(f"{path}: its candles are {names.get(step, f'{step} ms')} apart, but the configured "
+                        f"timeframe is {names.get(bar_ms, f'{bar_ms} ms')} (trading_params.yaml timeframe)")
+
+
 def _load(path: Path, bar_ms: int) -> _Loaded:
     parsed = parse_candle_file(path)
+    _check_spacing(path, parsed.columns["ts"], bar_ms)
     idx = np.flatnonzero(valid_mask(parsed.columns, bar_ms))
     return _Loaded(parsed, idx, parsed.columns["ts"][idx])
 

@@ -40,13 +40,12 @@ from typing import Any, SupportsFloat
 import gymnasium as gym
 import numpy as np
 
+from alphapulse.builder import build_engine
 from alphapulse.config import Settings
-from alphapulse.domain import Candle, Decision, TradingState, timeframe_ms
-from alphapulse.engine import Engine, EngineConfig, StepResult
-from alphapulse.execution.paper import PaperBroker
-from alphapulse.features import OBS_SIZE, FeatureSource, PrecomputedFeatures
+from alphapulse.domain import Decision, TradingState, timeframe_ms
+from alphapulse.engine import Engine, StepResult
+from alphapulse.features import OBS_SIZE, PrecomputedFeatures
 from alphapulse.policy import ACTION_TARGETS, decision_for_action
-from alphapulse.portfolio import Portfolio
 from alphapulse.training.data import Segment
 
 #: Target positions (fraction of the maximum position) of the discrete actions, in model output order.
@@ -81,14 +80,6 @@ class _NoPolicy:
 
 # The agent's discrete action as the daemon's Decision: one-hot probabilities, full confidence.
 action_decision = decision_for_action
-
-
-def build_engine(segment: Segment, settings: Settings, bar_ms: int, features: FeatureSource) -> Engine:
-    """A fresh engine for one episode: a new portfolio and paper broker with the configured costs."""
-    cfg = EngineConfig(segment.symbol, bar_ms, settings.lot_size, settings.confidence_threshold, settings.risk)
-    broker = PaperBroker(settings.taker_fee, settings.slippage_bps)
-    portfolio = Portfolio.new(segment.symbol, settings.initial_equity)
-    return Engine(cfg, _NoPolicy(), broker, portfolio, features=features)
 
 
 class TradingEnv(gym.Env[np.ndarray, np.int64]):
@@ -161,7 +152,8 @@ class TradingEnv(gym.Env[np.ndarray, np.int64]):
         self.steps = 0
         # The engine sees this episode's candles only; rows start..end of the segment's precomputed features.
         features = PrecomputedFeatures(seg.features[start : self.end + 1])
-        self.engine = build_engine(seg, self.settings, self.bar_ms, features)
+        self.engine = build_engine(self.settings, _NoPolicy(), symbol=seg.symbol, timeframe=self.cfg.timeframe,
+                                   features=features)
         res, obs = self.engine.observe(seg.candle(start))
         if obs is None:  # cannot happen for start >= first_obs_index; guards a broken segment
             raise RuntimeError(f"no observation at bar {start} of {seg.describe()}")
@@ -229,6 +221,3 @@ class TradingEnv(gym.Env[np.ndarray, np.int64]):
             "position_qty": float(pf.position.qty),
             "state": self.engine.state.value,
         }
-
-    def current_candle(self) -> Candle:
-        return self.segment.candle(self.t)

@@ -1,0 +1,86 @@
+"""One builder for the pipeline: every driver gets its engine, broker and feed here.
+
+The daemon, the backtester and the training environment used to wire the engine, the paper broker and the
+portfolio each in their own way; a cost or a limit added in one place could be missed in another.  Here the
+wiring is written once (after NautilusTrader's kernel builder), so backtest/paper/live parity is a property
+of the structure: only the candle source, the clock and the broker differ between drivers, and those are
+chosen from the configuration (``ALPHAPULSE_FEED=replay|weex``, ``TRADING_MODE=paper|live``).
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from alphapulse.domain import TradingState, timeframe_ms
+from alphapulse.engine import DecisionPolicy, Engine, EngineConfig
+from alphapulse.execution import Broker
+from alphapulse.execution.paper import PaperBroker
+from alphapulse.features import FeatureSource, StreamingFeatures
+from alphapulse.portfolio import Portfolio
+
+if TYPE_CHECKING:
+    from alphapulse.config import Settings
+    from alphapulse.market.feed import Feed
+    from alphapulse.store import PersistedState
+
+
+def engine_config(settings: Settings, symbol: str | None = None, timeframe: str | None = None) -> EngineConfig:
+    """The engine's rules from the settings; ``symbol``/``timeframe`` override them (backtests, training)."""
+    bar_ms = timeframe_ms(timeframe) if timeframe else settings.bar_ms
+    return EngineConfig(symbol or settings.symbol, bar_ms, settings.lot_size, settings.confidence_threshold,
+                        settings.risk)
+
+
+def paper_broker(settings: Settings) -> PaperBroker:
+    """The simulated venue with the configured taker fee and slippage (the only cost model there is)."""
+    return PaperBroker(settings.taker_fee, settings.slippage_bps)
+
+
+def build_engine(
+    settings: Settings,
+    policy: DecisionPolicy,
+    *,
+    symbol: str | None = None,
+    timeframe: str | None = None,
+    features: FeatureSource | None = None,
+    broker: Broker | None = None,
+    persisted: PersistedState | None = None,
+) -> Engine:
+    """An engine for any driver: a new account, or the one ``persisted`` by the store before a restart.
+
+    ``broker`` defaults to the paper broker; a restored engine hands the broker back the orders that were
+    acknowledged but not yet filled, so a restart neither loses nor repeats them.
+    """
+    cfg = engine_config(settings, symbol, timeframe)
+    broker = broker if broker is not None else paper_broker(settings)
+    feats = features if features is not None else StreamingFeatures()
+    if persisted is None:
+        return Engine(cfg, policy, broker, Portfolio.new(cfg.symbol, settings.initial_equity), features=feats)
+    broker.restore(persisted.open_orders)
+    engine = Engine(cfg, policy, broker, Portfolio.restore(persisted.portfolio),
+                    TradingState(persisted.trading_state), feats, persisted.last_candle_ts)
+    engine.state_reason = persisted.state_reason
+    return engine
+
+
+def build_broker(settings: Settings) -> Broker:
+    """The venue the configuration names: the paper broker in ``paper`` mode (on any feed)."""
+    if settings.mode == "paper":
+        return paper_broker(settings)
+    from alphapulse.config import ConfigError
+
+    raise ConfigError("environment", "TRADING_MODE", "live trading needs the WEEX exchange broker, which this "
+                      "version does not ship yet; use TRADING_MODE=paper")
+
+
+def build_feed(settings: Settings, start_after_ts: int | None) -> Feed:
+    """The candle source the configuration names (``feed.source`` / ``ALPHAPULSE_FEED``), not yet opened."""
+    from alphapulse.config import ConfigError
+
+    if settings.feed_source == "replay":
+        from alphapulse.market.replay import ReplayFeed, default_replay_file
+
+        replay = settings.replay_file or default_replay_file(settings.timeframe)
+        return ReplayFeed(replay, settings.symbol, settings.timeframe, settings.replay_speed,
+                          start_after_ts=start_after_ts)
+    raise ConfigError("config.yaml", "feed.source", f"{settings.feed_source!r} is not available in this version")
