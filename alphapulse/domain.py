@@ -66,8 +66,20 @@ class TradingState(str, enum.Enum):
 
 
 class Side(str, enum.Enum):
+    """The side of a fill in the trade ledger.
+
+    BUY and SELL are trades.  FUNDING (a perpetual's funding payment) and ADJUSTMENT (a correction to the
+    exchange's balance found by reconciliation) are cash flows booked in the same ledger, with ``qty`` 0 and the
+    signed amount in ``realized_pnl``, so ``trades.csv``'s ``pnl`` column still sums to the equity change.
+    """
+
     BUY = "buy"
     SELL = "sell"
+    FUNDING = "funding"
+    ADJUSTMENT = "adjustment"
+
+
+CASH_FLOW_SIDES = frozenset({Side.FUNDING, Side.ADJUSTMENT})
 
 
 @dataclass(frozen=True, slots=True)
@@ -105,7 +117,8 @@ class Fill:
     price: Decimal  # execution price including slippage
     fee: Decimal
     ts_ms: int
-    realized_pnl: Decimal = Decimal(0)  # gross realized PnL of this fill (before its fee)
+    realized_pnl: Decimal = Decimal(0)  # gross realized PnL of this fill (before its fee); a cash flow's amount
+    trade_id: str | None = None  # the exchange's id of this execution or cash flow (None for paper fills)
 
     @property
     def signed_qty(self) -> Decimal:

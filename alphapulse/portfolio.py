@@ -3,7 +3,8 @@
 No I/O: the engine feeds it fills and marks, the store persists its ``snapshot()``.  Cash is the wallet
 balance (initial equity + realized PnL - fees); equity adds the unrealized PnL at the last mark.  All
 booked amounts are quantised with :func:`alphapulse.costs.money`, so ``cash - initial`` equals the sum of
-every fill's ``realized_pnl - fee`` exactly, which is what ``trades.csv`` lets an operator check.
+every fill's ``realized_pnl - fee`` exactly (funding payments and reconciliation adjustments are booked as
+cash-flow fills), which is what ``trades.csv`` lets an operator check.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from decimal import Decimal
 from typing import Any
 
 from alphapulse.costs import money
-from alphapulse.domain import Fill, Position
+from alphapulse.domain import CASH_FLOW_SIDES, Fill, Position, Side
 
 DAY_MS = 86_400_000
 ZERO = Decimal(0)
@@ -51,6 +52,8 @@ class Portfolio:
     mark_price: Decimal = ZERO
     realized_pnl: Decimal = ZERO  # cumulative gross
     fees_paid: Decimal = ZERO
+    funding: Decimal = ZERO  # cumulative funding received (< 0: paid)
+    adjustments: Decimal = ZERO  # cumulative balance corrections from reconciliation with the exchange
     peak_equity: Decimal = ZERO
     day: int = -1
     day_start_equity: Decimal = ZERO
@@ -160,7 +163,18 @@ class Portfolio:
         return rolled
 
     def apply_fill(self, fill: Fill) -> Fill:
-        """Book a fill; returns it with ``realized_pnl`` filled in (gross, before its fee)."""
+        """Book a fill; returns it with ``realized_pnl`` filled in (gross, before its fee).
+
+        A cash flow (funding, adjustment) moves cash by its ``realized_pnl`` and leaves the position alone.
+        """
+        if fill.side in CASH_FLOW_SIDES:
+            amount = money(fill.realized_pnl)
+            self.cash += amount
+            if fill.side is Side.FUNDING:
+                self.funding += amount
+            else:
+                self.adjustments += amount
+            return fill if amount == fill.realized_pnl else replace(fill, realized_pnl=amount)
         self.position, pnl = realized_on_fill(self.position, fill.signed_qty, fill.price)
         self.realized_pnl += pnl
         self.fees_paid += fill.fee
@@ -185,6 +199,8 @@ class Portfolio:
             "mark_price": str(self.mark_price),
             "realized_pnl": str(self.realized_pnl),
             "fees_paid": str(self.fees_paid),
+            "funding": str(self.funding),
+            "adjustments": str(self.adjustments),
             "peak_equity": str(self.peak_equity),
             "day": self.day,
             "day_start_equity": str(self.day_start_equity),
@@ -202,6 +218,8 @@ class Portfolio:
             mark_price=d(snap["mark_price"]),
             realized_pnl=d(snap["realized_pnl"]),
             fees_paid=d(snap["fees_paid"]),
+            funding=d(snap.get("funding", "0")),
+            adjustments=d(snap.get("adjustments", "0")),
             peak_equity=d(snap["peak_equity"]),
             day=int(snap["day"]),
             day_start_equity=d(snap["day_start_equity"]),

@@ -158,7 +158,8 @@ class TradeRow:
 
     @property
     def closing(self) -> bool:
-        return self.realized_pnl != 0
+        """A trade that closed (part of) a position; funding and adjustment rows are cash flows, not trades."""
+        return self.realized_pnl != 0 and self.side in ("buy", "sell")
 
 
 @dataclass(frozen=True)

@@ -26,7 +26,7 @@ from typing import Any
 
 import orjson
 
-from alphapulse.domain import Order, Side, StepResult
+from alphapulse.domain import CASH_FLOW_SIDES, Order, Side, StepResult
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -37,11 +37,13 @@ CREATE TABLE IF NOT EXISTS decisions (
     seq INTEGER NOT NULL, state TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS orders (
     client_order_id TEXT PRIMARY KEY, symbol TEXT NOT NULL, side TEXT NOT NULL, qty TEXT NOT NULL,
-    reduce_only INTEGER NOT NULL, created_ms INTEGER NOT NULL, reason TEXT NOT NULL, status TEXT NOT NULL);
+    reduce_only INTEGER NOT NULL, created_ms INTEGER NOT NULL, reason TEXT NOT NULL, status TEXT NOT NULL,
+    exchange_order_id TEXT);
 CREATE TABLE IF NOT EXISTS fills (
-    fill_id INTEGER PRIMARY KEY, client_order_id TEXT NOT NULL UNIQUE REFERENCES orders(client_order_id),
-    symbol TEXT NOT NULL, side TEXT NOT NULL, qty TEXT NOT NULL, price TEXT NOT NULL, fee TEXT NOT NULL,
-    realized_pnl TEXT NOT NULL, ts_ms INTEGER NOT NULL);
+    fill_id INTEGER PRIMARY KEY, client_order_id TEXT NOT NULL, symbol TEXT NOT NULL, side TEXT NOT NULL,
+    qty TEXT NOT NULL, price TEXT NOT NULL, fee TEXT NOT NULL, realized_pnl TEXT NOT NULL, ts_ms INTEGER NOT NULL,
+    trade_id TEXT UNIQUE);
+CREATE INDEX IF NOT EXISTS fills_by_order ON fills(client_order_id);
 CREATE TABLE IF NOT EXISTS risk_alerts (
     alert_id INTEGER PRIMARY KEY, ts_ms INTEGER NOT NULL, limit_name TEXT NOT NULL, value REAL NOT NULL,
     threshold REAL NOT NULL, action TEXT NOT NULL, detail TEXT NOT NULL);
@@ -90,6 +92,7 @@ class Store:
         self._db.execute("PRAGMA synchronous=NORMAL")
         self._db.execute("PRAGMA wal_autocheckpoint=0")
         self._db.execute("PRAGMA foreign_keys=ON")
+        self._migrate()
         self._db.executescript(SCHEMA)
         self.ids = self._ids_from_db()
         row = self._db.execute("SELECT value FROM meta WHERE key='state'").fetchone()
@@ -97,6 +100,33 @@ class Store:
         self.seq: int = max(meta_seq, self._max_id("decisions", "seq"))
         self._ckpt_lock = threading.Lock()
         self.commits = 0
+
+    def _migrate(self) -> None:
+        """Bring a database written by an earlier version to this schema, in one transaction.
+
+        Version 1 allowed one fill per order (``UNIQUE`` on the order id, a foreign key to ``orders``) and had
+        no exchange ids: an exchange fills an order in parts, and funding payments are ledger rows without an
+        order, so the fills table is rebuilt without those constraints and with the exchange's trade id.
+        """
+        db = self._db
+        cols = {r[1] for r in db.execute("PRAGMA table_info(fills)")}
+        if not cols or "trade_id" in cols:
+            return
+        db.execute("BEGIN")
+        try:
+            db.execute("ALTER TABLE fills RENAME TO fills_v1")
+            db.execute("DROP INDEX IF EXISTS fills_by_order")
+            for stmt in SCHEMA.split(";"):
+                if "TABLE IF NOT EXISTS fills" in stmt or "fills_by_order" in stmt:
+                    db.execute(stmt)
+            db.execute("INSERT INTO fills SELECT *, NULL FROM fills_v1")
+            db.execute("DROP TABLE fills_v1")
+            if "exchange_order_id" not in {r[1] for r in db.execute("PRAGMA table_info(orders)")}:
+                db.execute("ALTER TABLE orders ADD COLUMN exchange_order_id TEXT")
+            db.execute("COMMIT")
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
 
     def _ids_from_db(self) -> RowIds:
         return RowIds(self._max_id("fills", "fill_id") + 1, self._max_id("risk_alerts", "alert_id") + 1,
@@ -157,7 +187,7 @@ class Store:
             Order(r[0], r[1], Side(r[2]), Decimal(r[3]), bool(r[4]), r[5], r[6])
             for r in self._db.execute(
                 "SELECT client_order_id, symbol, side, qty, reduce_only, created_ms, reason FROM orders "
-                "WHERE status='open' ORDER BY created_ms")
+                "WHERE status IN ('open', 'partially_filled') ORDER BY created_ms")
         ]
         return PersistedState(st["portfolio"], st["trading_state"], st.get("state_reason", ""),
                               st.get("last_candle_ts"), orders)
@@ -182,14 +212,16 @@ class Store:
         db.execute("BEGIN")
         try:
             for o in res.orders:
-                db.execute("INSERT INTO orders VALUES (?,?,?,?,?,?,?, 'open')",
+                db.execute("INSERT INTO orders VALUES (?,?,?,?,?,?,?, 'open', NULL)",
                            (o.client_order_id, o.symbol, o.side.value, str(o.qty), int(o.reduce_only), o.created_ms,
                             o.reason))
             for o in res.cancelled:
                 db.execute("UPDATE orders SET status='cancelled' WHERE client_order_id=?", (o.client_order_id,))
-            for row in out.fills:
-                db.execute("INSERT INTO fills VALUES (?,?,?,?,?,?,?,?,?)", row)
-                db.execute("UPDATE orders SET status='filled' WHERE client_order_id=?", (row[1],))
+            for f, row in zip(res.fills, out.fills):
+                db.execute("INSERT INTO fills VALUES (?,?,?,?,?,?,?,?,?,?)", row)
+                if f.side not in CASH_FLOW_SIDES:
+                    db.execute("UPDATE orders SET status=? WHERE client_order_id=?",
+                               (self._fill_status(f.client_order_id), f.client_order_id))
             if out.alerts:
                 db.executemany("INSERT INTO risk_alerts VALUES (?,?,?,?,?,?,?)", out.alerts)
             if out.incidents:
@@ -206,6 +238,43 @@ class Store:
             raise
         self.commits += 1
         return out
+
+    def _fill_status(self, client_order_id: str) -> str:
+        """'filled' once the order's fills add up to its quantity, else 'partially_filled' (inside a commit)."""
+        row = self._db.execute("SELECT qty FROM orders WHERE client_order_id=?", (client_order_id,)).fetchone()
+        if row is None:
+            return "filled"
+        done = sum((Decimal(q) for (q,) in self._db.execute(
+            "SELECT qty FROM fills WHERE client_order_id=?", (client_order_id,))), Decimal(0))
+        return "filled" if done >= Decimal(row[0]) else "partially_filled"
+
+    def mark_order(self, client_order_id: str, status: str, exchange_order_id: str | None = None) -> None:
+        """Record what the exchange said about an order (acknowledged with its id, rejected, cancelled)."""
+        assert status in ("open", "partially_filled", "filled", "cancelled", "rejected")
+        self._db.execute("UPDATE orders SET status=?, exchange_order_id=COALESCE(?, exchange_order_id) "
+                         "WHERE client_order_id=?", (status, exchange_order_id, client_order_id))
+        self.commits += 1
+
+    def order_fills(self, client_order_ids: Iterable[str]) -> dict[str, list[tuple[Decimal, str | None]]]:
+        """(qty, trade id) of each booked fill of these orders: what a restarted broker already has."""
+        ids = list(client_order_ids)
+        out: dict[str, list[tuple[Decimal, str | None]]] = {i: [] for i in ids}
+        if ids:
+            marks = ",".join("?" * len(ids))
+            for coid, qty, trade_id in self._db.execute(
+                    f"SELECT client_order_id, qty, trade_id FROM fills WHERE client_order_id IN ({marks})", ids):
+                out[coid].append((Decimal(qty), trade_id))
+        return out
+
+    def last_cash_flow_ms(self, side: str) -> int | None:
+        """Time of the newest booked cash flow of a kind ('funding'): where to ask the exchange from."""
+        row = self._db.execute("SELECT MAX(ts_ms) FROM fills WHERE side=?", (side,)).fetchone()
+        return None if row is None or row[0] is None else int(row[0])
+
+    def order_status(self, client_order_id: str) -> tuple[str, str | None] | None:
+        row = self._db.execute("SELECT status, exchange_order_id FROM orders WHERE client_order_id=?",
+                               (client_order_id,)).fetchone()
+        return None if row is None else (row[0], row[1])
 
     # ---- queries for reconciliation and the API ----------------------------------------------
     def fills_after(self, fill_id: int) -> Iterator[tuple[Any, ...]]:
@@ -259,7 +328,7 @@ def build_rows(res: StepResult, ids: RowIds, equity: str, position: str) -> Pers
     out = Persisted([], None, [], [])
     for f in res.fills:
         out.fills.append((ids.fill, f.client_order_id, f.symbol, f.side.value, str(f.qty), str(f.price), str(f.fee),
-                          str(f.realized_pnl), f.ts_ms))
+                          str(f.realized_pnl), f.ts_ms, f.trade_id))
         ids.fill += 1
     for a in res.alerts:
         out.alerts.append((ids.alert, a.ts_ms, a.limit, a.value, a.threshold, a.action,
@@ -374,7 +443,7 @@ class OperatorFiles:
 
     # ---- line formats -------------------------------------------------------------------------
     def trade(self, row: tuple[Any, ...], reason: str) -> None:
-        fill_id, coid, symbol, side, qty, price, fee, realized, ts_ms = row
+        fill_id, coid, symbol, side, qty, price, fee, realized, ts_ms = row[:9]
         pnl = Decimal(realized) - Decimal(fee)
         line = (f"{iso_ms(ts_ms)},{symbol},{side},{_fmt_dec(qty)},{_fmt_dec(price)},{_fmt_dec(fee)},"
                 f"{format(pnl, 'f')},{_fmt_dec(realized)},{coid},{fill_id},{reason}\n")

@@ -97,13 +97,22 @@ def test_bad_requests_get_4xx_json(daemon: DaemonProc) -> None:
     assert daemon.metrics()["trading"]["state"] == "ACTIVE", "rejected requests must change nothing"
 
 
-def test_posts_need_the_bearer_token(daemon: DaemonProc) -> None:
+@pytest.mark.parametrize("path", ["/emergency_stop", "/flatten_positions", "/maintenance_mode", "/resume_trading"])
+def test_posts_need_the_bearer_token(daemon: DaemonProc, path: str) -> None:
     for headers in ({}, {"Authorization": "Basic dXNlcjpwYXNz"}, {"Authorization": "Bearer wrong"},
                     {"Authorization": "Bearer"}):
-        status, body, _ = daemon.http("POST", "/emergency_stop", headers=headers)
+        status, body, _ = daemon.http("POST", path, headers=headers)
         assert status == 401, headers
         assert "Authorization: Bearer" in body["how"]
-    assert daemon.metrics()["trading"]["state"] == "ACTIVE"
+    m = daemon.metrics()
+    assert m["trading"]["state"] == "ACTIVE"
+    # this runs before the flatten test (file order): no flatten order may exist yet
+    assert not any(o.endswith("-flatten") for o in _order_ids(daemon)), "no flatten without a token"
+
+
+def _order_ids(daemon: DaemonProc) -> list[str]:
+    lines = (daemon.log_dir / "trades.csv").read_text().splitlines()[1:]
+    return [line.split(",")[8] for line in lines]
 
 
 def test_garbage_on_the_socket_gets_a_400_and_the_daemon_lives(daemon: DaemonProc) -> None:
@@ -129,12 +138,16 @@ def test_maintenance_blocks_orders_and_resume_restores(daemon: DaemonProc) -> No
 
 def test_flatten_closes_the_position_with_a_reduce_only_order(daemon: DaemonProc) -> None:
     token = daemon.token()
-    daemon.wait_metric(lambda m: bool(m["portfolio"]["positions"]), timeout=60)
-    status, body, _ = daemon.http("POST", "/maintenance_mode", token=token)  # freeze the policy meanwhile
-    assert status == 200
-    m = daemon.metrics()
-    if not m["portfolio"]["positions"]:  # an order pending at the switch may have closed it already
-        pytest.skip("position closed before the flatten")
+    for _attempt in range(10):
+        daemon.wait_metric(lambda m: bool(m["portfolio"]["positions"]), timeout=60)
+        status, body, _ = daemon.http("POST", "/maintenance_mode", token=token)  # freeze the policy meanwhile
+        assert status == 200
+        daemon.wait_metric(lambda m: m["trading"]["open_orders"] == 0, timeout=10)  # a pending order fills first
+        if daemon.metrics()["portfolio"]["positions"]:
+            break
+        assert daemon.http("POST", "/resume_trading", token=token)[0] == 200  # it closed itself: try again
+    else:
+        pytest.fail("no position to flatten in 10 attempts")
     status, body, _ = daemon.http("POST", "/flatten_positions", token=token)
     assert status == 200 and len(body["orders"]) == 1 and body["orders"][0].endswith("-flatten"), body
     daemon.wait_metric(lambda m: m["portfolio"]["positions"] == [], timeout=10)
