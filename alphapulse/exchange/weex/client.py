@@ -663,17 +663,19 @@ class WeexClient:
                                    weight=kline_weight(HISTORY_PAGE_ROWS))
         return sorted((parse_kline_row(r) for r in _rows(data)), key=lambda c: c.ts)
 
-    async def history(self, symbol: str, interval: str, start_ms: int, end_ms: int) -> list[Candle]:
+    async def history(self, symbol: str, interval: str, start_ms: int, end_ms: int,
+                      closed_by_ms: int | None = None) -> list[Candle]:
         """Every *closed* bar with open time in ``[start_ms, end_ms]``: pages of 100, de-duplicated, sorted.
 
         Pages are windows of exactly 100 bar slots, so the result is the same whether the server returns
         the oldest or the newest rows of an over-long window; a window the exchange has no data for
         (an outage) just yields nothing, and the next window is asked anyway.  "Closed" means
-        ``ts + bar <= now`` on the server-corrected clock.
+        ``ts + bar <= closed_by_ms``, by default the server-corrected clock (a caller that knows more,
+        such as the live feed that saw the next bar open on the stream, passes a later time).
         """
         bar = timeframe_ms(interval)
         first = -(-int(start_ms) // bar) * bar  # first aligned open time >= start_ms
-        now = self.now_ms()
+        now = self.now_ms() if closed_by_ms is None else int(closed_by_ms)
         last = min(int(end_ms), now - bar)
         by_ts: dict[int, Candle] = {}
         cursor = first
