@@ -149,13 +149,17 @@ class TokenBucket:
                     delay = self._paused_until - now
                 else:
                     self._refill(now)
-                    if self._tokens >= weight:
+                    if self._tokens >= weight - 1e-9:  # float dust must not cause an endless tiny sleep
                         self._tokens -= weight
                         self.waited_s += waited
                         return waited
                     delay = (weight - self._tokens) / self.per_s
                 await self._sleep(delay)
                 waited += delay
+
+    def paused_for(self) -> float:
+        """Seconds left of the current pause (0 when not paused)."""
+        return max(0.0, self._paused_until - self._monotonic())
 
     def pause(self, seconds: float) -> None:
         """Hold every caller for ``seconds`` and start again from an empty bucket (after a 429)."""
@@ -433,6 +437,7 @@ class WeexClient:
         weight_limiter: TokenBucket | None = None,
         order_limiter: TokenBucket | None = None,
         rng: Callable[[], float] = random.random,
+        max_rate_limit_pause_s: float = MAX_429_PAUSE_S,
     ) -> None:
         self.rest_url = rest_url.rstrip("/")
         self._path_prefix = yarl.URL(self.rest_url).path.rstrip("/")
@@ -452,6 +457,7 @@ class WeexClient:
         self._weights = weight_limiter or TokenBucket(WEIGHT_CAPACITY, WEIGHT_PER_S)
         self._orders = order_limiter or TokenBucket(ORDER_CAPACITY, ORDER_PER_S)
         self._rng = rng
+        self.max_rate_limit_pause_s = max_rate_limit_pause_s
         self.offset_ms = 0  # server time - local clock
         self._synced_at: float | None = None  # time.monotonic() of the last sync
         self._sync_lock = asyncio.Lock()
@@ -530,11 +536,14 @@ class WeexClient:
     def _on_rate_limited(self, err: RateLimitError) -> float:
         """Pause every caller: Retry-After when the server sent it, else an exponential, jittered pause."""
         self.rate_limited += 1
+        if self._weights.paused_for() > 0 and err.retry_after_s is None:
+            # Another caller's 429 from the same burst already paused everyone: one episode, one step.
+            return self._weights.paused_for()
         self._consecutive_429 += 1
         if err.retry_after_s is not None:
-            pause = min(err.retry_after_s, MAX_429_PAUSE_S)
+            pause = min(err.retry_after_s, self.max_rate_limit_pause_s)
         else:
-            pause = min(MAX_429_PAUSE_S, self.backoff_base_s * (2 ** (self._consecutive_429 - 1)))
+            pause = min(self.max_rate_limit_pause_s, self.backoff_base_s * (2 ** (self._consecutive_429 - 1)))
             pause *= 0.5 + 0.5 * self._rng()
         self._weights.pause(pause)
         log.warning("weex_rate_limited", endpoint=err.endpoint, pause_s=round(pause, 3),
