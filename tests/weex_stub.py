@@ -80,6 +80,7 @@ class WeexStub:
     requests: list[Recorded] = field(default_factory=list)
     # WebSocket behaviour
     ws_ack: bool = True
+    ws_accept: bool = True  # False: the handshake is refused with 503 (the stream cannot reconnect)
     ws_outbox: asyncio.Queue[Any] = field(default_factory=asyncio.Queue)
     ws_received: list[dict[str, Any]] = field(default_factory=list)
     ws_connections: int = 0
@@ -135,6 +136,9 @@ class WeexStub:
         self.ws_outbox.put_nowait({"e": "kline", "s": symbol, "d": [{
             "t": c.ts, "o": str(c.open), "h": str(c.high), "l": str(c.low), "c": str(c.close),
             "v": str(c.volume), "i": interval}]})
+
+    def push_ping(self) -> None:
+        self.ws_outbox.put_nowait({"event": "ping", "time": self.server_ms()})
 
     def drop_ws(self) -> None:
         """Close the current WebSocket connection from the server side."""
@@ -196,6 +200,8 @@ class WeexStub:
         return 404, {"code": -1000, "msg": f"no route {rec.method} {rec.path}"}
 
     async def _ws(self, request: web.Request) -> web.WebSocketResponse:
+        if not self.ws_accept:
+            raise web.HTTPServiceUnavailable()
         ws = web.WebSocketResponse(autoping=True)
         await ws.prepare(request)
         self.ws_connections += 1

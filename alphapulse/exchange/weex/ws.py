@@ -86,7 +86,9 @@ class KlineStream:
         self.messages = 0
         self.pings = 0
         self.last_error: str | None = None
-        self.last_message_mono: float | None = None  # time.monotonic() of the last frame of any kind
+        # time.monotonic() of the last data frame or ping.  Acks do not count: a stream that reconnects,
+        # is acked and then says nothing again is still stalled.
+        self.last_message_mono: float | None = None
 
     def _id(self) -> str:
         out = str(self._next_id)
@@ -94,7 +96,7 @@ class KlineStream:
         return out
 
     def last_message_age_s(self) -> float | None:
-        """Seconds since the last frame (data or ping); None before the first one."""
+        """Seconds since the last data frame or ping; None before the first one."""
         if self.last_message_mono is None:
             return None
         return time.monotonic() - self.last_message_mono
@@ -158,7 +160,6 @@ class KlineStream:
                 raise StreamError(f"websocket error: {ws.exception()!r}")
             if msg.type not in (aiohttp.WSMsgType.TEXT, aiohttp.WSMsgType.BINARY):
                 continue
-            self.last_message_mono = time.monotonic()
             self.messages += 1
             try:
                 data: Any = orjson.loads(msg.data)
@@ -169,6 +170,7 @@ class KlineStream:
                 continue
             if data.get("event") == "ping" or data.get("type") == "ping":
                 self.pings += 1
+                self.last_message_mono = time.monotonic()
                 await ws.send_bytes(orjson.dumps({"id": self._id(), "method": "PONG"}))
                 continue
             if "result" in data and str(data.get("id")) == sub_id:
@@ -180,6 +182,7 @@ class KlineStream:
                     log.info("weex_ws_subscribed", channel=self.channel, reconnects=self.reconnects)
                 continue
             if data.get("e") == "kline":
+                self.last_message_mono = time.monotonic()
                 for update in self._parse_kline(data):
                     yield update
 
