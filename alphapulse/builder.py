@@ -20,6 +20,7 @@ from alphapulse.portfolio import Portfolio
 
 if TYPE_CHECKING:
     from alphapulse.config import Settings
+    from alphapulse.exchange.weex.client import WeexClient
     from alphapulse.market.feed import Feed
     from alphapulse.store import PersistedState
 
@@ -63,24 +64,34 @@ def build_engine(
     return engine
 
 
-def build_broker(settings: Settings) -> Broker:
-    """The venue the configuration names: the paper broker in ``paper`` mode (on any feed)."""
+def build_exchange_client(settings: Settings) -> WeexClient:
+    """One WEEX REST client (one aiohttp session, created on the daemon's loop when started) for feed and broker."""
+    from alphapulse.exchange.weex.client import WeexClient
+
+    return WeexClient(settings.rest_url, settings.api_key, settings.secret_key, settings.passphrase,
+                      timeout_s=settings.exchange_timeout_s)
+
+
+def build_broker(settings: Settings, client: WeexClient | None = None) -> Broker:
+    """The venue the configuration names: the paper broker in ``paper`` mode (on any feed), WEEX in ``live``."""
     if settings.mode == "paper":
         return paper_broker(settings)
-    from alphapulse.config import ConfigError
+    from alphapulse.exchange.weex.broker import WeexBroker
 
-    raise ConfigError("environment", "TRADING_MODE", "live trading needs the WEEX exchange broker, which this "
-                      "version does not ship yet; use TRADING_MODE=paper")
+    return WeexBroker(client or build_exchange_client(settings), settings.symbol, leverage=settings.leverage,
+                      margin_type=settings.margin_type)
 
 
-def build_feed(settings: Settings, start_after_ts: int | None) -> Feed:
+def build_feed(settings: Settings, start_after_ts: int | None, client: WeexClient | None = None) -> Feed:
     """The candle source the configuration names (``feed.source`` / ``ALPHAPULSE_FEED``), not yet opened."""
-    from alphapulse.config import ConfigError
-
     if settings.feed_source == "replay":
         from alphapulse.market.replay import ReplayFeed, default_replay_file
 
         replay = settings.replay_file or default_replay_file(settings.timeframe)
         return ReplayFeed(replay, settings.symbol, settings.timeframe, settings.replay_speed,
                           start_after_ts=start_after_ts)
-    raise ConfigError("config.yaml", "feed.source", f"{settings.feed_source!r} is not available in this version")
+    from alphapulse.exchange.weex.feed import WeexFeed
+    from alphapulse.features import WARMUP_BARS
+
+    return WeexFeed(client or build_exchange_client(settings), settings.ws_url + "/public", settings.symbol,
+                    settings.timeframe, start_after_ts=start_after_ts, warmup_bars=WARMUP_BARS)

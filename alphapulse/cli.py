@@ -42,7 +42,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         uvloop = None  # type: ignore[assignment]
 
     from alphapulse.control import ControlServerError
-    from alphapulse.daemon import Daemon
+    from alphapulse.daemon import Daemon, StartupError
 
     async def main() -> int:
         return await Daemon(settings, exit_at_end=args.exit_at_end).run()
@@ -54,8 +54,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     except ConfigError as e:
         log.error("config error", error=str(e))
         return report_config_error(e)
-    except ControlServerError as e:
-        log.error("control server failed", error=str(e))
+    except (ControlServerError, StartupError) as e:
+        log.error("start-up failed", error=str(e))
         print(f"alphapulse: {e}", file=sys.stderr)
         return 1
     finally:

@@ -357,8 +357,11 @@ def load_settings(config_dir: Path | None = None, env: Mapping[str, str] | None 
         if missing:
             raise ConfigError("environment", missing[0], "live mode needs WEEX_API_KEY, WEEX_SECRET_KEY and "
                               f"WEEX_PASSPHRASE; missing: {', '.join(missing)}")
-        raise ConfigError("environment", "TRADING_MODE", "live trading needs the WEEX exchange broker, which this "
-                          "version does not ship yet; use TRADING_MODE=paper")
+        if service["feed"]["replay_file"]:
+            raise ConfigError("environment" if env.get("ALPHAPULSE_REPLAY_FILE") else SERVICE_FILE,
+                              "ALPHAPULSE_REPLAY_FILE" if env.get("ALPHAPULSE_REPLAY_FILE") else "feed.replay_file",
+                              "live mode trades the exchange's own candles; unset the replay file")
+        service["feed"]["source"] = "weex"  # live orders need live prices, whatever feed.source says
 
     r = trading["risk"]
     risk = RiskLimits(

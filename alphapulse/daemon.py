@@ -22,17 +22,21 @@ from pathlib import Path
 from typing import Any
 
 from alphapulse import __version__
-from alphapulse.builder import build_broker, build_engine, build_feed
+from alphapulse.builder import build_broker, build_engine, build_exchange_client, build_feed
 from alphapulse.config import ConfigError, Settings
 from alphapulse.control import start_control_server
-from alphapulse.domain import Candle, TradingState
+from alphapulse.domain import Candle, Fill, TradingState
 from alphapulse.engine import Engine, StepResult
+from alphapulse.exchange.weex.broker import WeexBroker
+from alphapulse.exchange.weex.client import WeexClient
+from alphapulse.exchange.weex.errors import AuthError, ExchangeUnavailable, UnknownSymbolError, WeexError
 from alphapulse.features import WARMUP_BARS, StreamingFeatures
 from alphapulse.log import get_logger, register_secrets
 from alphapulse.market.feed import Feed, FeedError
 from alphapulse.market.validate import CandleValidator
 from alphapulse.metrics import LatencyHistogram
 from alphapulse.policy import ModelError, Policy, default_model_path
+from alphapulse.reconcile import AccountView, Resolution, reconcile
 from alphapulse.store import OperatorFiles, Persisted, Store, iso_ms
 
 log = get_logger("alphapulse.daemon")
@@ -129,6 +133,10 @@ class Component:
         return time.monotonic() - self.last_progress
 
 
+class StartupError(Exception):
+    """Start-up failed for a reason that may pass (the exchange unreachable): exit 1 so systemd tries again."""
+
+
 class Daemon:
     def __init__(self, settings: Settings, exit_at_end: bool = False) -> None:
         self.settings = settings
@@ -139,7 +147,13 @@ class Daemon:
         self.stop_event = asyncio.Event()
         self.exit_code = 0
         self.ready = False
-        self.components = {n: Component(n) for n in ("feed", "engine", "housekeeping")}
+        live = settings.mode == "live"
+        self.components = {n: Component(n) for n in ("feed", "engine", "housekeeping",
+                                                       *(("execution", "reconcile") if live else ()))}
+        self.client: WeexClient | None = None
+        self.live: WeexBroker | None = None
+        self.reconcile_stats: Counter[str] = Counter()
+        self.last_reconcile_wall: float | None = None
         self.latency = LatencyHistogram()  # candle in -> order acked and committed
         self.inference = LatencyHistogram()
         self.rejected: Counter[str] = Counter()
@@ -183,9 +197,14 @@ class Daemon:
         self.store = Store(s.data_dir)
         persisted = self.store.load()
         self.features = StreamingFeatures()
-        self.engine = build_engine(s, self.policy, features=self.features, broker=build_broker(s),
-                                   persisted=persisted)
+        if s.mode == "live" or s.feed_source == "weex":
+            self.client = build_exchange_client(s)
+        broker = build_broker(s, self.client)
+        self.engine = build_engine(s, self.policy, features=self.features, broker=broker, persisted=persisted)
         portfolio = self.engine.portfolio
+        if isinstance(broker, WeexBroker):
+            self.live = broker
+            await self._start_live(broker, persisted is not None)
         last_ts = self.engine.last_candle_ts
         reason = self.engine.state_reason
 
@@ -195,15 +214,17 @@ class Daemon:
             log.warning("operator files were behind the database (crash between commit and append); restored",
                         **added)
 
+        self.feed = build_feed(s, last_ts, self.client)
         try:
-            self.feed = build_feed(s, last_ts)
             await self.feed.open()
         except FeedError as e:
-            raise ConfigError("config.yaml", "feed.replay_file" if s.feed_source == "replay" else "feed.source",
-                              str(e)) from None
+            if s.feed_source == "replay":
+                raise ConfigError("config.yaml", "feed.replay_file", str(e)) from None
+            raise StartupError(f"exchange feed: {e}") from None  # the network may come back: systemd retries
         if last_ts is not None:
-            history = self.feed.history(last_ts + 1, WARMUP_BARS)
-            self.features.warmup(history)
+            self.features.warmup(self.feed.history(last_ts + 1, WARMUP_BARS))
+        elif s.feed_source == "weex":  # a live market has a past: warm up from it instead of waiting 49 bars
+            self.features.warmup(self.feed.history(self.feed.now_ms() or 0, WARMUP_BARS))
         self.validator = CandleValidator(s.bar_ms, last_ts)
 
         self._runner = await start_control_server(self, s.control_host, s.control_port,
@@ -215,6 +236,80 @@ class Daemon:
                  control=f"http://{s.control_host}:{s.control_port}")
         if self.engine.state is not TradingState.ACTIVE:
             log.warning("trading state restored", state=self.engine.state.value, reason=reason)
+
+    async def _start_live(self, broker: WeexBroker, has_state: bool) -> None:
+        """Credentials, symbol, leverage and a first reconciliation, all before READY."""
+        s = self.settings
+        broker.bind(lambda: self.engine.portfolio.position.qty)
+        broker.restore_booked(self.store.order_fills(o.client_order_id for o in broker.open_orders()))
+        broker.funding_since_ms = self.store.last_cash_flow_ms("funding")
+        try:
+            await broker.start()
+        except AuthError as e:
+            raise ConfigError("environment", "WEEX_API_KEY", f"the exchange rejected the credentials "
+                              f"({e.code}: {e.msg}); nothing was traded") from None
+        except UnknownSymbolError as e:
+            raise ConfigError("trading_params.yaml", "symbol", f"{s.symbol}: {e.msg}") from None
+        except (ExchangeUnavailable, WeexError) as e:
+            raise StartupError(f"exchange unreachable at start ({e}); nothing was traded") from None
+        previous = self.store.get_meta("mode")
+        switched = has_state and previous != "live"  # a paper store going live: its paper books differ, by design
+        await self._reconcile(expected_difference=switched or not has_state)
+        if switched or not has_state:
+            self.engine.portfolio.rebase()
+            log.warning("live trading starts from the exchange's account", previous_mode=previous or "none",
+                        equity=str(self.engine.portfolio.equity), position=str(self.engine.portfolio.position.qty))
+        self.store.set_meta("mode", "live")
+
+    async def _reconcile(self, expected_difference: bool = False) -> Resolution | None:
+        """Compare the store's account with the exchange's and resolve by the rule in alphapulse.reconcile."""
+        broker = self.live
+        assert broker is not None
+        if broker.in_flight() and not expected_difference:
+            self.reconcile_stats["skipped_in_flight"] += 1
+            return None
+        theirs = await broker.account()
+        pf = self.engine.portfolio
+        ours = AccountView(pf.symbol, pf.position.qty, pf.position.entry_price, pf.cash)
+        resolution = reconcile(ours, theirs, broker.order_ids(), qty_tolerance=self.settings.lot_size / 2,
+                               halt_on_position=not expected_difference)
+        self.reconcile_stats["runs"] += 1
+        self.last_reconcile_wall = time.time()
+        if not resolution.clean:
+            for m in resolution.mismatches:
+                self.reconcile_stats[m.kind] += 1
+                log.warning("RECONCILIATION_MISMATCH", **m.as_detail())
+            self.apply(self.engine.apply_reconciliation(resolution, int(time.time() * 1000)))
+        return resolution
+
+    async def _reconcile_loop(self) -> None:
+        comp = self.components["reconcile"]
+        while True:
+            await asyncio.sleep(self.settings.reconcile_interval_s)
+            try:
+                await self._reconcile()
+                comp.progress("running")
+            except WeexError as e:
+                self.reconcile_stats["errors"] += 1
+                log.warning("reconciliation failed; will retry", error=str(e))
+
+    async def _execute(self) -> None:
+        assert self.live is not None
+        self.components["execution"].progress("running")
+        await self.live.run(self)
+
+    # ---- what the exchange reports (ExecutionSink; called by the broker's task on the loop) ------
+    def on_fills(self, fills: list[Fill]) -> None:
+        res = StepResult(None)
+        self.engine.book_fills(res, fills)
+        self.apply(res)
+        self.components["execution"].progress("running")
+
+    def on_order_status(self, client_order_id: str, status: str, exchange_order_id: str | None, detail: str) -> None:
+        self.store.mark_order(client_order_id, status, exchange_order_id)
+        if status in ("rejected", "cancelled"):
+            log.warning("order ended without filling completely", order_id=client_order_id, status=status,
+                        exchange_order_id=exchange_order_id, detail=detail)
 
     # ---- tasks ------------------------------------------------------------------------------
     async def _ingest(self) -> None:
@@ -271,7 +366,10 @@ class Daemon:
         self._publish(res, self._commit(res))
 
     def _commit(self, res: StepResult) -> Persisted:
-        return self.store.commit_step(res, self.engine.snapshot())
+        p = self.store.commit_step(res, self.engine.snapshot())
+        if res.orders:
+            self.engine.broker.release()  # the intents are durable: now they may leave for the venue
+        return p
 
     def _publish(self, res: StepResult, p: Persisted) -> None:
         """Operator files and log lines for a committed step (re-created from the store after a crash)."""
@@ -352,7 +450,8 @@ class Daemon:
             return f"engine made no progress for {eng.age_s():.1f}s with {self._queue.qsize()} candles queued"
         feed = self.components["feed"]
         if feed.state != "finished" and not self._queue.full():
-            expected = 3 * self.settings.bar_ms / 1000 / (self.settings.replay_speed or 1e9)
+            speed = (self.settings.replay_speed or 1e9) if self.settings.feed_source == "replay" else 1.0
+            expected = 3 * self.settings.bar_ms / 1000 / speed  # a live market closes one bar per bar
             if feed.age_s() > stall + expected:
                 return f"feed produced nothing for {feed.age_s():.1f}s"
         hk = self.components["housekeeping"]
@@ -410,6 +509,9 @@ class Daemon:
         self.components["feed"].task = asyncio.create_task(self._ingest(), name="ingest")
         self.components["engine"].task = asyncio.create_task(self._run_engine(), name="engine")
         self.components["housekeeping"].task = asyncio.create_task(self._housekeeping(), name="housekeeping")
+        if self.live is not None:
+            self.components["execution"].task = asyncio.create_task(self._execute(), name="execution")
+            self.components["reconcile"].task = asyncio.create_task(self._reconcile_loop(), name="reconcile")
         for c in self.components.values():
             c.progress(c.state)
         wd = watchdog_interval_s()
@@ -471,6 +573,8 @@ class Daemon:
         if self._runner is not None:
             await self._runner.cleanup()
             self._runner = None
+        if self.client is not None:
+            await self.client.close()
         if hasattr(self, "store"):
             try:
                 self.store.close()
@@ -528,6 +632,15 @@ class Daemon:
                        "rejected_candles": sum(self.rejected.values()),
                        "rejected_by_reason": dict(self.rejected), "gaps": self.validator.gaps,
                        "feed": self.feed.describe()},
+            "exchange": None if self.live is None else {
+                "broker": self.live.describe(),
+                "reconciliation": {"runs": self.reconcile_stats["runs"],
+                                   "mismatches": {k: v for k, v in self.reconcile_stats.items()
+                                                  if k in ("position", "balance", "foreign_order")},
+                                   "errors": self.reconcile_stats["errors"],
+                                   "skipped_in_flight": self.reconcile_stats["skipped_in_flight"],
+                                   "last_run_age_s": None if self.last_reconcile_wall is None else
+                                   round(time.time() - self.last_reconcile_wall, 3)}},
             "system": {"version": __version__, "pid": os.getpid(), "uptime_s": round(time.time() -
                                                                                      self.started_wall, 3),
                        "rss_mb": round(rss_mb(), 2), "queue_depth": self._queue.qsize(),
@@ -535,8 +648,16 @@ class Daemon:
                        "ready": self.ready, "watchdog": watchdog_interval_s() is not None},
         }
 
+    def degraded(self) -> str | None:
+        """Why the daemon cannot trade safely although every task is alive (a silent market-data stream):
+        /health says 503, the watchdog keeps pinging (a restart would not bring the stream back sooner)."""
+        info = self.feed.describe()
+        if info.get("stalled"):
+            return f"market data stream silent for {info.get('last_message_age_s')}s; no new risk is taken"
+        return None
+
     def health(self) -> tuple[int, dict[str, Any]]:
-        problem = self.health_problem()
+        problem = self.health_problem() or self.degraded()
         comps = {n: {"state": c.state, "last_progress_age_s": round(c.age_s(), 3)} for n, c in self.components.items()}
         comps["feed"]["finished"] = self.feed.finished
         body = {

@@ -24,6 +24,7 @@ from alphapulse.domain import (
     Fill,
     Incident,
     Order,
+    RiskAlert,
     RiskLimits,
     Side,
     StateConflict,
@@ -33,6 +34,7 @@ from alphapulse.domain import (
 from alphapulse.execution import Broker
 from alphapulse.features import FeatureSource, StreamingFeatures, observation, position_fractions
 from alphapulse.portfolio import Portfolio
+from alphapulse.reconcile import Resolution
 from alphapulse.risk import ORDER_WINDOW_MS, check_order, next_state, resume_state, target_qty
 
 
@@ -228,6 +230,27 @@ class Engine:
             res.orders.append(order)
             self.orders_sent += 1
             self.book_fills(res, self.broker.on_candle(Candle(ts_ms, price, price, price, price, 0.0)))
+        return res
+
+    def apply_reconciliation(self, resolution: Resolution, now_ms: int) -> StepResult:
+        """Apply what :func:`alphapulse.reconcile.reconcile` decided: alerts, the exchange's position and
+        balance adopted, and a halt when something the daemon did not make is on the account."""
+        res = StepResult(None)
+        for m in resolution.mismatches:
+            res.alerts.append(RiskAlert(now_ms, f"reconciliation_{m.kind}", 1.0, 0.0, m.action, m.as_detail()))
+        if resolution.adopt_position is not None:
+            qty, entry = resolution.adopt_position
+            self.portfolio.adopt_position(qty, entry)
+        if resolution.balance_adjustment:
+            self.book_fills(res, [Fill(f"reconcile-{now_ms}", self.cfg.symbol, Side.ADJUSTMENT, Decimal(0),
+                                       Decimal(0), Decimal(0), now_ms, resolution.balance_adjustment)])
+        if resolution.halt:
+            self._set_state(TradingState.HALTED, "reconciliation_mismatch", res, now_ms)
+        if resolution.mismatches:
+            res.incidents.append(Incident(now_ms, "RECONCILIATION", {
+                "mismatches": [m.as_detail() for m in resolution.mismatches], "halted": resolution.halt,
+                "state": self.state.value}))
+        res.state_changed = bool(resolution.mismatches)
         return res
 
     # ---- operator actions -------------------------------------------------------------------

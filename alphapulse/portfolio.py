@@ -184,6 +184,15 @@ class Portfolio:
             self.mark_price = fill.price
         return replace(fill, realized_pnl=pnl)
 
+    def adopt_position(self, qty: Decimal, entry_price: Decimal) -> None:
+        """Take the exchange's position as ours (reconciliation): no cash moves, the mark values it from now."""
+        self.position = Position(self.symbol, qty, entry_price if qty else ZERO)
+
+    def rebase(self) -> None:
+        """Measure drawdown and the day's loss from the current equity (live trading starts from the exchange's
+        account, not from the paper books that came before it)."""
+        self.peak_equity = self.day_start_equity = self.equity
+
     def reset_peak(self) -> None:
         """After an operator resumes from a drawdown halt, measure drawdown from here."""
         self.peak_equity = self.equity

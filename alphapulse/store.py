@@ -271,6 +271,15 @@ class Store:
         row = self._db.execute("SELECT MAX(ts_ms) FROM fills WHERE side=?", (side,)).fetchone()
         return None if row is None or row[0] is None else int(row[0])
 
+    def get_meta(self, key: str) -> str | None:
+        row = self._db.execute("SELECT value FROM meta WHERE key=?", (key,)).fetchone()
+        return None if row is None else str(row[0])
+
+    def set_meta(self, key: str, value: str) -> None:
+        assert key != "state", "the state row is written by commit_step"
+        self._db.execute("INSERT OR REPLACE INTO meta VALUES (?, ?)", (key, value))
+        self.commits += 1
+
     def order_status(self, client_order_id: str) -> tuple[str, str | None] | None:
         row = self._db.execute("SELECT status, exchange_order_id FROM orders WHERE client_order_id=?",
                                (client_order_id,)).fetchone()
@@ -395,6 +404,11 @@ def _fmt_dec(text: str) -> str:
     return format(Decimal(text).normalize(), "f") if "E" in text or "e" in text else text
 
 
+def _default_reason(side: str) -> str:
+    """A fill's reason when its order has none: a cash flow is its own reason (funding, adjustment)."""
+    return "policy" if side in ("buy", "sell") else side
+
+
 class OperatorFiles:
     """Append-only operator files in the log directory, derived from the store's rows."""
 
@@ -484,7 +498,7 @@ class OperatorFiles:
 
     def write(self, p: Persisted, reasons: dict[str, str], action_meanings: tuple[str, ...], bar_ms: int) -> None:
         for row in p.fills:
-            self.trade(row, reasons.get(row[1], "policy"))
+            self.trade(row, reasons.get(row[1]) or _default_reason(row[3]))
         if p.decision is not None:
             self.decision(p.decision, action_meanings, bar_ms)
         for row in p.alerts:
@@ -503,7 +517,7 @@ class OperatorFiles:
         rows = list(store.fills_after(last_fill))
         reasons = store.fill_reasons(r[1] for r in rows)
         for row in rows:
-            self.trade(row, reasons.get(row[1], "policy"))
+            self.trade(row, reasons.get(row[1]) or _default_reason(row[3]))
             added["trades"] += 1
         last = _last_line(self.paths["decisions"])
         last_ts = -1

@@ -258,12 +258,14 @@ def test_live_mode_without_keys_names_the_missing_variable(tmp_path: Path, secre
     assert f"missing: {missing}" in e.problem
 
 
-def test_live_mode_with_keys_is_refused_as_not_shipped(tmp_path: Path) -> None:
+def test_live_mode_with_keys_trades_the_exchange_feed(tmp_path: Path) -> None:
     env = {"TRADING_MODE": "live", "WEEX_API_KEY": "key-7f3a", "WEEX_SECRET_KEY": "sec-91bc",
            "WEEX_PASSPHRASE": "pass-55d0"}
-    e = _err(tmp_path, env)
-    assert (e.source, e.key) == ("environment", "TRADING_MODE")
-    assert "does not ship" in e.problem
+    s = load_settings(tmp_path, env=env)
+    assert (s.mode, s.feed_source) == ("live", "weex")  # live orders need live prices
+    assert set(s.secrets()) >= {"key-7f3a", "sec-91bc", "pass-55d0"}
+    e = _err(tmp_path, {**env, "ALPHAPULSE_REPLAY_FILE": "/some/candles.csv.gz"})
+    assert (e.source, e.key) == ("environment", "ALPHAPULSE_REPLAY_FILE")
     # the secrets are never echoed in the message
     assert not any(v in str(e) for v in ("key-7f3a", "sec-91bc", "pass-55d0"))
 

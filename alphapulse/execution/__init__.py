@@ -23,6 +23,10 @@ class Broker(Protocol):
 
     def open_orders(self) -> list[Order]: ...
 
+    def release(self) -> None:
+        """The driver has made the submitted orders durable: a venue that sends them may do so now."""
+        ...
+
     def restore(self, orders: list[Order]) -> None:
         """Take back orders the store recorded as open (acknowledged, not yet filled) before a restart."""
         ...

@@ -34,6 +34,9 @@ class PaperBroker:
         self._open[order.client_order_id] = order
         return True
 
+    def release(self) -> None:
+        """Nothing leaves the process: paper orders wait for the next candle's open in memory."""
+
     def restore(self, orders: list[Order]) -> None:
         """Reload orders that were acknowledged but not filled before a restart."""
         for o in orders:
