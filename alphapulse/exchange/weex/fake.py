@@ -1,0 +1,1004 @@
+"""A local fake of WEEX's contract API V3 (REST + public WebSocket) for tests, replays and demos.
+
+Why it exists: nothing in the test suite may reach the real exchange, yet the daemon, our client and the stock
+ccxt ``weex`` class must be exercised against something that signs, rejects, fills, charges fees and funding and
+misbehaves like the real venue.  The fake replays a real candle file on its own clock
+(``market time = start_ms + (wall - wall0) * speed``), serves only what that clock has closed, fills orders
+against it (rules in :mod:`.fake_engine`) and injects faults on demand (:mod:`.fake_faults`).
+
+Choices where the reference leaves room (each is what a stock client handles):
+
+* A repeated ``newClientOrderId`` does not create a second order: the fake answers 200 with the *existing*
+  order's id (the key is an idempotency key; a retry after a lost response must be safe).
+* Validation failures answer HTTP 400 with ``{"code", "msg"}``; authentication failures HTTP 401; "order does
+  not exist" (-3200) HTTP 400; acknowledgements of settings answer ``{"code": "200", "msg": "success"}``.
+* Auth codes: missing key/sign/timestamp -1040/-1041/-1042, unparsable timestamp -1043, unknown key -1044,
+  non-JSON content type on POST -1045 (ccxt's reading of that code), timestamp outside +-``auth_window_ms`` of
+  the server clock -1046, bad signature -1047, wrong passphrase -1049.
+* Only the data's own interval is served; another ``interval`` is -1140.
+* ``/capi/v3/market/klines`` ends with the forming bar (partial values, see :mod:`.fake_engine`);
+  ``historyKlines`` returns closed bars only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import logging
+import signal
+import sys
+import time
+from collections import Counter
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+from decimal import Decimal
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from aiohttp import WSMsgType, web
+
+from alphapulse.domain import Candle
+from alphapulse.exchange.weex import signing
+from alphapulse.exchange.weex.fake_engine import (
+    CandleSeries,
+    Engine,
+    FundingSchedule,
+    MarketSpec,
+    Order,
+    WeexError,
+    fmt,
+    to_decimal,
+    within,
+)
+from alphapulse.exchange.weex.fake_faults import FaultRule, Faults, parse_spec, rule_from_json
+from alphapulse.market.feed import FeedError
+
+log = logging.getLogger("alphapulse.fake_weex")
+
+WS_PUBLIC_PATHS = ("/v3/ws/public", "/v3/ws")
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+@dataclass
+class RequestRecord:
+    """One request as the fake received it: the exact bytes a signature covers, for tests to recompute."""
+
+    method: str
+    path: str
+    query: str  # raw, as sent
+    body: str
+    headers: dict[str, str]
+    time_ms: int
+    status: int = 0
+
+
+@dataclass
+class _WsConn:
+    ws: web.WebSocketResponse
+    path: str
+    subscriptions: set[str] = field(default_factory=set)
+    last_closed: int = 0  # closed bars already pushed (count), per connection
+    last_forming: tuple[Any, ...] | None = None
+    awaiting_pong: bool = False
+    pongs: int = 0
+    silent_rules: set[int] = field(default_factory=set)
+    drawn_rules: set[int] = field(default_factory=set)
+    messages_sent: int = 0
+
+
+def _json(data: Any, status: int = 200) -> web.Response:
+    return web.Response(text=json.dumps(data, separators=(",", ":")), status=status, content_type="application/json")
+
+
+def _ok() -> dict[str, Any]:
+    return {"code": "200", "msg": "success", "requestTime": int(time.time() * 1000)}
+
+
+class FakeWeex:
+    """The fake exchange: ``await start()``, point a client at ``url`` / ``ws_url``, assert on the accessors."""
+
+    def __init__(
+        self,
+        candles: Sequence[Candle] | str | Path,
+        symbol: str = "BTCUSDT",
+        timeframe: str = "1h",
+        speed: float = 1.0,
+        start_ms: int | None = None,
+        api_key: str = "fake-api-key",
+        secret_key: str = "fake-secret-key",
+        passphrase: str = "fake-passphrase",
+        initial_balance: Decimal = Decimal("10000"),
+        taker_fee: Decimal = Decimal("0.0006"),
+        maker_fee: Decimal = Decimal("0.0002"),
+        slippage_bps: Decimal = Decimal(0),
+        funding_rate: Decimal = Decimal("0.0001"),
+        funding_file: str | Path | None = None,
+        warmup_bars: int = 200,
+        price_precision: int | None = None,
+        quantity_precision: int = 3,
+        min_order_size: Decimal = Decimal("0.001"),
+        default_leverage: int = 20,
+        auth_window_ms: int = 30_000,
+        ping_interval_s: float = 5.0,
+        pong_timeout_s: float | None = None,
+        ws_tick_s: float = 0.1,
+        faults: str | Sequence[FaultRule] | None = None,
+        seed: int | None = None,
+        partial_fill_interval_s: float = 0.2,
+        max_request_log: int = 5000,
+    ) -> None:
+        if not speed > 0:
+            raise ValueError(f"speed must be > 0, got {speed}")
+        self.series = CandleSeries.from_source(candles, timeframe, price_precision)
+        quote = "USDT" if symbol.endswith("USDT") else symbol[-4:]
+        self.market = MarketSpec(symbol=symbol, base=symbol[: -len(quote)], quote=quote,
+                                 price_precision=self.series.price_precision, quantity_precision=quantity_precision,
+                                 min_order_size=min_order_size, maker_fee=maker_fee, taker_fee=taker_fee)
+        self.timeframe = timeframe
+        self.speed = speed
+        if start_ms is None:
+            start_ms = int(self.series.ts[min(warmup_bars, len(self.series) - 1)])
+        self.start_ms = start_ms
+        self.api_key, self.secret_key, self.passphrase = api_key, secret_key, passphrase
+        self.auth_window_ms = auth_window_ms
+        self.ping_interval_s = ping_interval_s
+        self.pong_timeout_s = pong_timeout_s if pong_timeout_s is not None else ping_interval_s
+        self.ws_tick_s = ws_tick_s
+        funding = FundingSchedule.from_file(funding_file) if funding_file else FundingSchedule(rate=funding_rate)
+        self.engine = Engine(self.market, self.series, initial_balance=initial_balance, funding=funding,
+                             slippage_bps=slippage_bps, default_leverage=default_leverage,
+                             partial_fill_interval_s=partial_fill_interval_s, now=start_ms)
+        self.faults = Faults(seed=seed)
+        if faults:
+            self.set_faults(faults, clear=True)
+        self.requests: list[RequestRecord] = []
+        self.request_counts: Counter[str] = Counter()
+        self.max_request_log = max_request_log
+        self.ws_stats: Counter[str] = Counter()
+        self._ws_conns: set[_WsConn] = set()
+        self._wall0: float | None = None
+        self._offset_ms = 0
+        self._runner: web.AppRunner | None = None
+        self._tasks: list[asyncio.Task[None]] = []
+        self._host = "127.0.0.1"
+        self.port = 0
+
+    # -- clock ---------------------------------------------------------------------------------
+
+    def now_ms(self) -> int:
+        """True market time of the fake (before ``start()``: ``start_ms``)."""
+        elapsed = 0.0 if self._wall0 is None else (time.monotonic() - self._wall0) * 1000.0 * self.speed
+        return self.start_ms + self._offset_ms + int(elapsed)
+
+    def server_time_ms(self) -> int:
+        """What ``/market/time`` says and the signature window uses: market time plus any clock-skew fault."""
+        return self.now_ms() + self.faults.clock_skew_ms()
+
+    def advance(self, ms: int) -> int:
+        """Jump the clock forward by ``ms`` (tests: reach a funding time without waiting); returns the new time."""
+        if ms < 0:
+            raise ValueError("the clock only moves forward")
+        self._offset_ms += ms
+        self._sync()
+        return self.now_ms()
+
+    def _sync(self) -> int:
+        now = self.now_ms()
+        self.engine.advance(now, time.monotonic())
+        return now
+
+    # -- lifecycle -----------------------------------------------------------------------------
+
+    @property
+    def url(self) -> str:
+        return f"http://{self._host}:{self.port}"
+
+    @property
+    def ws_url(self) -> str:
+        return f"ws://{self._host}:{self.port}/v3/ws/public"
+
+    def build_app(self) -> web.Application:
+        app = web.Application(middlewares=[self._middleware])
+        r = app.router
+        get, post, delete = r.add_get, r.add_post, r.add_delete
+        get("/capi/v3/market/time", self._time)
+        get("/capi/v3/market/exchangeInfo", self._exchange_info)
+        get("/capi/v3/market/klines", self._klines)
+        get("/capi/v3/market/historyKlines", self._history_klines)
+        get("/capi/v3/market/ticker/24hr", self._ticker)
+        get("/capi/v3/market/premiumIndex", self._premium_index)
+        get("/capi/v3/market/fundingRate", self._funding_rate)
+        get("/api/v3/coins", self._spot_coins)
+        get("/api/v3/exchangeInfo", self._spot_exchange_info)
+        get("/capi/v3/account/balance", self._signed(self._balance))
+        get("/capi/v3/account/position/allPosition", self._signed(self._all_positions))
+        get("/capi/v3/account/position/singlePosition", self._signed(self._single_position))
+        post("/capi/v3/account/leverage", self._signed(self._leverage))
+        post("/capi/v3/account/marginType", self._signed(self._margin_type))
+        get("/capi/v3/account/symbolConfig", self._signed(self._symbol_config))
+        get("/capi/v3/account/commissionRate", self._signed(self._commission_rate))
+        post("/capi/v3/account/income", self._signed(self._income))
+        post("/capi/v3/order", self._signed(self._place_order))
+        get("/capi/v3/order", self._signed(self._get_order))
+        delete("/capi/v3/order", self._signed(self._cancel_order))
+        delete("/capi/v3/allOpenOrders", self._signed(self._cancel_all))
+        get("/capi/v3/openOrders", self._signed(self._open_orders))
+        get("/capi/v3/order/history", self._signed(self._order_history))
+        get("/capi/v3/userTrades", self._signed(self._user_trades))
+        post("/capi/v3/closePositions", self._signed(self._close_positions))
+        for path in WS_PUBLIC_PATHS:
+            get(path, self._ws_public)
+        get("/fake/state", self._admin_state)
+        get("/fake/faults", self._admin_get_faults)
+        post("/fake/faults", self._admin_set_faults)
+        delete("/fake/faults", self._admin_clear_faults)
+        post("/fake/plant", self._admin_plant)
+        post("/fake/clock", self._admin_clock)
+        return app
+
+    async def start(self, host: str = "127.0.0.1", port: int = 0) -> int:
+        """Bind and start serving; the market clock starts now.  Returns the bound port."""
+        self._runner = web.AppRunner(self.build_app(), access_log=None, shutdown_timeout=0.5)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, host, port)
+        await site.start()
+        server = getattr(site, "_server", None)
+        sockets = getattr(server, "sockets", None) or []
+        self.port = int(sockets[0].getsockname()[1]) if sockets else port
+        self._host = host
+        self._wall0 = time.monotonic()
+        self._tasks.append(asyncio.create_task(self._ws_broadcaster(), name="fake-weex-ws"))
+        return self.port
+
+    async def stop(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+        self._tasks.clear()
+        for conn in list(self._ws_conns):
+            with contextlib.suppress(Exception):
+                await conn.ws.close(code=1001, message=b"server shutdown")
+        if self._runner is not None:
+            await self._runner.cleanup()
+            self._runner = None
+
+    async def __aenter__(self) -> FakeWeex:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.stop()
+
+    # -- in-process API for tests --------------------------------------------------------------
+
+    def set_faults(self, faults: str | Sequence[FaultRule | dict[str, Any]] | None = None, *, clear: bool = True,
+                   seed: int | None = None) -> list[FaultRule]:
+        """Replace (or with ``clear=False`` extend) the fault rules; a spec string or rules/dicts."""
+        if clear:
+            self.faults.clear()
+        if seed is not None:
+            self.faults.reseed(seed)
+        rules: list[FaultRule] = []
+        if isinstance(faults, str):
+            rules = parse_spec(faults)
+        elif faults:
+            rules = [f if isinstance(f, FaultRule) else rule_from_json(f) for f in faults]
+        return [self.faults.add(r) for r in rules]
+
+    def add_fault(self, kind: str, **kw: Any) -> FaultRule:
+        return self.faults.add(FaultRule(kind=kind, **kw))
+
+    def plant_position(self, side: str, size: Decimal | str, entry_price: Decimal | str | None = None) -> None:
+        """A position opened by someone else (another session, the web UI): no order, no fill, no fee."""
+        now = self._sync()
+        price = Decimal(str(entry_price)) if entry_price is not None else None
+        self.engine.plant_position(side, Decimal(str(size)), now, price)
+
+    def plant_order(self, **params: Any) -> Order:
+        """An order the client did not place (``symbol`` defaults to the fake's)."""
+        params.setdefault("symbol", self.market.symbol)
+        now = self._sync()
+        order, _ = self.engine.place_order(params, now, time.monotonic(), origin="foreign")
+        return order
+
+    @property
+    def orders(self) -> list[Order]:
+        return list(self.engine.orders.values())
+
+    @property
+    def fills(self) -> list[Any]:
+        return list(self.engine.fills)
+
+    @property
+    def positions(self) -> dict[str, Any]:
+        self._sync()
+        return dict(self.engine.positions)
+
+    @property
+    def balance(self) -> Decimal:
+        """Wallet balance (initial - fees + realized pnl + funding)."""
+        self._sync()
+        return self.engine.wallet
+
+    def count(self, method: str, path: str) -> int:
+        return self.request_counts[f"{method.upper()} {path}"]
+
+    def state(self) -> dict[str, Any]:
+        now = self._sync()
+        e = self.engine
+        return {
+            "now_ms": now,
+            "server_time_ms": self.server_time_ms(),
+            "speed": self.speed,
+            "start_ms": self.start_ms,
+            "symbol": self.market.symbol,
+            "timeframe": self.timeframe,
+            "last_price": format(self.series.last_price(now), "f"),
+            "closed_bars": self.series.closed_count(now),
+            "balance": e.balance_json(now)[0],
+            "initial_balance": format(e.initial_balance, "f"),
+            "total_fees": format(e.total_fees, "f"),
+            "total_realized_pnl": format(e.total_realized, "f"),
+            "total_funding": format(e.total_funding, "f"),
+            "duplicate_client_order_ids": e.duplicate_client_ids,
+            "positions": [e.position_json(p, now) | {"origin": p.origin} for p in e.positions.values()],
+            "orders": [e.order_json(o) | {"origin": o.origin} for o in e.orders.values()],
+            "fills": [e.fill_json(f) for f in e.fills],
+            "funding_events": [{"time": t, "rate": str(r), "markPrice": str(p)} for t, r, p in e.funding_events],
+            "request_counts": dict(self.request_counts),
+            "ws": {"connections": len(self._ws_conns), **self.ws_stats},
+            "faults": self.faults.to_json(),
+        }
+
+    # -- HTTP plumbing -------------------------------------------------------------------------
+
+    @web.middleware
+    async def _middleware(self, request: web.Request, handler: Handler) -> web.StreamResponse:
+        path = request.path
+        method = request.method
+        body = await request.text() if request.can_read_body else ""
+        raw_path = request.raw_path
+        record = RequestRecord(method, raw_path.partition("?")[0], raw_path.partition("?")[2], body,
+                               {k: v for k, v in request.headers.items()}, self.now_ms())
+        self.request_counts[f"{method} {path}"] += 1
+        self.requests.append(record)
+        if len(self.requests) > self.max_request_log:
+            del self.requests[: len(self.requests) - self.max_request_log]
+        request["fake_body"] = body
+        if not path.startswith("/fake/") and path not in WS_PUBLIC_PATHS:
+            rule = self.faults.fire("latency", method, path)
+            if rule is not None:
+                await asyncio.sleep(rule.ms / 1000)
+            rule = self.faults.fire("timeout", method, path)
+            if rule is not None:
+                await asyncio.sleep(rule.ms / 1000)
+            rule = self.faults.fire("ratelimit", method, path)
+            if rule is not None:
+                record.status = 429
+                return _json({"code": -1003, "msg": "Too many requests; please use the websocket for live updates."},
+                             status=429)
+            rule = self.faults.fire("error5xx", method, path)
+            if rule is not None:
+                record.status = rule.status
+                return _json({"code": -1054, "msg": "SYSTEM_ERROR: System error, please retry later."},
+                             status=rule.status)
+        try:
+            response = await handler(request)
+        except WeexError as exc:
+            response = _json(exc.body(), status=exc.http_status)
+        except web.HTTPException as exc:
+            if exc.status == 404:
+                response = _json({"code": -1000, "msg": f"Unknown path {path}."}, status=404)
+            elif exc.status == 405:
+                response = _json({"code": -1150, "msg": f"Request method '{method}' not supported"}, status=405)
+            else:
+                raise
+        record.status = response.status
+        return response
+
+    def _authenticate(self, request: web.Request, body: str) -> None:
+        h = request.headers
+        key, sig = h.get(signing.HEADER_KEY), h.get(signing.HEADER_SIGN)
+        ts_text, passphrase = h.get(signing.HEADER_TIMESTAMP), h.get(signing.HEADER_PASSPHRASE)
+        if not key:
+            raise WeexError(-1040, "ACCESS_KEY header is required.", 401)
+        if not sig:
+            raise WeexError(-1041, "ACCESS_SIGN header is required.", 401)
+        if not ts_text:
+            raise WeexError(-1042, "ACCESS_TIMESTAMP header is required.", 401)
+        try:
+            ts = int(ts_text)
+        except ValueError:
+            raise WeexError(-1043, "Invalid ACCESS_TIMESTAMP.", 401) from None
+        if key != self.api_key:
+            raise WeexError(-1044, "Invalid ACCESS_KEY.", 401)
+        if abs(ts - self.server_time_ms()) > self.auth_window_ms:
+            raise WeexError(-1046, "Request timestamp expired.", 400)
+        if passphrase != self.passphrase:
+            raise WeexError(-1049, "API key or passphrase incorrect.", 401)
+        if request.method == "POST" and not request.content_type.startswith("application/json"):
+            raise WeexError(-1045, "Invalid Content-Type, please use application/json.", 400)
+        path, _, query = request.raw_path.partition("?")
+        if not signing.verify(self.secret_key, sig, ts_text, request.method, path, query, body):
+            raise WeexError(-1047, "API authentication failed.", 401)
+
+    def _signed(self, fn: Callable[[web.Request, dict[str, Any]], Awaitable[web.StreamResponse]]) -> Handler:
+        """Wrap a private handler: check the signature on the exact bytes received, then parse parameters
+        (query for GET/DELETE, plus a JSON body when one was sent)."""
+
+        async def handler(request: web.Request) -> web.StreamResponse:
+            body: str = request["fake_body"]
+            self._authenticate(request, body)
+            params: dict[str, Any] = dict(request.query)
+            if body.strip():
+                try:
+                    parsed = json.loads(body)
+                except json.JSONDecodeError:
+                    raise WeexError(-1135, "Invalid JSON request.") from None
+                if not isinstance(parsed, dict):
+                    raise WeexError(-1135, "Invalid JSON request.")
+                params.update(parsed)
+            return await fn(request, params)
+
+        return handler
+
+    def _symbol(self, params: dict[str, Any], required: bool = True) -> str | None:
+        symbol = params.get("symbol")
+        if not symbol:
+            if required:
+                raise WeexError(-1141, "Parameter symbol cannot be empty.")
+            return None
+        if symbol != self.market.symbol:
+            raise WeexError(-1121, "Invalid symbol.")
+        return str(symbol)
+
+    @staticmethod
+    def _int(params: dict[str, Any], name: str, default: int | None = None) -> int | None:
+        value = params.get(name)
+        if value in (None, ""):
+            return default
+        try:
+            return int(str(value))
+        except ValueError:
+            raise WeexError(-1142, f"Parameter {name} is invalid.") from None
+
+    # -- public market data --------------------------------------------------------------------
+
+    async def _time(self, request: web.Request) -> web.Response:
+        return _json({"serverTime": self.server_time_ms()})
+
+    async def _exchange_info(self, request: web.Request) -> web.Response:
+        return _json({"timezone": "UTC", "serverTime": self.server_time_ms(), "symbols": [self.market.to_json()]})
+
+    async def _spot_coins(self, request: web.Request) -> web.Response:
+        return _json([])
+
+    async def _spot_exchange_info(self, request: web.Request) -> web.Response:
+        return _json({"symbols": []})
+
+    def _check_interval(self, params: dict[str, Any]) -> None:
+        interval = params.get("interval")
+        if not interval:
+            raise WeexError(-1141, "Parameter interval cannot be empty.")
+        if interval != self.timeframe:
+            raise WeexError(-1140, f"interval {interval} is not served by this fake (data is {self.timeframe}).")
+
+    def _kline_row(self, row: tuple[int, float, float, float, float, float]) -> list[Any]:
+        ts, o, h, lo, c, v = row
+        p, dec = self.market.price_precision, self.series.dec
+        vol = Decimal(repr(v)).quantize(Decimal("0.00000001")).normalize()
+        close_dec = dec(c)
+        return [ts, fmt(dec(o), p), fmt(dec(h), p), fmt(dec(lo), p), fmt(close_dec, p), format(vol, "f"),
+                ts + self.series.bar_ms - 1, format((vol * close_dec).quantize(Decimal("0.0001")), "f")]
+
+    async def _klines(self, request: web.Request) -> web.Response:
+        params = dict(request.query)
+        self._symbol(params)
+        self._check_interval(params)
+        limit = self._int(params, "limit", 100)
+        assert limit is not None
+        if not 1 <= limit <= 1000:
+            raise WeexError(-1140, "Parameter validation failed. limit must be between 1 and 1000.")
+        now = self._sync()
+        k = self.series.closed_count(now)
+        forming = self.series.index_at(now)
+        n_closed = limit - 1 if forming is not None else limit
+        rows = [self._kline_row(self.series.row(i)) for i in range(max(0, k - n_closed), k)]
+        if forming is not None:
+            rows.append(self._kline_row(self.series.partial(forming, now)))
+        return _json(rows)
+
+    async def _history_klines(self, request: web.Request) -> web.Response:
+        params = dict(request.query)
+        self._symbol(params)
+        self._check_interval(params)
+        now = self._sync()
+        bar = self.series.bar_ms
+        limit = self._int(params, "limit", 100)
+        assert limit is not None
+        if not 1 <= limit <= 100:
+            raise WeexError(-1140, "Parameter validation failed. limit must be between 1 and 100.")
+        end = self._int(params, "endTime", now)
+        assert end is not None
+        start = self._int(params, "startTime", end - limit * bar)
+        assert start is not None
+        if start > end:
+            raise WeexError(-1171, "startTime cannot be greater than endTime.")
+        k = self.series.closed_count(now)
+        lo = int(np.searchsorted(self.series.ts, start, side="left"))
+        hi = min(k, int(np.searchsorted(self.series.ts, end, side="right")))
+        rows = [self._kline_row(self.series.row(i)) for i in range(lo, min(hi, lo + limit))]
+        return _json(rows)
+
+    def _ticker_json(self, now: int) -> dict[str, Any]:
+        s, p = self.series, self.market.price_precision
+        k = s.closed_count(now)
+        day = max(1, 86_400_000 // s.bar_ms)
+        lo_i = max(0, k - day)
+        rows = [s.row(i) for i in range(lo_i, k)]
+        forming = s.index_at(now)
+        if forming is not None:
+            rows.append(s.partial(forming, now))
+        last = s.last_price(now)
+        first_open = s.dec(rows[0][1]) if rows else last
+        high = max((r[2] for r in rows), default=float(last))
+        low = min((r[3] for r in rows), default=float(last))
+        volume = sum(r[5] for r in rows)
+        change = last - first_open
+        return {
+            "symbol": self.market.symbol,
+            "priceChange": fmt(change, p),
+            "priceChangePercent": format((change / first_open).quantize(Decimal("0.000001")), "f"),
+            "lastPrice": fmt(last, p),
+            "openPrice": fmt(first_open, p),
+            "highPrice": fmt(s.dec(high), p),
+            "lowPrice": fmt(s.dec(low), p),
+            "volume": format(Decimal(repr(volume)).quantize(Decimal("0.001")), "f"),
+            "quoteVolume": format((Decimal(repr(volume)) * last).quantize(Decimal("0.01")), "f"),
+            "openTime": now - 86_400_000,
+            "closeTime": now,
+            "markPrice": fmt(last, p),
+            "indexPrice": fmt(last, p),
+        }
+
+    async def _ticker(self, request: web.Request) -> web.Response:
+        symbol = self._symbol(dict(request.query), required=False)
+        ticker = self._ticker_json(self._sync())
+        return _json(ticker if symbol else [ticker])
+
+    def _premium_json(self, now: int) -> dict[str, Any]:
+        p = self.market.price_precision
+        last = self.series.last_price(now)
+        nxt, next_rate = self.engine.funding.next_after(now)
+        prev = self.engine.funding.last_at(now)
+        return {
+            "symbol": self.market.symbol,
+            "markPrice": fmt(last, p),
+            "indexPrice": fmt(last, p),
+            "forecastFundingRate": format(next_rate, "f"),
+            "lastFundingRate": format(prev[1] if prev else next_rate, "f"),
+            "interestRate": "0.0001",
+            "nextFundingTime": nxt,
+            "time": now,
+            "collectCycle": 480,
+        }
+
+    async def _premium_index(self, request: web.Request) -> web.Response:
+        symbol = self._symbol(dict(request.query), required=False)
+        entry = self._premium_json(self._sync())
+        return _json(entry if symbol else [entry])
+
+    async def _funding_rate(self, request: web.Request) -> web.Response:
+        params = dict(request.query)
+        self._symbol(params)
+        now = self._sync()
+        limit = self._int(params, "limit", 100)
+        assert limit is not None
+        if not 1 <= limit <= 1000:
+            raise WeexError(-1140, "Parameter validation failed. limit must be between 1 and 1000.")
+        end = min(now, self._int(params, "endTime", now) or now)
+        start = self._int(params, "startTime", None)
+        events = self.engine.funding.between((start - 1) if start is not None else int(self.series.ts[0]), end)
+        events = events[:limit] if start is not None else events[-limit:]
+        p = self.market.price_precision
+        return _json([{"symbol": self.market.symbol, "fundingRate": format(r, "f"), "fundingTime": t,
+                       "markPrice": fmt(self.series.reference_price(t), p)} for t, r in events])
+
+    # -- account -------------------------------------------------------------------------------
+
+    async def _balance(self, request: web.Request, params: dict[str, Any]) -> web.Response:
+        return _json(self.engine.balance_json(self._sync()))
+
+    async def _all_positions(self, request: web.Request, params: dict[str, Any]) -> web.Response:
+        now = self._sync()
+        return _json([self.engine.position_json(p, now) for p in self.engine.positions.values()])
+
+    async def _single_position(self, request: web.Request, params: dict[str, Any]) -> web.Response:
+        self._symbol(params)
+        return await self._all_positions(request, params)
+
+    async def _leverage(self, request: web.Request, params: dict[str, Any]) -> web.Response:
+        self._symbol(params)
+        self._sync()
+        e, m = self.engine, self.market
+        margin_type = params.get("marginType")
+        if margin_type is not None and margin_type not in ("CROSSED", "ISOLATED"):
+            raise WeexError(-1142, "Parameter marginType is invalid.")
+        fields = {k: params[k] for k in ("crossLeverage", "isolatedLongLeverage", "isolatedShortLeverage")
+                  if params.get(k) not in (None, "")}
+        if not fields:
+            raise WeexError(-1141, "Parameter crossLeverage cannot be empty.")
+        values: dict[str, int] = {}
+        for k, v in fields.items():
+            d = to_decimal(v, k)
+            if d != d.to_integral_value() or not m.min_leverage <= d <= m.max_leverage:
+                raise WeexError(-3313, "Leverage exceeds maximum limit.")
+            values[k] = int(d)
+        if "crossLeverage" in values:
+            e.cross_leverage = values["crossLeverage"]
+        if "isolatedLongLeverage" in values:
+            e.isolated_leverage["LONG"] = values["isolatedLongLeverage"]
+        if "isolatedShortLeverage" in values:
+            e.isolated_leverage["SHORT"] = values["isolatedShortLeverage"]
+        for side, pos in e.positions.items():
+            pos.leverage = e.leverage_for(side)
+        return _json(_ok())
+
+    async def _margin_type(self, request: web.Request, params: dict[str, Any]) -> web.Response:
+        self._symbol(params)
+        self._sync()
+        margin_type = params.get("marginType")
+        if margin_type not in ("CROSSED", "ISOLATED"):
+            raise WeexError(-1142, "Parameter marginType is invalid.")
+        if margin_type != self.engine.margin_type and (self.engine.positions or self.engine.open_orders()):
+            raise WeexError(-1142, "Cannot change margin type with open positions or orders.")
+        self.engine.margin_type = str(margin_type)
+        return _json(_ok())
+
+    async def _symbol_config(self, request: web.Request, params: dict[str, Any]) -> web.Response:
+        self._symbol(params, required=False)
+        e = self.engine
+        return _json([{
+            "symbol": self.market.symbol,
+            "marginType": e.margin_type,
+            "separatedType": "COMBINED",
+            "crossLeverage": f"{e.cross_leverage}.00",
+            "isolatedLongLeverage": f"{e.isolated_leverage['LONG']}.00",
+            "isolatedShortLeverage": f"{e.isolated_leverage['SHORT']}.00",
+        }])
+
+    async def _commission_rate(self, request: web.Request, params: dict[str, Any]) -> web.Response:
+        self._symbol(params)
+        m = self.market
+        return _json({"symbol": m.symbol, "makerCommissionRate": format(m.maker_fee, "f"),
+                      "takerCommissionRate": format(m.taker_fee, "f")})
+
+    async def _income(self, request: web.Request, params: dict[str, Any]) -> web.Response:
+        self._symbol(params, required=False)
+        self._sync()
+        start, end = self._int(params, "startTime"), self._int(params, "endTime")
+        if start is not None and end is not None and start > end:
+            raise WeexError(-1171, "startTime cannot be greater than endTime.")
+        limit = self._int(params, "limit", 100)
+        assert limit is not None
+        if not 1 <= limit <= 100:
+            raise WeexError(-1140, "Parameter validation failed. limit must be between 1 and 100.")
+        kind = params.get("incomeType")
+        items = [i for i in within(self.engine.incomes, start, end) if kind in (None, "") or i.income_type == kind]
+        return _json({"hasNextPage": len(items) > limit, "nextKey": None,
+                      "items": [self.engine.income_json(i) for i in items[:limit]]})
+
+    # -- trading -------------------------------------------------------------------------------
+
+    async def _place_order(self, request: web.Request, params: dict[str, Any]) -> web.StreamResponse:
+        now = self._sync()
+        partial = self.faults.fire("partial_fill", request.method, request.path)
+        order, created = self.engine.place_order(params, now, time.monotonic(),
+                                                 partial_parts=partial.parts if partial else 1)
+        if created:
+            lost = self.faults.fire("lost_response", request.method, request.path)
+            if lost is not None:
+                if lost.mode == "5xx":
+                    return _json({"code": -1054, "msg": "SYSTEM_ERROR: System error, please retry later."}, status=500)
+                if request.transport is not None:
+                    request.transport.close()  # the order exists; the client never hears about it
+                raise asyncio.CancelledError
+        return _json({"orderId": order.order_id, "clientOrderId": order.client_order_id, "success": True,
+                      "errorCode": "", "errorMessage": ""})
+
+    async def _get_order(self, request: web.Request, params: dict[str, Any]) -> web.Response:
+        self._sync()
+        order = self.engine.find_order(params.get("orderId"), params.get("origClientOrderId"))
+        return _json(self.engine.order_json(order))
+
+    async def _cancel_order(self, request: web.Request, params: dict[str, Any]) -> web.Response:
+        now = self._sync()
+        order = self.engine.find_order(params.get("orderId"), params.get("origClientOrderId"))
+        self.engine.cancel(order, now)
+        return _json(self.engine.order_json(order))
+
+    async def _cancel_all(self, request: web.Request, params: dict[str, Any]) -> web.Response:
+        self._symbol(params, required=False)
+        now = self._sync()
+        out = []
+        for order in self.engine.open_orders():
+            self.engine.cancel(order, now)
+            out.append({"orderId": order.order_id, "success": True, "errorMessage": ""})
+        return _json(out)
+
+    async def _open_orders(self, request: web.Request, params: dict[str, Any]) -> web.Response:
+        self._symbol(params, required=False)
+        self._sync()
+        return _json([self.engine.order_json(o) for o in self.engine.open_orders()])
+
+    async def _order_history(self, request: web.Request, params: dict[str, Any]) -> web.Response:
+        self._symbol(params, required=False)
+        self._sync()
+        start, end = self._int(params, "startTime"), self._int(params, "endTime")
+        limit = self._int(params, "limit", 100)
+        assert limit is not None
+        done = [o for o in within(self.engine.orders.values(), start, end) if o.status not in ("NEW",
+                                                                                             "PARTIALLY_FILLED")]
+        done.sort(key=lambda o: o.time, reverse=True)
+        return _json([self.engine.order_json(o) for o in done[:limit]])
+
+    async def _user_trades(self, request: web.Request, params: dict[str, Any]) -> web.Response:
+        self._symbol(params, required=False)
+        self._sync()
+        start, end = self._int(params, "startTime"), self._int(params, "endTime")
+        order_id = self._int(params, "orderId")
+        limit = self._int(params, "limit", 500)
+        assert limit is not None
+        fills = [f for f in within(self.engine.fills, start, end) if order_id is None or f.order_id == order_id]
+        return _json([self.engine.fill_json(f) for f in fills[-limit:]])
+
+    async def _close_positions(self, request: web.Request, params: dict[str, Any]) -> web.Response:
+        self._symbol(params, required=False)
+        now = self._sync()
+        closed = self.engine.close_positions(now, time.monotonic())
+        return _json([{"positionId": pos.position_id, "successOrderId": order.order_id, "errorMessage": "",
+                       "success": True} for pos, order in closed])
+
+    # -- WebSocket (public) --------------------------------------------------------------------
+
+    async def _ws_public(self, request: web.Request) -> web.StreamResponse:
+        ws = web.WebSocketResponse(autoping=True)
+        await ws.prepare(request)
+        conn = _WsConn(ws, request.path)
+        self._ws_conns.add(conn)
+        self.ws_stats["connected"] += 1
+        pinger = asyncio.create_task(self._ws_pinger(conn))
+        try:
+            async for msg in ws:
+                if msg.type != WSMsgType.TEXT:
+                    continue
+                try:
+                    data = json.loads(msg.data)
+                except json.JSONDecodeError:
+                    await self._ws_send(conn, {"result": False, "id": None, "msg": "INVALID_ARGUMENT: invalid JSON"})
+                    continue
+                await self._ws_command(conn, data)
+        finally:
+            pinger.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await pinger
+            self._ws_conns.discard(conn)
+        return ws
+
+    async def _ws_command(self, conn: _WsConn, data: Any) -> None:
+        if not isinstance(data, dict):
+            return
+        method = str(data.get("method", "")).upper()
+        msg_id = data.get("id")
+        if method == "PONG":
+            conn.awaiting_pong = False
+            conn.pongs += 1
+            self.ws_stats["pongs"] += 1
+            return
+        if method in ("SUBSCRIBE", "UNSUBSCRIBE"):
+            channels = data.get("params") or []
+            bad = [c for c in channels if c != self._kline_channel()]
+            if method == "SUBSCRIBE" and (bad or not channels):
+                await self._ws_send(conn, {"result": False, "id": msg_id,
+                                           "msg": f"INVALID_ARGUMENT: invalid channel : {','.join(map(str, bad))}"})
+                return
+            if method == "SUBSCRIBE":
+                conn.subscriptions.update(channels)
+                conn.last_closed = self.series.closed_count(self._sync())
+                conn.last_forming = None
+            else:
+                conn.subscriptions.difference_update(channels)
+            await self._ws_send(conn, {"result": True, "id": msg_id})
+            return
+        await self._ws_send(conn, {"result": False, "id": msg_id, "msg": f"INVALID_ARGUMENT: unknown method {method}"})
+
+    def _kline_channel(self) -> str:
+        return f"{self.market.symbol}@kline_{self.timeframe}_LAST_PRICE"
+
+    async def _ws_send(self, conn: _WsConn, payload: dict[str, Any]) -> None:
+        if conn.ws.closed:
+            return
+        with contextlib.suppress(ConnectionError, RuntimeError):
+            await conn.ws.send_str(json.dumps(payload, separators=(",", ":")))
+            conn.messages_sent += 1
+
+    def _ws_faults(self, conn: _WsConn) -> str | None:
+        """Draw each WebSocket rule once per connection; returns "drop", "silent" or None."""
+        live = {r.rule_id for r in self.faults.rules if r.kind == "ws_silent"}
+        conn.silent_rules &= live  # removing the rule ends the silence
+        for rule in self.faults.rules:
+            if rule.kind not in ("ws_drop", "ws_silent") or rule.rule_id in conn.drawn_rules:
+                continue
+            if not rule.matches("GET", conn.path):
+                continue
+            conn.drawn_rules.add(rule.rule_id)
+            if self.faults.draw(rule):
+                if rule.kind == "ws_drop":
+                    return "drop"
+                conn.silent_rules.add(rule.rule_id)
+        return "silent" if conn.silent_rules else None
+
+    async def _ws_broadcaster(self) -> None:
+        """Push kline updates to subscribers as the clock moves; apply WebSocket faults."""
+        while True:
+            await asyncio.sleep(self.ws_tick_s)
+            now = self._sync()
+            for conn in list(self._ws_conns):
+                fault = self._ws_faults(conn)
+                if fault == "drop":
+                    self.ws_stats["dropped_by_fault"] += 1
+                    with contextlib.suppress(Exception):
+                        await conn.ws.close(code=1011, message=b"fault: dropped")
+                    continue
+                if fault == "silent" or not conn.subscriptions:
+                    continue
+                await self._push_klines(conn, now)
+
+    async def _push_klines(self, conn: _WsConn, now: int) -> None:
+        s = self.series
+        k = s.closed_count(now)
+        if k > conn.last_closed:
+            for i in range(max(conn.last_closed, k - 10), k):
+                await self._ws_send(conn, self._kline_message(s.row(i), now))
+            conn.last_closed = k
+        forming = s.index_at(now)
+        if forming is not None:
+            row = s.partial(forming, now)
+            message = self._kline_message(row, now)
+            key = tuple(message["d"][0][x] for x in ("t", "o", "h", "l", "c"))
+            if key != conn.last_forming:
+                conn.last_forming = key
+                await self._ws_send(conn, message)
+
+    def _kline_message(self, row: tuple[int, float, float, float, float, float], now: int) -> dict[str, Any]:
+        r = self._kline_row(row)
+        return {"e": "kline", "E": now, "s": self.market.symbol, "p": "LAST_PRICE", "d": [{
+            "t": r[0], "T": r[0] + self.series.bar_ms, "s": self.market.symbol, "i": self.timeframe,
+            "o": r[1], "c": r[4], "h": r[2], "l": r[3], "v": r[5], "n": 0, "q": r[7], "V": "0", "Q": "0"}]}
+
+    async def _ws_pinger(self, conn: _WsConn) -> None:
+        """Ping every ``ping_interval_s``; a client that has not answered ``pong_timeout_s`` later is dropped."""
+        while not conn.ws.closed:
+            await asyncio.sleep(self.ping_interval_s)
+            if conn.silent_rules:
+                continue
+            conn.awaiting_pong = True
+            await self._ws_send(conn, {"event": "ping", "time": str(self.server_time_ms())})
+            self.ws_stats["pings"] += 1
+            await asyncio.sleep(self.pong_timeout_s)
+            if conn.awaiting_pong and not conn.silent_rules:
+                self.ws_stats["dropped_no_pong"] += 1
+                await conn.ws.close(code=1008, message=b"pong timeout")
+                return
+
+    # -- admin ---------------------------------------------------------------------------------
+
+    async def _admin_state(self, request: web.Request) -> web.Response:
+        return _json(self.state())
+
+    async def _admin_get_faults(self, request: web.Request) -> web.Response:
+        return _json(self.faults.to_json())
+
+    async def _admin_set_faults(self, request: web.Request) -> web.Response:
+        try:
+            payload = json.loads(request["fake_body"] or "{}")
+            self.faults.apply_json(payload)
+        except (ValueError, TypeError) as exc:
+            return _json({"code": -1142, "msg": str(exc)}, status=400)
+        return _json(self.faults.to_json())
+
+    async def _admin_clear_faults(self, request: web.Request) -> web.Response:
+        self.faults.clear(request.query.get("kind"))
+        return _json(self.faults.to_json())
+
+    async def _admin_plant(self, request: web.Request) -> web.Response:
+        """``{"type": "position", "side": "LONG", "size": "0.01", "entryPrice"?}`` or ``{"type": "order", ...order
+        parameters...}``: state the client did not create, for reconciliation tests."""
+        payload = json.loads(request["fake_body"] or "{}")
+        kind = payload.pop("type", None)
+        if kind == "position":
+            self.plant_position(payload["side"], payload["size"], payload.get("entryPrice"))
+        elif kind == "order":
+            order = self.plant_order(**payload)
+            return _json(self.engine.order_json(order))
+        else:
+            return _json({"code": -1142, "msg": "type must be position or order"}, status=400)
+        return _json(self.state()["positions"])
+
+    async def _admin_clock(self, request: web.Request) -> web.Response:
+        payload = json.loads(request["fake_body"] or "{}")
+        now = self.advance(int(payload.get("advance_ms", 0)))
+        return _json({"now_ms": now})
+
+
+# -- CLI ---------------------------------------------------------------------------------------------
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Options of ``fake-weex`` (also used by ``alphapulse fake-weex``)."""
+    parser.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
+    parser.add_argument("--port", type=int, default=0, help="port (0 = any free port; the URL is logged)")
+    parser.add_argument("--data", default=None,
+                        help="candle file timestamp,open,high,low,close,volume (.csv or .csv.gz); "
+                             "default: the bundled BTCUSDT file of --timeframe")
+    parser.add_argument("--speed", type=float, default=1.0, help="market-clock speed (x wall time)")
+    parser.add_argument("--symbol", default="BTCUSDT")
+    parser.add_argument("--timeframe", default="1h")
+    parser.add_argument("--start-ms", type=int, default=None, help="market time at start (default: after warm-up)")
+    parser.add_argument("--api-key", default="fake-api-key")
+    parser.add_argument("--secret-key", default="fake-secret-key")
+    parser.add_argument("--passphrase", default="fake-passphrase")
+    parser.add_argument("--initial-balance", type=Decimal, default=Decimal("10000"))
+    parser.add_argument("--funding-file", default=None, help="timestamp,funding_rate CSV (default: 0.0001 every 8h)")
+    parser.add_argument("--faults", default="", help="fault spec, e.g. latency=200ms,error5xx=0.1@/capi/v3/order")
+    parser.add_argument("--seed", type=int, default=None, help="seed of the fault draws")
+    parser.add_argument("--ping-interval", type=float, default=5.0, help="WebSocket ping interval, seconds")
+
+
+async def _serve(args: argparse.Namespace) -> int:
+    data: str | Path = args.data
+    if data is None:
+        from alphapulse.market.replay import default_replay_file
+
+        data = default_replay_file(args.timeframe)
+    fake = FakeWeex(data, symbol=args.symbol, timeframe=args.timeframe, speed=args.speed, start_ms=args.start_ms,
+                    api_key=args.api_key, secret_key=args.secret_key, passphrase=args.passphrase,
+                    initial_balance=args.initial_balance, funding_file=args.funding_file, faults=args.faults or None,
+                    seed=args.seed, ping_interval_s=args.ping_interval)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    port = await fake.start(args.host, args.port)
+    print(f"fake-weex listening on http://{args.host}:{port} ws=ws://{args.host}:{port}/v3/ws/public "
+          f"symbol={fake.market.symbol} timeframe={fake.timeframe} speed={fake.speed} start_ms={fake.start_ms}",
+          flush=True)
+    try:
+        await stop.wait()
+    finally:
+        await fake.stop()
+    return 0
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run the fake until SIGINT/SIGTERM; 0 on a clean stop, 2 on a bad option or data file."""
+    try:
+        return asyncio.run(_serve(args))
+    except (ValueError, OSError, FeedError) as exc:
+        print(f"fake-weex: {exc}", file=sys.stderr)
+        return 2
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="fake-weex", description="Local fake of the WEEX contract API V3.")
+    add_arguments(parser)
+    return run(parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
