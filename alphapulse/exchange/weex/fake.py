@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import contextvars
 import json
 import logging
 import signal
@@ -59,6 +60,9 @@ from alphapulse.market.feed import FeedError
 log = logging.getLogger("alphapulse.fake_weex")
 
 WS_PUBLIC_PATHS = ("/v3/ws/public", "/v3/ws")
+#: The raw body of the request being handled: read once by the middleware (for the request log), then verified
+#: and parsed by the handlers.  A context variable because handlers run in the middleware's task.
+_BODY: contextvars.ContextVar[str] = contextvars.ContextVar("fake_weex_body", default="")
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
@@ -75,7 +79,7 @@ class RequestRecord:
     status: int = 0
 
 
-@dataclass
+@dataclass(eq=False)
 class _WsConn:
     ws: web.WebSocketResponse
     path: str
@@ -369,7 +373,7 @@ class FakeWeex:
         self.requests.append(record)
         if len(self.requests) > self.max_request_log:
             del self.requests[: len(self.requests) - self.max_request_log]
-        request["fake_body"] = body
+        _BODY.set(body)
         if not path.startswith("/fake/") and path not in WS_PUBLIC_PATHS:
             rule = self.faults.fire("latency", method, path)
             if rule is not None:
@@ -432,7 +436,7 @@ class FakeWeex:
         (query for GET/DELETE, plus a JSON body when one was sent)."""
 
         async def handler(request: web.Request) -> web.StreamResponse:
-            body: str = request["fake_body"]
+            body: str = _BODY.get()
             self._authenticate(request, body)
             params: dict[str, Any] = dict(request.query)
             if body.strip():
@@ -906,7 +910,7 @@ class FakeWeex:
 
     async def _admin_set_faults(self, request: web.Request) -> web.Response:
         try:
-            payload = json.loads(request["fake_body"] or "{}")
+            payload = json.loads(_BODY.get() or "{}")
             self.faults.apply_json(payload)
         except (ValueError, TypeError) as exc:
             return _json({"code": -1142, "msg": str(exc)}, status=400)
@@ -917,21 +921,21 @@ class FakeWeex:
         return _json(self.faults.to_json())
 
     async def _admin_plant(self, request: web.Request) -> web.Response:
-        """``{"type": "position", "side": "LONG", "size": "0.01", "entryPrice"?}`` or ``{"type": "order", ...order
-        parameters...}``: state the client did not create, for reconciliation tests."""
-        payload = json.loads(request["fake_body"] or "{}")
+        """``{"type": "position", "side": "LONG", "size": "0.01", "entryPrice"?}`` or ``{"type": "order", "order":
+        {...the parameters of POST /capi/v3/order...}}``: state the client did not create, for reconciliation tests."""
+        payload = json.loads(_BODY.get() or "{}")
         kind = payload.pop("type", None)
         if kind == "position":
             self.plant_position(payload["side"], payload["size"], payload.get("entryPrice"))
         elif kind == "order":
-            order = self.plant_order(**payload)
+            order = self.plant_order(**payload.get("order", {}))
             return _json(self.engine.order_json(order))
         else:
             return _json({"code": -1142, "msg": "type must be position or order"}, status=400)
         return _json(self.state()["positions"])
 
     async def _admin_clock(self, request: web.Request) -> web.Response:
-        payload = json.loads(request["fake_body"] or "{}")
+        payload = json.loads(_BODY.get() or "{}")
         now = self.advance(int(payload.get("advance_ms", 0)))
         return _json({"now_ms": now})
 
