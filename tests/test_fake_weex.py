@@ -58,6 +58,12 @@ def px(x: float) -> Decimal:
     return Decimal(repr(x)).quantize(Decimal("0.1"))
 
 
+async def _body(r: aiohttp.ClientResponse) -> Any:
+    """JSON from the API; the text of a gateway error page (5xx/429 faults) otherwise."""
+    text = await r.text()
+    return json.loads(text) if r.content_type == "application/json" else text
+
+
 class Api:
     """A minimal signed client built on our signing module (the one the daemon's client uses)."""
 
@@ -69,7 +75,7 @@ class Api:
         query = signing.encode_query(params.items())
         url = yarl.URL(self.fake.url + path + (f"?{query}" if query else ""), encoded=True)
         async with self.session.get(url) as r:
-            return r.status, await r.json(content_type=None)
+            return r.status, await _body(r)
 
     async def call(self, method: str, path: str, params: dict[str, Any] | None = None, body: Any = None, *,
                    ts: int | None = None, key: str | None = None, secret: str | None = None,
@@ -86,7 +92,7 @@ class Api:
         url = yarl.URL(f.url + path + (f"?{query}" if query else ""), encoded=True)
         tmo = aiohttp.ClientTimeout(total=timeout) if timeout else None
         async with self.session.request(method, url, data=text or None, headers=h, timeout=tmo) as r:
-            return r.status, await r.json(content_type=None)
+            return r.status, await _body(r)
 
     async def order(self, **body: Any) -> tuple[int, Any]:
         body.setdefault("symbol", "BTCUSDT")
@@ -122,14 +128,39 @@ async def test_clock_starts_after_warmup_and_runs_at_speed(candles: list[Candle]
     try:
         async with aiohttp.ClientSession() as s:
             api = Api(f, s)
-            _, t0 = await api.public("/capi/v3/market/time")
-            w0 = time.monotonic()
+
+            async def clocks() -> tuple[int, int]:
+                _, t = await api.public("/capi/v3/market/time")
+                _, rows = await api.public("/capi/v3/market/klines", symbol="BTCUSDT", interval="1h", limit=1)
+                return t["serverTime"], rows[-1][0]  # server clock, open time of the forming bar
+
+            (s0, bar0), w0 = await clocks(), time.monotonic()
             await asyncio.sleep(0.5)
-            _, t1 = await api.public("/capi/v3/market/time")
+            (s1, bar1), wall = await clocks(), time.monotonic() - w0
+        assert bar0 == candles[200].ts
+        # market time ran 7200x: >= 0.5 s of wall time is >= 1 market hour, so the forming bar moved on
+        assert bar1 - bar0 in (HOUR, 2 * HOUR)
+        # the server's signing clock runs at wall pace from start_ms
+        assert abs((s1 - s0) - wall * 1000) < 150
+        assert s0 >= candles[200].ts
+    finally:
+        await f.stop()
+
+
+async def test_market_clock_speed_is_exact_in_state(candles: list[Candle]) -> None:
+    f = FakeWeex(candles, speed=36_000.0)
+    await f.start()
+    try:
+        async with aiohttp.ClientSession() as s:
+            async with s.get(f.url + "/fake/state") as r:
+                a = await r.json()
+            w0 = time.monotonic()
+            await asyncio.sleep(0.4)
+            async with s.get(f.url + "/fake/state") as r:
+                b = await r.json()
             wall = time.monotonic() - w0
-        elapsed = t1["serverTime"] - t0["serverTime"]
-        assert abs(elapsed - wall * 7200 * 1000) < 0.1 * 7200 * 1000  # 2 market hours per wall second
-        assert t0["serverTime"] >= candles[200].ts
+        assert abs((b["now_ms"] - a["now_ms"]) - wall * 36_000_000) < 0.1 * 36_000_000
+        assert b["closed_bars"] - a["closed_bars"] in range(2, 7)  # ~4 hourly bars closed in 0.4 s
     finally:
         await f.stop()
 
@@ -531,7 +562,7 @@ async def test_fault_5xx_next_n_and_429_via_admin_endpoint(api: Api, fake: FakeW
             {"kind": "ratelimit", "probability": 1.0, "endpoint": "POST /capi/v3/order"}]}) as r:
         assert r.status == 200
     status, body = await api.order(side="BUY", positionSide="LONG", type="MARKET", quantity="0.010")
-    assert status == 429 and body["code"] == -1003 and fake.orders == []  # a rejected request is not executed
+    assert status == 429 and "Too Many Requests" in body and fake.orders == []  # a rejected request is not executed
     async with api.session.get(fake.url + "/fake/faults") as r:
         rule = (await r.json())["rules"][0]
         assert rule["kind"] == "ratelimit" and rule["fired"] == 1

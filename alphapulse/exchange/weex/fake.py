@@ -15,6 +15,10 @@ Choices where the reference leaves room (each is what a stock client handles):
 * Auth codes: missing key/sign/timestamp -1040/-1041/-1042, unparsable timestamp -1043, unknown key -1044,
   non-JSON content type on POST -1045 (ccxt's reading of that code), timestamp outside +-``auth_window_ms`` of
   the server clock -1046, bad signature -1047, wrong passphrase -1049.
+* Two clocks: *market time* (candles, fills, funding) runs at ``speed`` and jumps with ``advance()``; the
+  *server time* (``/market/time``, the signature window) runs at wall pace from ``start_ms`` (see
+  :meth:`FakeWeex.server_time_ms`).  Stock ccxt therefore needs ``options={"adjustForTimeDifference": True}``,
+  which is what it needs against the real exchange from a machine whose clock is off, too.
 * Only the data's own interval is served; another ``interval`` is -1140.
 * ``/capi/v3/market/klines`` ends with the forming bar (partial values, see :mod:`.fake_engine`);
   ``historyKlines`` returns closed bars only.
@@ -178,8 +182,13 @@ class FakeWeex:
         return self.start_ms + self._offset_ms + int(elapsed)
 
     def server_time_ms(self) -> int:
-        """What ``/market/time`` says and the signature window uses: market time plus any clock-skew fault."""
-        return self.now_ms() + self.faults.clock_skew_ms()
+        """The exchange's own clock: what ``/market/time`` says, what ping messages carry and what the signature
+        window is checked against.  It starts at ``start_ms`` and runs at *wall* pace (plus any clock-skew fault),
+        whatever ``speed`` and ``advance()`` do to market time, so a client that synced its signing clock once
+        (as the reference says clients must) stays inside the window during a fast replay.  At speed 1 without
+        ``advance()`` it equals market time, as on the real exchange."""
+        elapsed = 0.0 if self._wall0 is None else (time.monotonic() - self._wall0) * 1000.0
+        return self.start_ms + int(elapsed) + self.faults.clock_skew_ms()
 
     def advance(self, ms: int) -> int:
         """Jump the clock forward by ``ms`` (tests: reach a funding time without waiting); returns the new time."""
@@ -217,6 +226,7 @@ class FakeWeex:
         get("/capi/v3/market/fundingRate", self._funding_rate)
         get("/api/v3/coins", self._spot_coins)
         get("/api/v3/exchangeInfo", self._spot_exchange_info)
+        get("/api/v3/time", self._time)
         get("/capi/v3/account/balance", self._signed(self._balance))
         get("/capi/v3/account/position/allPosition", self._signed(self._all_positions))
         get("/capi/v3/account/position/singlePosition", self._signed(self._single_position))
@@ -381,16 +391,17 @@ class FakeWeex:
             rule = self.faults.fire("timeout", method, path)
             if rule is not None:
                 await asyncio.sleep(rule.ms / 1000)
+            # Rate limits and 5xx come from the gateway in front of the API, as text, not as an API error body:
+            # that is also what lets a stock client classify them (ccxt: RateLimitExceeded, ExchangeNotAvailable).
             rule = self.faults.fire("ratelimit", method, path)
             if rule is not None:
                 record.status = 429
-                return _json({"code": -1003, "msg": "Too many requests; please use the websocket for live updates."},
-                             status=429)
+                return web.Response(text="429 Too Many Requests", status=429, content_type="text/plain")
             rule = self.faults.fire("error5xx", method, path)
             if rule is not None:
                 record.status = rule.status
-                return _json({"code": -1054, "msg": "SYSTEM_ERROR: System error, please retry later."},
-                             status=rule.status)
+                return web.Response(text=f"<html><body><h1>{rule.status} Service Unavailable</h1></body></html>",
+                                    status=rule.status, content_type="text/html")
         try:
             response = await handler(request)
         except WeexError as exc:
@@ -708,7 +719,8 @@ class FakeWeex:
             lost = self.faults.fire("lost_response", request.method, request.path)
             if lost is not None:
                 if lost.mode == "5xx":
-                    return _json({"code": -1054, "msg": "SYSTEM_ERROR: System error, please retry later."}, status=500)
+                    return web.Response(text="<html><body><h1>500 Internal Server Error</h1></body></html>",
+                                        status=500, content_type="text/html")
                 if request.transport is not None:
                     request.transport.close()  # the order exists; the client never hears about it
                 raise asyncio.CancelledError

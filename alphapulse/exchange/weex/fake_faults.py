@@ -10,8 +10,8 @@ Kinds (what a client observes):
 ==================  ============================================================================================
 ``latency``         every matching request waits ``ms`` before it is handled
 ``timeout``         the request hangs ``ms`` (default 60 s, longer than any sane client timeout), then answers
-``error5xx``        HTTP ``status`` (default 503) with a Binance-style body; the request is *not* executed
-``ratelimit``       HTTP 429 ``{"code": -1003, ...}``; the request is not executed
+``error5xx``        HTTP ``status`` (default 503) with a gateway's HTML body; the request is *not* executed
+``ratelimit``       HTTP 429 with a gateway's text body; the request is not executed
 ``lost_response``   the request *is* executed (an order is created), then the answer is lost: ``mode`` "close"
                     drops the connection, "5xx" answers 500
 ``partial_fill``    a MARKET order fills in ``parts`` pieces over time (PARTIALLY_FILLED in between)
