@@ -37,28 +37,20 @@ import sys
 import time
 from collections import Counter
 from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-from aiohttp import WSMsgType, web
+from aiohttp import web
 
 from alphapulse.domain import Candle
 from alphapulse.exchange.weex import signing
-from alphapulse.exchange.weex.fake_engine import (
-    CandleSeries,
-    Engine,
-    FundingSchedule,
-    MarketSpec,
-    Order,
-    WeexError,
-    fmt,
-    to_decimal,
-    within,
-)
+from alphapulse.exchange.weex.fake_engine import Engine, Order, WeexError, to_decimal, within
 from alphapulse.exchange.weex.fake_faults import FaultRule, Faults, parse_spec, rule_from_json
+from alphapulse.exchange.weex.fake_market import CandleSeries, FundingSchedule, MarketSpec
+from alphapulse.exchange.weex.fake_public import MarketDataRoutes, _json, _ok
+from alphapulse.exchange.weex.fake_ws import PublicStreams, _WsConn
 from alphapulse.market.feed import FeedError
 
 log = logging.getLogger("alphapulse.fake_weex")
@@ -83,29 +75,7 @@ class RequestRecord:
     status: int = 0
 
 
-@dataclass(eq=False)
-class _WsConn:
-    ws: web.WebSocketResponse
-    path: str
-    subscriptions: set[str] = field(default_factory=set)
-    last_closed: int = 0  # closed bars already pushed (count), per connection
-    last_forming: tuple[Any, ...] | None = None
-    awaiting_pong: bool = False
-    pongs: int = 0
-    silent_rules: set[int] = field(default_factory=set)
-    drawn_rules: set[int] = field(default_factory=set)
-    messages_sent: int = 0
-
-
-def _json(data: Any, status: int = 200) -> web.Response:
-    return web.Response(text=json.dumps(data, separators=(",", ":")), status=status, content_type="application/json")
-
-
-def _ok() -> dict[str, Any]:
-    return {"code": "200", "msg": "success", "requestTime": int(time.time() * 1000)}
-
-
-class FakeWeex:
+class FakeWeex(MarketDataRoutes, PublicStreams):
     """The fake exchange: ``await start()``, point a client at ``url`` / ``ws_url``, assert on the accessors."""
 
     def __init__(
@@ -462,168 +432,6 @@ class FakeWeex:
 
         return handler
 
-    def _symbol(self, params: dict[str, Any], required: bool = True) -> str | None:
-        symbol = params.get("symbol")
-        if not symbol:
-            if required:
-                raise WeexError(-1141, "Parameter symbol cannot be empty.")
-            return None
-        if symbol != self.market.symbol:
-            raise WeexError(-1121, "Invalid symbol.")
-        return str(symbol)
-
-    @staticmethod
-    def _int(params: dict[str, Any], name: str, default: int | None = None) -> int | None:
-        value = params.get(name)
-        if value in (None, ""):
-            return default
-        try:
-            return int(str(value))
-        except ValueError:
-            raise WeexError(-1142, f"Parameter {name} is invalid.") from None
-
-    # -- public market data --------------------------------------------------------------------
-
-    async def _time(self, request: web.Request) -> web.Response:
-        return _json({"serverTime": self.server_time_ms()})
-
-    async def _exchange_info(self, request: web.Request) -> web.Response:
-        return _json({"timezone": "UTC", "serverTime": self.server_time_ms(), "symbols": [self.market.to_json()]})
-
-    async def _spot_coins(self, request: web.Request) -> web.Response:
-        return _json([])
-
-    async def _spot_exchange_info(self, request: web.Request) -> web.Response:
-        return _json({"symbols": []})
-
-    def _check_interval(self, params: dict[str, Any]) -> None:
-        interval = params.get("interval")
-        if not interval:
-            raise WeexError(-1141, "Parameter interval cannot be empty.")
-        if interval != self.timeframe:
-            raise WeexError(-1140, f"interval {interval} is not served by this fake (data is {self.timeframe}).")
-
-    def _kline_row(self, row: tuple[int, float, float, float, float, float]) -> list[Any]:
-        ts, o, h, lo, c, v = row
-        p, dec = self.market.price_precision, self.series.dec
-        vol = Decimal(repr(v)).quantize(Decimal("0.00000001")).normalize()
-        close_dec = dec(c)
-        return [ts, fmt(dec(o), p), fmt(dec(h), p), fmt(dec(lo), p), fmt(close_dec, p), format(vol, "f"),
-                ts + self.series.bar_ms - 1, format((vol * close_dec).quantize(Decimal("0.0001")), "f")]
-
-    async def _klines(self, request: web.Request) -> web.Response:
-        params = dict(request.query)
-        self._symbol(params)
-        self._check_interval(params)
-        limit = self._int(params, "limit", 100)
-        assert limit is not None
-        if not 1 <= limit <= 1000:
-            raise WeexError(-1140, "Parameter validation failed. limit must be between 1 and 1000.")
-        now = self._sync()
-        k = self.series.closed_count(now)
-        forming = self.series.index_at(now)
-        n_closed = limit - 1 if forming is not None else limit
-        rows = [self._kline_row(self.series.row(i)) for i in range(max(0, k - n_closed), k)]
-        if forming is not None:
-            rows.append(self._kline_row(self.series.partial(forming, now)))
-        return _json(rows)
-
-    async def _history_klines(self, request: web.Request) -> web.Response:
-        params = dict(request.query)
-        self._symbol(params)
-        self._check_interval(params)
-        now = self._sync()
-        bar = self.series.bar_ms
-        limit = self._int(params, "limit", 100)
-        assert limit is not None
-        if not 1 <= limit <= 100:
-            raise WeexError(-1140, "Parameter validation failed. limit must be between 1 and 100.")
-        end = self._int(params, "endTime", now)
-        assert end is not None
-        start = self._int(params, "startTime", end - limit * bar)
-        assert start is not None
-        if start > end:
-            raise WeexError(-1171, "startTime cannot be greater than endTime.")
-        k = self.series.closed_count(now)
-        lo = int(np.searchsorted(self.series.ts, start, side="left"))
-        hi = min(k, int(np.searchsorted(self.series.ts, end, side="right")))
-        rows = [self._kline_row(self.series.row(i)) for i in range(lo, min(hi, lo + limit))]
-        return _json(rows)
-
-    def _ticker_json(self, now: int) -> dict[str, Any]:
-        s, p = self.series, self.market.price_precision
-        k = s.closed_count(now)
-        day = max(1, 86_400_000 // s.bar_ms)
-        lo_i = max(0, k - day)
-        rows = [s.row(i) for i in range(lo_i, k)]
-        forming = s.index_at(now)
-        if forming is not None:
-            rows.append(s.partial(forming, now))
-        last = s.last_price(now)
-        first_open = s.dec(rows[0][1]) if rows else last
-        high = max((r[2] for r in rows), default=float(last))
-        low = min((r[3] for r in rows), default=float(last))
-        volume = sum(r[5] for r in rows)
-        change = last - first_open
-        return {
-            "symbol": self.market.symbol,
-            "priceChange": fmt(change, p),
-            "priceChangePercent": format((change / first_open).quantize(Decimal("0.000001")), "f"),
-            "lastPrice": fmt(last, p),
-            "openPrice": fmt(first_open, p),
-            "highPrice": fmt(s.dec(high), p),
-            "lowPrice": fmt(s.dec(low), p),
-            "volume": format(Decimal(repr(volume)).quantize(Decimal("0.001")), "f"),
-            "quoteVolume": format((Decimal(repr(volume)) * last).quantize(Decimal("0.01")), "f"),
-            "openTime": now - 86_400_000,
-            "closeTime": now,
-            "markPrice": fmt(last, p),
-            "indexPrice": fmt(last, p),
-        }
-
-    async def _ticker(self, request: web.Request) -> web.Response:
-        symbol = self._symbol(dict(request.query), required=False)
-        ticker = self._ticker_json(self._sync())
-        return _json(ticker if symbol else [ticker])
-
-    def _premium_json(self, now: int) -> dict[str, Any]:
-        p = self.market.price_precision
-        last = self.series.last_price(now)
-        nxt, next_rate = self.engine.funding.next_after(now)
-        prev = self.engine.funding.last_at(now)
-        return {
-            "symbol": self.market.symbol,
-            "markPrice": fmt(last, p),
-            "indexPrice": fmt(last, p),
-            "forecastFundingRate": format(next_rate, "f"),
-            "lastFundingRate": format(prev[1] if prev else next_rate, "f"),
-            "interestRate": "0.0001",
-            "nextFundingTime": nxt,
-            "time": now,
-            "collectCycle": 480,
-        }
-
-    async def _premium_index(self, request: web.Request) -> web.Response:
-        symbol = self._symbol(dict(request.query), required=False)
-        entry = self._premium_json(self._sync())
-        return _json(entry if symbol else [entry])
-
-    async def _funding_rate(self, request: web.Request) -> web.Response:
-        params = dict(request.query)
-        self._symbol(params)
-        now = self._sync()
-        limit = self._int(params, "limit", 100)
-        assert limit is not None
-        if not 1 <= limit <= 1000:
-            raise WeexError(-1140, "Parameter validation failed. limit must be between 1 and 1000.")
-        end = min(now, self._int(params, "endTime", now) or now)
-        start = self._int(params, "startTime", None)
-        events = self.engine.funding.between((start - 1) if start is not None else int(self.series.ts[0]), end)
-        events = events[:limit] if start is not None else events[-limit:]
-        p = self.market.price_precision
-        return _json([{"symbol": self.market.symbol, "fundingRate": format(r, "f"), "fundingTime": t,
-                       "markPrice": fmt(self.series.reference_price(t), p)} for t, r in events])
-
     # -- account -------------------------------------------------------------------------------
 
     async def _balance(self, request: web.Request, params: dict[str, Any]) -> web.Response:
@@ -779,138 +587,6 @@ class FakeWeex:
         closed = self.engine.close_positions(now, time.monotonic())
         return _json([{"positionId": pos.position_id, "successOrderId": order.order_id, "errorMessage": "",
                        "success": True} for pos, order in closed])
-
-    # -- WebSocket (public) --------------------------------------------------------------------
-
-    async def _ws_public(self, request: web.Request) -> web.StreamResponse:
-        ws = web.WebSocketResponse(autoping=True)
-        await ws.prepare(request)
-        conn = _WsConn(ws, request.path)
-        self._ws_conns.add(conn)
-        self.ws_stats["connected"] += 1
-        pinger = asyncio.create_task(self._ws_pinger(conn))
-        try:
-            async for msg in ws:
-                if msg.type != WSMsgType.TEXT:
-                    continue
-                try:
-                    data = json.loads(msg.data)
-                except json.JSONDecodeError:
-                    await self._ws_send(conn, {"result": False, "id": None, "msg": "INVALID_ARGUMENT: invalid JSON"})
-                    continue
-                await self._ws_command(conn, data)
-        finally:
-            pinger.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await pinger
-            self._ws_conns.discard(conn)
-        return ws
-
-    async def _ws_command(self, conn: _WsConn, data: Any) -> None:
-        if not isinstance(data, dict):
-            return
-        method = str(data.get("method", "")).upper()
-        msg_id = data.get("id")
-        if method == "PONG":
-            conn.awaiting_pong = False
-            conn.pongs += 1
-            self.ws_stats["pongs"] += 1
-            return
-        if method in ("SUBSCRIBE", "UNSUBSCRIBE"):
-            channels = data.get("params") or []
-            bad = [c for c in channels if c != self._kline_channel()]
-            if method == "SUBSCRIBE" and (bad or not channels):
-                await self._ws_send(conn, {"result": False, "id": msg_id,
-                                           "msg": f"INVALID_ARGUMENT: invalid channel : {','.join(map(str, bad))}"})
-                return
-            if method == "SUBSCRIBE":
-                conn.subscriptions.update(channels)
-                conn.last_closed = self.series.closed_count(self._sync())
-                conn.last_forming = None
-            else:
-                conn.subscriptions.difference_update(channels)
-            await self._ws_send(conn, {"result": True, "id": msg_id})
-            return
-        await self._ws_send(conn, {"result": False, "id": msg_id, "msg": f"INVALID_ARGUMENT: unknown method {method}"})
-
-    def _kline_channel(self) -> str:
-        return f"{self.market.symbol}@kline_{self.timeframe}_LAST_PRICE"
-
-    async def _ws_send(self, conn: _WsConn, payload: dict[str, Any]) -> None:
-        if conn.ws.closed:
-            return
-        with contextlib.suppress(ConnectionError, RuntimeError):
-            await conn.ws.send_str(json.dumps(payload, separators=(",", ":")))
-            conn.messages_sent += 1
-
-    def _ws_faults(self, conn: _WsConn) -> str | None:
-        """Draw each WebSocket rule once per connection; returns "drop", "silent" or None."""
-        live = {r.rule_id for r in self.faults.rules if r.kind == "ws_silent"}
-        conn.silent_rules &= live  # removing the rule ends the silence
-        for rule in self.faults.rules:
-            if rule.kind not in ("ws_drop", "ws_silent") or rule.rule_id in conn.drawn_rules:
-                continue
-            if not rule.matches("GET", conn.path):
-                continue
-            conn.drawn_rules.add(rule.rule_id)
-            if self.faults.draw(rule):
-                if rule.kind == "ws_drop":
-                    return "drop"
-                conn.silent_rules.add(rule.rule_id)
-        return "silent" if conn.silent_rules else None
-
-    async def _ws_broadcaster(self) -> None:
-        """Push kline updates to subscribers as the clock moves; apply WebSocket faults."""
-        while True:
-            await asyncio.sleep(self.ws_tick_s)
-            now = self._sync()
-            for conn in list(self._ws_conns):
-                fault = self._ws_faults(conn)
-                if fault == "drop":
-                    self.ws_stats["dropped_by_fault"] += 1
-                    with contextlib.suppress(Exception):
-                        await conn.ws.close(code=1011, message=b"fault: dropped")
-                    continue
-                if fault == "silent" or not conn.subscriptions:
-                    continue
-                await self._push_klines(conn, now)
-
-    async def _push_klines(self, conn: _WsConn, now: int) -> None:
-        s = self.series
-        k = s.closed_count(now)
-        if k > conn.last_closed:
-            for i in range(max(conn.last_closed, k - 10), k):
-                await self._ws_send(conn, self._kline_message(s.row(i), now))
-            conn.last_closed = k
-        forming = s.index_at(now)
-        if forming is not None:
-            row = s.partial(forming, now)
-            message = self._kline_message(row, now)
-            key = tuple(message["d"][0][x] for x in ("t", "o", "h", "l", "c"))
-            if key != conn.last_forming:
-                conn.last_forming = key
-                await self._ws_send(conn, message)
-
-    def _kline_message(self, row: tuple[int, float, float, float, float, float], now: int) -> dict[str, Any]:
-        r = self._kline_row(row)
-        return {"e": "kline", "E": now, "s": self.market.symbol, "p": "LAST_PRICE", "d": [{
-            "t": r[0], "T": r[0] + self.series.bar_ms, "s": self.market.symbol, "i": self.timeframe,
-            "o": r[1], "c": r[4], "h": r[2], "l": r[3], "v": r[5], "n": 0, "q": r[7], "V": "0", "Q": "0"}]}
-
-    async def _ws_pinger(self, conn: _WsConn) -> None:
-        """Ping every ``ping_interval_s``; a client that has not answered ``pong_timeout_s`` later is dropped."""
-        while not conn.ws.closed:
-            await asyncio.sleep(self.ping_interval_s)
-            if conn.silent_rules:
-                continue
-            conn.awaiting_pong = True
-            await self._ws_send(conn, {"event": "ping", "time": str(self.server_time_ms())})
-            self.ws_stats["pings"] += 1
-            await asyncio.sleep(self.pong_timeout_s)
-            if conn.awaiting_pong and not conn.silent_rules:
-                self.ws_stats["dropped_no_pong"] += 1
-                await conn.ws.close(code=1008, message=b"pong timeout")
-                return
 
     # -- admin ---------------------------------------------------------------------------------
 
