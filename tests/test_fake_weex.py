@@ -535,6 +535,43 @@ async def test_ws_ping_pong_keeps_a_client_and_silence_drops_it() -> None:
         await f.stop()
 
 
+async def test_ws_private_handshake_auth_and_order_fill_pushes(candles: list[Candle]) -> None:
+    f = FakeWeex(DATA_1H, speed=1.0, ping_interval_s=0.3, pong_timeout_s=1.0)
+    await f.start()
+    try:
+        async with aiohttp.ClientSession() as s:
+            ts = f.server_time_ms()
+            good = {"ACCESS-KEY": f.api_key, "ACCESS-SIGN": signing.sign_ws_login(f.secret_key, ts),
+                    "ACCESS-TIMESTAMP": str(ts), "ACCESS-PASSPHRASE": f.passphrase}
+            with pytest.raises(aiohttp.WSServerHandshakeError) as err:
+                await s.ws_connect(f.url + "/v3/ws/private",
+                                   headers=good | {"ACCESS-SIGN": signing.sign_ws_login("wrong", ts)})
+            assert err.value.status == 401
+            async with s.ws_connect(f.url + "/v3/ws/private", headers=good) as ws:
+                await ws.send_json({"id": "1", "method": "SUBSCRIBE", "params": ["orders", "fill"]})
+                assert await _recv_json(ws) == {"result": True, "id": "1"}
+                _, reply = await Api(f, s).order(side="BUY", positionSide="LONG", type="MARKET", quantity="0.050",
+                                                 newClientOrderId="ws-1")
+                got: dict[str, Any] = {}
+                while len(got) < 2:
+                    m = await _recv_json(ws)
+                    if m.get("type") == "ping":  # the private stream pings with "type"
+                        await ws.send_json({"id": "p", "method": "PONG"})
+                        continue
+                    got[m["e"]] = m["d"]
+                (order,) = got["orders"]
+                (fill,) = got["fill"]
+                price = px(candles[bar_index(candles, f.fills[0].time)].open)
+                assert order["id"] == str(reply["orderId"]) and order["status"] == "FILLED"
+                assert order["clientOrderId"] == "ws-1" and order["cumFillSize"] == "0.050"
+                assert fill["orderId"] == str(reply["orderId"]) and Decimal(fill["fillValue"]) == money(
+                    Decimal("0.05") * price)
+                assert Decimal(fill["fillFee"]) == money(Decimal("0.05") * price * Decimal("0.0006"))
+                assert fill["direction"] == "TAKER" and fill["positionSide"] == "LONG"
+    finally:
+        await f.stop()
+
+
 # -- fault injection ---------------------------------------------------------------------------------------
 
 

@@ -215,6 +215,7 @@ class FakeWeex(MarketDataRoutes, PublicStreams):
         post("/capi/v3/closePositions", self._signed(self._close_positions))
         for path in WS_PUBLIC_PATHS:
             get(path, self._ws_public)
+        get(signing.WS_PRIVATE_PATH, self._ws_private)
         get("/fake/state", self._admin_state)
         get("/fake/faults", self._admin_get_faults)
         post("/fake/faults", self._admin_set_faults)
@@ -354,7 +355,7 @@ class FakeWeex(MarketDataRoutes, PublicStreams):
         if len(self.requests) > self.max_request_log:
             del self.requests[: len(self.requests) - self.max_request_log]
         _BODY.set(body)
-        if not path.startswith("/fake/") and path not in WS_PUBLIC_PATHS:
+        if not path.startswith("/fake/") and path not in WS_PUBLIC_PATHS and path != signing.WS_PRIVATE_PATH:
             rule = self.faults.fire("latency", method, path)
             if rule is not None:
                 await asyncio.sleep(rule.ms / 1000)

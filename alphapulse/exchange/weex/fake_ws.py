@@ -1,4 +1,10 @@
-"""Public WebSocket of the fake WEEX exchange: SUBSCRIBE/ack, kline pushes, server pings, and stream faults.
+"""WebSockets of the fake WEEX exchange: SUBSCRIBE/ack, kline pushes, private order/fill/position/account pushes,
+server pings, and stream faults.
+
+The private stream (``/v3/ws/private``) is authenticated at the handshake with the four ``ACCESS-*`` headers,
+``ACCESS-SIGN`` covering ``timestamp + "/v3/ws/private"``; a bad handshake is answered with the REST error body
+and HTTP 401/400 instead of an upgrade.  Its pushes are computed by diffing the engine's orders and fills every
+tick, so every state change a REST call or the clock causes is pushed once, after the client subscribed.
 
 A mixin of :class:`~alphapulse.exchange.weex.fake.FakeWeex`.  Pushes are driven by one broadcaster task that
 looks at the market clock every ``ws_tick_s``: each closed bar is pushed once (carrying the real bar), and the
@@ -11,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hmac
 import json
 from collections import Counter
 from dataclasses import dataclass, field
@@ -18,8 +25,12 @@ from typing import Any
 
 from aiohttp import WSMsgType, web
 
+from alphapulse.exchange.weex import signing
+from alphapulse.exchange.weex.fake_engine import Engine, WeexError, fmt
 from alphapulse.exchange.weex.fake_faults import Faults
 from alphapulse.exchange.weex.fake_market import CandleSeries, MarketSpec
+
+PRIVATE_CHANNELS = ("orders", "fill", "positions", "account")
 
 
 @dataclass(eq=False)
@@ -34,12 +45,21 @@ class _WsConn:
     silent_rules: set[int] = field(default_factory=set)
     drawn_rules: set[int] = field(default_factory=set)
     messages_sent: int = 0
+    private: bool = False
+    fills_seen: int = 0  # private: engine fills already pushed
+    orders_seen: dict[int, tuple[Any, ...]] = field(default_factory=dict)  # private: order state last pushed
+    seq: int = 0
 
 
 class PublicStreams:
-    """``/v3/ws/public`` (and ``/v3/ws``)."""
+    """``/v3/ws/public`` (and ``/v3/ws``) and ``/v3/ws/private``."""
 
     series: CandleSeries
+    engine: Engine
+    api_key: str
+    secret_key: str
+    passphrase: str
+    auth_window_ms: int
     market: MarketSpec
     faults: Faults
     timeframe: str
@@ -59,9 +79,32 @@ class PublicStreams:
         raise NotImplementedError
 
     async def _ws_public(self, request: web.Request) -> web.StreamResponse:
+        return await self._ws_serve(request, private=False)
+
+    async def _ws_private(self, request: web.Request) -> web.StreamResponse:
+        h = request.headers
+        key, sig = h.get(signing.HEADER_KEY), h.get(signing.HEADER_SIGN)
+        ts_text, passphrase = h.get(signing.HEADER_TIMESTAMP), h.get(signing.HEADER_PASSPHRASE)
+        if not key or not sig or not ts_text:
+            raise WeexError(-1040 if not key else -1041 if not sig else -1042, "ACCESS headers are required.", 401)
+        if key != self.api_key:
+            raise WeexError(-1044, "Invalid ACCESS_KEY.", 401)
+        try:
+            ts = int(ts_text)
+        except ValueError:
+            raise WeexError(-1043, "Invalid ACCESS_TIMESTAMP.", 401) from None
+        if abs(ts - self.server_time_ms()) > self.auth_window_ms:
+            raise WeexError(-1046, "Request timestamp expired.", 400)
+        if passphrase != self.passphrase:
+            raise WeexError(-1049, "API key or passphrase incorrect.", 401)
+        if not hmac.compare_digest(signing.sign_ws_login(self.secret_key, ts_text).encode(), sig.encode()):
+            raise WeexError(-1047, "API authentication failed.", 401)
+        return await self._ws_serve(request, private=True)
+
+    async def _ws_serve(self, request: web.Request, private: bool) -> web.StreamResponse:
         ws = web.WebSocketResponse(autoping=True)
         await ws.prepare(request)
-        conn = _WsConn(ws, request.path)
+        conn = _WsConn(ws, request.path, private=private)
         self._ws_conns.add(conn)
         self.ws_stats["connected"] += 1
         pinger = asyncio.create_task(self._ws_pinger(conn))
@@ -94,7 +137,8 @@ class PublicStreams:
             return
         if method in ("SUBSCRIBE", "UNSUBSCRIBE"):
             channels = data.get("params") or []
-            bad = [c for c in channels if c != self._kline_channel()]
+            valid = PRIVATE_CHANNELS if conn.private else (self._kline_channel(),)
+            bad = [c for c in channels if c not in valid]
             if method == "SUBSCRIBE" and (bad or not channels):
                 await self._ws_send(conn, {"result": False, "id": msg_id,
                                            "msg": f"INVALID_ARGUMENT: invalid channel : {','.join(map(str, bad))}"})
@@ -103,6 +147,9 @@ class PublicStreams:
                 conn.subscriptions.update(channels)
                 conn.last_closed = self.series.closed_count(self._sync())
                 conn.last_forming = None
+                if conn.private:  # push what changes from now on
+                    conn.fills_seen = len(self.engine.fills)
+                    conn.orders_seen = {o.order_id: self._order_key(o) for o in self.engine.orders.values()}
             else:
                 conn.subscriptions.difference_update(channels)
             await self._ws_send(conn, {"result": True, "id": msg_id})
@@ -149,7 +196,10 @@ class PublicStreams:
                     continue
                 if fault == "silent" or not conn.subscriptions:
                     continue
-                await self._push_klines(conn, now)
+                if conn.private:
+                    await self._push_private(conn, now)
+                else:
+                    await self._push_klines(conn, now)
 
     async def _push_klines(self, conn: _WsConn, now: int) -> None:
         s = self.series
@@ -180,10 +230,58 @@ class PublicStreams:
             if conn.silent_rules:
                 continue
             conn.awaiting_pong = True
-            await self._ws_send(conn, {"event": "ping", "time": str(self.server_time_ms())})
+            ping_key = "type" if conn.private else "event"  # the private stream pings with "type"
+            await self._ws_send(conn, {ping_key: "ping", "time": str(self.server_time_ms())})
             self.ws_stats["pings"] += 1
             await asyncio.sleep(self.pong_timeout_s)
             if conn.awaiting_pong and not conn.silent_rules:
                 self.ws_stats["dropped_no_pong"] += 1
                 await conn.ws.close(code=1008, message=b"pong timeout")
                 return
+
+    # -- private pushes ------------------------------------------------------------------------
+
+    @staticmethod
+    def _order_key(o: Any) -> tuple[Any, ...]:
+        return (o.status, o.executed_qty, o.update_time)
+
+    def _private_message(self, conn: _WsConn, event: str, data: list[dict[str, Any]], now: int) -> dict[str, Any]:
+        conn.seq += 1
+        return {"e": event, "E": now, "v": conn.seq, "msgEvent": "OrderUpdate", "d": data}
+
+    async def _push_private(self, conn: _WsConn, now: int) -> None:
+        e, m = self.engine, self.market
+        new_fills = e.fills[conn.fills_seen:]
+        conn.fills_seen = len(e.fills)
+        changed = [o for o in e.orders.values() if conn.orders_seen.get(o.order_id) != self._order_key(o)]
+        for o in changed:
+            conn.orders_seen[o.order_id] = self._order_key(o)
+        if changed and "orders" in conn.subscriptions:
+            fees: dict[int, Any] = {}
+            last_price: dict[int, Any] = {}
+            for f in e.fills:
+                fees[f.order_id] = fees.get(f.order_id, 0) + f.fee
+                last_price[f.order_id] = f.price
+            await self._ws_send(conn, self._private_message(conn, "orders", [{
+                "id": str(o.order_id), "symbol": o.symbol, "baseCoin": m.base, "quoteCoin": m.quote,
+                "orderSide": o.side, "positionSide": o.position_side,
+                "price": fmt(o.price, m.price_precision) if o.price is not None else "0",
+                "size": fmt(o.orig_qty, m.quantity_precision), "clientOrderId": o.client_order_id, "type": o.type,
+                "timeInForce": o.time_in_force or "IOC", "reduceOnly": o.reduce_only or o.closing, "status": o.status,
+                "latestFillPrice": str(last_price.get(o.order_id, "0")),
+                "cumFillSize": fmt(o.executed_qty, m.quantity_precision), "cumFillValue": format(o.cum_quote, "f"),
+                "cumFillFee": format(fees.get(o.order_id, 0), "f"),
+                "createdTime": str(o.time), "updatedTime": str(o.update_time)} for o in changed], now))
+        if new_fills and "fill" in conn.subscriptions:
+            await self._ws_send(conn, self._private_message(conn, "fill", [{
+                "id": str(f.trade_id), "coin": m.quote, "symbol": f.symbol, "orderId": str(f.order_id),
+                "marginMode": e.margin_type, "separatedMode": "COMBINED", "separatedOpenOrderId": "0",
+                "positionSide": f.position_side, "orderSide": f.side, "fillSize": fmt(f.qty, m.quantity_precision),
+                "fillValue": format(f.quote_qty, "f"), "fillFee": format(f.fee, "f"), "liquidateFee": "0",
+                "realizePnl": format(f.realized_pnl, "f"), "direction": "MAKER" if f.maker else "TAKER",
+                "createdTime": str(f.time), "updatedTime": str(f.time)} for f in new_fills], now))
+        if new_fills and "positions" in conn.subscriptions:
+            await self._ws_send(conn, self._private_message(
+                conn, "positions", [e.position_json(p, now) for p in e.positions.values()], now))
+        if (new_fills or changed) and "account" in conn.subscriptions:
+            await self._ws_send(conn, self._private_message(conn, "account", e.balance_json(now), now))
