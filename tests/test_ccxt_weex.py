@@ -133,9 +133,15 @@ async def test_ccxt_signatures_agree_with_ours(exchange: Any, fake: FakeWeex) ->
     order = await exchange.create_order(SYMBOL, "limit", "buy", 0.01, 50000)
     await exchange.fetch_order(order["id"], SYMBOL)
     await exchange.cancel_order(order["id"], SYMBOL)
+    a = await exchange.create_order(SYMBOL, "limit", "buy", 0.01, 50000)
+    b = await exchange.create_order(SYMBOL, "limit", "sell", 0.01, 150000, params={"positionSide": "SHORT"})
+    cancelled = await exchange.cancel_orders([a["id"], b["id"]], SYMBOL)  # DELETE with a signed JSON body
+    assert sorted(o["id"] for o in cancelled) == sorted([a["id"], b["id"]])
+    assert all(o["status"] == "canceled" for o in cancelled) and fake.engine.open_orders() == []
     signed = [r for r in fake.requests if signing.HEADER_SIGN in r.headers]
     methods = {r.method for r in signed}
     assert methods == {"GET", "POST", "DELETE"} and any(r.query for r in signed) and any(r.body for r in signed)
+    assert any(r.method == "DELETE" and r.body for r in signed)
     for r in signed:
         ts = r.headers[signing.HEADER_TIMESTAMP]
         ours = signing.sign_request(fake.secret_key, ts, r.method, r.path, r.query, r.body)

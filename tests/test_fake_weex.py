@@ -219,6 +219,20 @@ async def test_exchange_info_ticker_premium_and_funding_history(api: Api, fake: 
     assert hist[-1]["fundingTime"] <= fake.now_ms()
     assert await api.public("/api/v3/coins") == (200, [])
     assert await api.public("/api/v3/exchangeInfo") == (200, {"symbols": []})
+    status, err = await api.public("/capi/v3/market/nothingHere")
+    assert (status, err["code"]) == (404, -1000)
+
+
+async def test_wrong_method_and_batch_orders(api: Api, fake: FakeWeex) -> None:
+    status, err = await api.call("GET", "/capi/v3/account/income")  # income is a POST
+    assert (status, err["code"]) == (405, -1150)
+    status, err = await api.call("POST", "/capi/v3/batchOrders", body={"batchOrders": []})
+    assert (status, err["code"]) == (405, -1150)  # as the real venue: batch placement is not supported
+    _, a = await api.order(side="BUY", positionSide="LONG", type="LIMIT", price="1000.0", quantity="0.010")
+    result = await api.ok("DELETE", "/capi/v3/batchOrders", body={"orderIdList": [str(a["orderId"]), "42"]})
+    assert [o["orderId"] for o in result["orderList"]] == [a["orderId"]]
+    assert result["orderList"][0]["status"] == "CANCELED"
+    assert result["failedList"] == [{"orderId": "42", "errorCode": "-3200", "errorMsg": "Order does not exist."}]
 
 
 # -- authentication --------------------------------------------------------------------------------------

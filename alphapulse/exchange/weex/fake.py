@@ -209,6 +209,8 @@ class FakeWeex(MarketDataRoutes, PublicStreams):
         get("/capi/v3/order", self._signed(self._get_order))
         delete("/capi/v3/order", self._signed(self._cancel_order))
         delete("/capi/v3/allOpenOrders", self._signed(self._cancel_all))
+        delete("/capi/v3/batchOrders", self._signed(self._cancel_batch))
+        post("/capi/v3/batchOrders", self._batch_place_unsupported)
         get("/capi/v3/openOrders", self._signed(self._open_orders))
         get("/capi/v3/order/history", self._signed(self._order_history))
         get("/capi/v3/userTrades", self._signed(self._user_trades))
@@ -555,6 +557,32 @@ class FakeWeex(MarketDataRoutes, PublicStreams):
             self.engine.cancel(order, now)
             out.append({"orderId": order.order_id, "success": True, "errorMessage": ""})
         return _json(out)
+
+    async def _cancel_batch(self, request: web.Request, params: dict[str, Any]) -> web.Response:
+        """``DELETE /capi/v3/batchOrders`` with a JSON body (``orderIdList`` or ``origClientOrderIdList``): the one
+        DELETE whose body is signed.  Cancelled orders come back in ``orderList``; ids that are unknown or no longer
+        open in ``failedList`` (the fake's choice: the reference does not show the failure shape)."""
+        now = self._sync()
+        ids, client_ids = params.get("orderIdList"), params.get("origClientOrderIdList")
+        if not ids and not client_ids:
+            raise WeexError(-1141, "Parameter orderIdList cannot be empty.")
+        values = ids or client_ids
+        if not isinstance(values, list):
+            raise WeexError(-1142, "Parameter orderIdList is invalid.")
+        done, failed = [], []
+        for value in values:
+            try:
+                order = self.engine.find_order(value if ids else None, None if ids else value)
+                self.engine.cancel(order, now)
+                done.append(self.engine.order_json(order))
+            except WeexError as exc:
+                failed.append({"orderId" if ids else "origClientOrderId": value, "errorCode": str(exc.code),
+                               "errorMsg": exc.msg})
+        return _json({"orderList": done, "failedList": failed})
+
+    async def _batch_place_unsupported(self, request: web.Request) -> web.Response:
+        """The real venue answers batch placement like this (ccxt's notes); clients must place one by one."""
+        return _json({"code": -1150, "msg": "Request method 'POST' not supported"}, status=405)
 
     async def _open_orders(self, request: web.Request, params: dict[str, Any]) -> web.Response:
         self._symbol(params, required=False)
