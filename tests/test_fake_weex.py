@@ -779,6 +779,13 @@ def test_fault_spec_parser_rejects_nonsense() -> None:
 # -- CLI ---------------------------------------------------------------------------------------------------
 
 
+def test_cli_rejects_a_bad_fault_spec_with_exit_2(capsys: pytest.CaptureFixture[str]) -> None:
+    from alphapulse.exchange.weex.fake import main
+
+    assert main(["--data", str(DATA_1H), "--faults", "explode=1"]) == 2
+    assert "unknown fault kind 'explode'" in capsys.readouterr().err
+
+
 def test_cli_runs_as_a_process_answers_and_exits_0_on_sigterm(tmp_path: Path) -> None:
     env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
     proc = subprocess.Popen([sys.executable, "-m", "alphapulse.exchange.weex.fake", "--port", "0", "--data",

@@ -1,4 +1,4 @@
-"""A local fake of WEEX's contract API V3 (REST + public WebSocket) for tests, replays and demos.
+"""A local fake of WEEX's contract API V3 (REST, public and private WebSocket) for tests, replays and demos.
 
 Why it exists: nothing in the test suite may reach the real exchange, yet the daemon, our client and the stock
 ccxt ``weex`` class must be exercised against something that signs, rejects, fills, charges fees and funding and
@@ -22,6 +22,12 @@ Choices where the reference leaves room (each is what a stock client handles):
 * Only the data's own interval is served; another ``interval`` is -1140.
 * ``/capi/v3/market/klines`` ends with the forming bar (partial values, see :mod:`.fake_engine`);
   ``historyKlines`` returns closed bars only.
+* Injected 429 and 5xx answers are a gateway's text/HTML pages, not API error bodies, and the request is not
+  executed; a ``lost_response`` fault is the opposite (executed, answer lost).
+* Admin endpoints (unsigned, never subject to faults): ``GET /fake/state``, ``GET|POST|DELETE /fake/faults``,
+  ``POST /fake/plant`` (a position or order the client did not make), ``POST /fake/clock`` (``advance_ms``).
+
+Run it: ``python -m alphapulse.exchange.weex.fake --port 8765 --data FILE.csv.gz --speed 60 --faults SPEC``.
 """
 
 from __future__ import annotations
@@ -103,7 +109,7 @@ class FakeWeex(MarketDataRoutes, PublicStreams):
         ping_interval_s: float = 5.0,
         pong_timeout_s: float | None = None,
         ws_tick_s: float = 0.1,
-        faults: str | Sequence[FaultRule] | None = None,
+        faults: str | Sequence[FaultRule | dict[str, Any]] | None = None,
         seed: int | None = None,
         partial_fill_interval_s: float = 0.2,
         max_request_log: int = 5000,
