@@ -23,7 +23,7 @@ $(VENV)/.installed: $(BIN)/python setup.cfg pyproject.toml
 
 # Test and lint tools on top.
 $(VENV)/.dev-installed: $(VENV)/.installed
-	$(PIP) install -q -e '.[test,dev,train]'
+	$(PIP) install -q -e '.[test,dev,train,ccxt]'
 	touch $@
 
 install: $(VENV)/.installed

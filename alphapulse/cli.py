@@ -143,6 +143,12 @@ def cmd_report(args: argparse.Namespace) -> int:
     return report_main(args.rest)
 
 
+def cmd_fake_weex(args: argparse.Namespace) -> int:
+    from alphapulse.exchange.weex.fake import main as fake_main
+
+    return fake_main(args.rest)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="alphapulse", description="AlphaPulse-RL trading daemon and tools")
     p.add_argument("--version", action="version", version=f"alphapulse {__version__}")
@@ -160,7 +166,9 @@ def build_parser() -> argparse.ArgumentParser:
     for name, func, text in (("backtest", cmd_backtest, "replay stored candles through the daemon's pipeline"),
                              ("evaluate", cmd_evaluate, "out-of-sample metrics against baselines; --validate"),
                              ("train", cmd_train, "train a PPO policy and export it to ONNX"),
-                             ("report", cmd_report, "daily or weekly performance report with charts")):
+                             ("report", cmd_report, "daily or weekly performance report with charts"),
+                             ("fake-weex", cmd_fake_weex, "a local fake WEEX exchange on 127.0.0.1 for tests and "
+                              "demos")):
         sp = sub.add_parser(name, help=text, add_help=False)  # the command's own parser handles its options
         sp.set_defaults(func=func, delegated=True)
     return p

@@ -30,11 +30,20 @@ from alphapulse.store import PersistedState
 PACKAGE = Path(__file__).resolve().parent.parent / "alphapulse"
 
 
+#: Where each wired class is defined: only calls of *that* class count (the fake exchange has an engine too).
+HOME = {"Engine": "alphapulse.engine", "EngineConfig": "alphapulse.engine", "PaperBroker": "alphapulse.execution.paper"}
+
+
 def _calls(name: str) -> list[str]:
-    """Every ``name(...)`` call in the package, as ``file:line``."""
+    """Every call of the package's ``name`` class, as ``file:line`` (in its home module or where imported)."""
     found = []
     for path in sorted(PACKAGE.rglob("*.py")):
+        module = "alphapulse." + ".".join(path.relative_to(PACKAGE).with_suffix("").parts)
         tree = ast.parse(path.read_text(), str(path))
+        imported = any(isinstance(n, ast.ImportFrom) and n.module == HOME[name] and
+                       any(a.name == name for a in n.names) for n in ast.walk(tree))
+        if not imported and module != HOME[name]:
+            continue
         for node in ast.walk(tree):
             if isinstance(node, ast.Call):
                 f = node.func

@@ -46,7 +46,12 @@ log = get_logger(__name__)
 ZERO = Decimal(0)
 #: Client-id suffixes of the two legs of an order that crosses zero (close the old side, open the new one).
 CLOSE_SUFFIX, OPEN_SUFFIX = "-c", "-o"
-FUNDING_INCOME = "FUNDING_FEE"
+
+
+def is_funding(income_type: str) -> bool:
+    """Funding rows of ``account/income`` (``FUNDING_FEE`` in Binance-style APIs, ``position_funding`` in what
+    ccxt documents for WEEX): the other rows (realized PnL, fees) are already booked from the fills."""
+    return "funding" in income_type.lower()
 
 
 class ExecutionSink(Protocol):
@@ -366,10 +371,10 @@ class WeexBroker:
         """Book funding payments the exchange reports and the store does not have yet."""
         self._last_funding_poll = time.monotonic()
         start = None if self.funding_since_ms is None else self.funding_since_ms + 1
-        rows = await self.client.income(self.symbol, start_ms=start, income_type=FUNDING_INCOME)
+        rows = await self.client.income(self.symbol, start_ms=start)
         fills: list[Fill] = []
         for r in sorted(rows, key=lambda x: x.time):
-            if r.income_type != FUNDING_INCOME or (r.symbol and r.symbol != self.symbol):
+            if not is_funding(r.income_type) or (r.symbol and r.symbol != self.symbol):
                 continue
             if (self.funding_since_ms is not None and r.time <= self.funding_since_ms) or (
                     fills and fills[-1].ts_ms == r.time):

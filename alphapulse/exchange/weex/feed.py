@@ -103,6 +103,8 @@ class WeexFeed:
         self.last_error: str | None = None
         self.last_emitted_ts: int | None = None
         self._opened_mono: float | None = None
+        self._market_ts: int | None = None  # newest bar open time the exchange confirmed over REST
+        self.market_confirmations = 0
 
     # -- start-up --------------------------------------------------------------------------
 
@@ -152,9 +154,16 @@ class WeexFeed:
 
     # -- Feed protocol ---------------------------------------------------------------------
 
-    def now_ms(self) -> int | None:
-        """Wall time corrected by the server offset measured by the client."""
-        return self.client.now_ms()
+    def now_ms(self) -> int:
+        """Wall time corrected by the server offset, or the exchange's market time where that is later.
+
+        On the real venue they agree.  The market can only be *ahead* of the server clock where the exchange
+        replays candles faster than real time (a local ``fake-weex --speed``): then the newest bar the exchange
+        itself has confirmed over REST is the better clock, so closure, staleness and the sanity bound on
+        stream times all follow the market instead of refusing it.
+        """
+        now = self.client.now_ms()
+        return now if self._market_ts is None or self._market_ts <= now else self._market_ts
 
     def history(self, before_ts: int, n: int) -> list[Candle]:
         """The last ``n`` bars with ``ts < before_ts``, oldest first, from memory (prefetched in :meth:`open`)."""
@@ -197,7 +206,9 @@ class WeexFeed:
             "rest_errors": self.rest_errors,
             "empty_polls": self.empty_polls,
             "last_error": self.last_error,
-            "now_ms": self.client.now_ms(),
+            "now_ms": self.now_ms(),
+            "market_ts": self._market_ts,
+            "market_confirmations": self.market_confirmations,
             "server_offset_ms": self.client.offset_ms,
             "history_bars": len(self._history),
             "connected": stream.connected if stream is not None else False,
@@ -250,9 +261,20 @@ class WeexFeed:
         self._next_ts = c.ts + self.bar_ms
         self._remember([c])
 
+    def _note_market(self, ts: int) -> None:
+        if self._market_ts is None or ts > self._market_ts:
+            self._market_ts = ts
+
+    async def _confirm_market(self) -> None:
+        """The stream shows a bar far ahead of our clock: ask REST whether the exchange really is there."""
+        self.market_confirmations += 1
+        rows = await self.client.klines(self.symbol, self.timeframe, limit=2)
+        if rows:
+            self._note_market(max(c.ts for c in rows))
+
     def _last_closed(self) -> int:
         """Open time of the newest bar known to be closed (by the stream or by the clock)."""
-        now = self.client.now_ms()
+        now = self.now_ms()
         seen = self._stream_opened(now)
         horizon = now if seen is None else max(now, seen)
         return horizon // self.bar_ms * self.bar_ms - self.bar_ms
@@ -270,8 +292,17 @@ class WeexFeed:
         while True:
             nxt = self._next_ts
             assert nxt is not None
-            now = self.client.now_ms()
+            now = self.now_ms()
             seen = self._stream_opened(now)
+            latest = self._stream_latest_ts
+            if seen is None and latest is not None and latest > now + MAX_SKEW_MS:
+                try:
+                    await self._confirm_market()  # implausible until the exchange's REST side says so
+                except WeexError as exc:
+                    self.rest_errors += 1
+                    self.last_error = str(exc)
+                now = self.now_ms()
+                seen = self._stream_opened(now)
             closed_by_stream = seen is not None and seen >= nxt + self.bar_ms
             if closed_by_stream or now >= nxt + self.bar_ms + self.grace_ms:
                 last = self._last_closed()
@@ -309,6 +340,8 @@ class WeexFeed:
                                                   limit=min(1000, min(pending, HISTORY_PAGE_ROWS) + 2))
                 newest = rows[-1].ts if rows else first - self.bar_ms
                 rows = rows + [c for c in recent if c.ts > newest]
+        if rows:
+            self._note_market(max(c.ts for c in rows))
         out = [c for c in rows if first <= c.ts <= last]
         if pending > 1 and out:
             self.backfilled += len(out)

@@ -142,7 +142,7 @@ class KlineStream:
         if self.connects > 1:
             self.reconnects += 1
         sub_id = self._id()
-        await ws.send_bytes(orjson.dumps({"id": sub_id, "method": "SUBSCRIBE", "params": [self.channel]}))
+        await ws.send_str(orjson.dumps({"id": sub_id, "method": "SUBSCRIBE", "params": [self.channel]}).decode())
         acked = False
         deadline = time.monotonic() + self.ack_timeout_s
         while True:
@@ -171,7 +171,7 @@ class KlineStream:
             if data.get("event") == "ping" or data.get("type") == "ping":
                 self.pings += 1
                 self.last_message_mono = time.monotonic()
-                await ws.send_bytes(orjson.dumps({"id": self._id(), "method": "PONG"}))
+                await ws.send_str(orjson.dumps({"id": self._id(), "method": "PONG"}).decode())
                 continue
             if "result" in data and str(data.get("id")) == sub_id:
                 if data.get("result") is not True and data.get("result") is not None:
