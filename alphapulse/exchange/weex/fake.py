@@ -23,7 +23,8 @@ Choices where the reference leaves room (each is what a stock client handles):
 * ``/capi/v3/market/klines`` ends with the forming bar (partial values, see :mod:`.fake_engine`);
   ``historyKlines`` returns closed bars only.
 * Injected 429 and 5xx answers are a gateway's text/HTML pages, not API error bodies, and the request is not
-  executed; a ``lost_response`` fault is the opposite (executed, answer lost).
+  executed; a ``lost_response`` fault is the opposite (executed, answer lost, or held back ``ms`` with
+  ``mode=hang`` so a test can kill the client between submit and acknowledgement).
 * Admin endpoints (unsigned, never subject to faults): ``GET /fake/state``, ``GET|POST|DELETE /fake/faults``,
   ``POST /fake/plant`` (a position or order the client did not make), ``POST /fake/clock`` (``advance_ms``).
 
@@ -50,6 +51,7 @@ from typing import Any
 
 from aiohttp import web
 
+from alphapulse.costs import money
 from alphapulse.domain import Candle
 from alphapulse.exchange.weex import signing
 from alphapulse.exchange.weex.fake_engine import Engine, Order, WeexError, to_decimal, within
@@ -291,6 +293,11 @@ class FakeWeex(MarketDataRoutes, PublicStreams):
         now = self._sync()
         price = Decimal(str(entry_price)) if entry_price is not None else None
         self.engine.plant_position(side, Decimal(str(size)), now, price)
+
+    def plant_transfer(self, amount: Decimal) -> None:
+        """Money moved in or out of the account by someone else (a deposit, a withdrawal): no trade, no fee."""
+        self._sync()
+        self.engine.wallet = money(self.engine.wallet + amount)
 
     def plant_order(self, **params: Any) -> Order:
         """An order the client did not place (``symbol`` defaults to the fake's)."""
@@ -538,6 +545,8 @@ class FakeWeex(MarketDataRoutes, PublicStreams):
                 if lost.mode == "5xx":
                     return web.Response(text="<html><body><h1>500 Internal Server Error</h1></body></html>",
                                         status=500, content_type="text/html")
+                if lost.mode == "hang":  # executed, the answer held back ``ms``: time to kill the client
+                    await asyncio.sleep((lost.ms or 60_000) / 1000)
                 if request.transport is not None:
                     request.transport.close()  # the order exists; the client never hears about it
                 raise asyncio.CancelledError
@@ -644,8 +653,9 @@ class FakeWeex(MarketDataRoutes, PublicStreams):
         return _json(self.faults.to_json())
 
     async def _admin_plant(self, request: web.Request) -> web.Response:
-        """``{"type": "position", "side": "LONG", "size": "0.01", "entryPrice"?}`` or ``{"type": "order", "order":
-        {...the parameters of POST /capi/v3/order...}}``: state the client did not create, for reconciliation tests."""
+        """``{"type": "position", "side": "LONG", "size": "0.01", "entryPrice"?}``, ``{"type": "order", "order":
+        {...the parameters of POST /capi/v3/order...}}`` or ``{"type": "transfer", "amount": "-50"}``: state the
+        client did not create, for reconciliation tests."""
         payload = json.loads(_BODY.get() or "{}")
         kind = payload.pop("type", None)
         if kind == "position":
@@ -653,8 +663,11 @@ class FakeWeex(MarketDataRoutes, PublicStreams):
         elif kind == "order":
             order = self.plant_order(**payload.get("order", {}))
             return _json(self.engine.order_json(order))
+        elif kind == "transfer":
+            self.plant_transfer(Decimal(str(payload["amount"])))
+            return _json(self.state()["balance"])
         else:
-            return _json({"code": -1142, "msg": "type must be position or order"}, status=400)
+            return _json({"code": -1142, "msg": "type must be position, order or transfer"}, status=400)
         return _json(self.state()["positions"])
 
     async def _admin_clock(self, request: web.Request) -> web.Response:

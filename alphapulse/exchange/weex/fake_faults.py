@@ -13,7 +13,7 @@ Kinds (what a client observes):
 ``error5xx``        HTTP ``status`` (default 503) with a gateway's HTML body; the request is *not* executed
 ``ratelimit``       HTTP 429 with a gateway's text body; the request is not executed
 ``lost_response``   the request *is* executed (an order is created), then the answer is lost: ``mode`` "close"
-                    drops the connection, "5xx" answers 500
+                    drops the connection, "5xx" answers 500, "hang" answers only after ``ms``
 ``partial_fill``    a MARKET order fills in ``parts`` pieces over time (PARTIALLY_FILLED in between)
 ``ws_drop``         a WebSocket connection is closed by the server
 ``ws_silent``       a WebSocket connection stays open but gets no messages and no pings while the rule exists
@@ -61,8 +61,8 @@ class FaultRule:
             raise ValueError(f"probability must be in [0, 1], got {self.probability}")
         if self.kind == "timeout" and self.ms == 0:
             self.ms = 60_000
-        if self.mode not in ("close", "5xx"):
-            raise ValueError(f"lost_response mode must be close or 5xx, got {self.mode!r}")
+        if self.mode not in ("close", "5xx", "hang"):
+            raise ValueError(f"lost_response mode must be close, 5xx or hang, got {self.mode!r}")
         if self.parts < 2 and self.kind == "partial_fill":
             raise ValueError("partial_fill needs parts >= 2")
 

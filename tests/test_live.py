@@ -1,0 +1,143 @@
+"""The real daemon trading live against our fake WEEX: books that match the exchange's, start-up refusals,
+restarts, and every planted mismatch caught by reconciliation.
+
+Both are real processes on 127.0.0.1; the fake replays real BTCUSDT 5m perpetual candles 3,000x faster than
+real time, and the daemon trades them with the 5m baseline model (a confidence threshold of 0.3 so it trades
+often).  After each run :func:`tests.live_harness.book_check` compares the daemon's store with the exchange.
+"""
+
+from __future__ import annotations
+
+import json
+from decimal import Decimal
+from pathlib import Path
+
+import pytest
+
+from tests.daemon_harness import DaemonProc
+from tests.live_harness import Books, FakeProc, book_check, live_daemon
+
+D = Decimal
+
+
+@pytest.fixture
+def fake(tmp_path: Path) -> FakeProc:
+    f = FakeProc(tmp_path / "fake")
+    yield f  # type: ignore[misc]
+    f.stop()
+
+
+def _assert_books_match(books: Books) -> None:
+    assert books.exchange_fills > 0 and books.exchange_orders > 0
+    assert books.duplicate_orders == 0, books
+    assert books.lost_fills == 0 and books.phantom_fills == 0, books
+    assert books.position_diff == 0, books
+    assert books.balance_diff == 0, books
+
+
+def _trades(d: DaemonProc) -> list[dict[str, str]]:
+    lines = (d.log_dir / "trades.csv").read_text().splitlines()
+    head = lines[0].split(",")
+    return [dict(zip(head, line.split(","))) for line in lines[1:]]
+
+
+def _alerts(d: DaemonProc) -> list[dict[str, object]]:
+    path = d.log_dir / "risk_alerts.json"
+    return [json.loads(x) for x in path.read_text().splitlines()] if path.exists() else []
+
+
+def test_live_trading_books_match_the_exchange_to_the_cent(tmp_path: Path, fake: FakeProc) -> None:
+    d = live_daemon(tmp_path / "run", fake)
+    try:
+        d.start()
+        d.wait_ready(60)
+        m = d.wait_metric(lambda m: m["portfolio"]["fills"] >= 25, timeout=90)
+        assert m["trading"]["mode"] == "live" and m["market"]["feed"]["kind"] == "weex"
+        assert m["exchange"]["reconciliation"]["runs"] >= 1
+        assert m["exchange"]["broker"]["acked"] >= 25
+        assert d.stop() == 0
+    finally:
+        d.close()
+    books = book_check(d, fake)
+    _assert_books_match(books)
+    trades = _trades(d)
+    # prices and fees are the exchange's own, fill by fill
+    st = fake.state()
+    ex = {(D(f["price"]), D(f["qty"]), D(f["commission"])) for f in st["fills"]}
+    ours = {(D(t["price"]), D(t["qty"]), D(t["fee"])) for t in trades if t["side"] in ("buy", "sell")}
+    assert ours == ex
+    # trades.csv pnl sums to the equity change, funding included (the fake charges it every 8 h)
+    assert sum(D(t["pnl"]) for t in trades) == D(st["balance"]["balance"]) - D(st["initial_balance"])
+    assert not any(a["limit"].startswith("reconciliation") for a in _alerts(d))  # type: ignore[union-attr]
+
+
+def test_live_start_with_keys_the_exchange_rejects_exits_78_and_trades_nothing(tmp_path: Path,
+                                                                              fake: FakeProc) -> None:
+    d = live_daemon(tmp_path / "run", fake, env={"WEEX_SECRET_KEY": "not-the-secret"})
+    try:
+        d.start()
+        rc = d.wait_exit(60)
+    finally:
+        d.close()
+    assert rc == 78
+    lines = [x for x in d.stderr().splitlines() if x.startswith("alphapulse: config error")]
+    assert len(lines) == 1 and "WEEX_API_KEY" in lines[0] and "rejected the credentials" in lines[0], d.stderr()
+    assert "not-the-secret" not in d.stderr()
+    assert fake.state()["orders"] == []
+
+
+def test_restart_on_the_same_store_resumes_without_mismatch_or_repeat(tmp_path: Path, fake: FakeProc) -> None:
+    d = live_daemon(tmp_path / "run", fake)
+    try:
+        d.start()
+        d.wait_ready(60)
+        d.wait_metric(lambda m: m["portfolio"]["fills"] >= 8, timeout=90)
+        assert d.stop() == 0
+        first = book_check(d, fake)
+        d.start()
+        d.wait_ready(60)
+        d.wait_metric(lambda m: m["portfolio"]["fills"] >= first.our_fills + 8, timeout=90)
+        assert d.stop() == 0
+    finally:
+        d.close()
+    _assert_books_match(book_check(d, fake))
+    decisions = [json.loads(x)["candle_time"] for x in (d.log_dir / "ai_decisions.json").read_text().splitlines()]
+    assert len(decisions) == len(set(decisions)), "no candle decided twice across the restart"
+    assert not any(str(a["limit"]).startswith("reconciliation") for a in _alerts(d))
+
+
+@pytest.mark.parametrize(("plant", "kind", "halts"), [
+    ({"type": "position", "side": "LONG", "size": "0.05"}, "position", True),
+    ({"type": "order", "order": {"side": "BUY", "positionSide": "LONG", "type": "LIMIT", "quantity": "0.01",
+                                 "price": "1000", "newClientOrderId": "manual-1"}}, "foreign_order", True),
+    ({"type": "transfer", "amount": "-123.45"}, "balance", False),
+])
+def test_planted_mismatch_is_caught_resolved_and_alerted(tmp_path: Path, fake: FakeProc, plant: dict[str, object],
+                                                         kind: str, halts: bool) -> None:
+    d = live_daemon(tmp_path / "run", fake, trading={"confidence_threshold": 0.99})  # trades nothing itself
+    try:
+        d.start()
+        d.wait_ready(60)
+        d.wait_metric(lambda m: m["exchange"]["reconciliation"]["runs"] >= 1, timeout=30)
+        fake.plant(plant)
+        m = d.wait_metric(lambda m: m["exchange"]["reconciliation"]["mismatches"].get(kind, 0) >= 1, timeout=30)
+        assert m["trading"]["state"] == ("HALTED" if halts else "ACTIVE")
+        if kind == "position":
+            assert m["portfolio"]["positions"][0]["qty"] == pytest.approx(0.05)  # the exchange is the truth
+        if kind == "balance":
+            assert m["portfolio"]["cash"] == pytest.approx(10000 - 123.45)
+        runs = m["exchange"]["reconciliation"]["runs"]
+        m = d.wait_metric(lambda m: m["exchange"]["reconciliation"]["runs"] >= runs + 2, timeout=30)
+        # resolved (or, for an order still there, already reported): the next reconciliations add nothing
+        assert m["exchange"]["reconciliation"]["mismatches"][kind] == 1
+        assert d.stop() == 0
+    finally:
+        d.close()
+    alerts = [a for a in _alerts(d) if a["limit"] == f"reconciliation_{kind}"]
+    assert alerts and alerts[0]["detail"]["kind"] == kind  # type: ignore[index]
+    incidents = (d.log_dir / "incidents.log").read_text()
+    assert "RECONCILIATION" in incidents and (("HALTED" in incidents) == halts)
+    if kind == "balance":  # the correction is a ledger line: pnl still sums to the equity change
+        trades = _trades(d)
+        assert [t["pnl"] for t in trades if t["side"] == "adjustment"] == ["-123.45000000"]
+        assert sum(D(t["pnl"]) for t in trades) == D("-123.45")
