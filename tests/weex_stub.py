@@ -75,6 +75,7 @@ class WeexStub:
     clock: Callable[[], float] = time.time
     bar_ms: int = 300_000
     server_offset_ms: int = 0
+    market_ahead_ms: int = 0  # the fake exchange's fast replay: its market clock runs ahead of its server clock
     candles: dict[int, Candle] = field(default_factory=dict)  # the exchange's bars by open time
     routes: dict[tuple[str, str], Handler] = field(default_factory=dict)
     requests: list[Recorded] = field(default_factory=list)
@@ -146,13 +147,16 @@ class WeexStub:
 
     # -- market data -----------------------------------------------------------------------
 
+    def market_ms(self) -> int:
+        return self.server_ms() + self.market_ahead_ms
+
     def closed(self) -> list[Candle]:
-        now = self.server_ms()
+        now = self.market_ms()
         return [self.candles[ts] for ts in sorted(self.candles) if ts + self.bar_ms <= now]
 
     def forming(self) -> Candle:
         """A bar for the current period with values no real bar has: it must never be delivered."""
-        ts = self.server_ms() // self.bar_ms * self.bar_ms
+        ts = self.market_ms() // self.bar_ms * self.bar_ms
         return Candle(ts, 1.0, 1.0, 1.0, 1.0, 0.0)
 
     # -- handlers --------------------------------------------------------------------------
@@ -208,7 +212,7 @@ class WeexStub:
 
         async def reader() -> None:
             async for msg in ws:
-                if msg.type != WSMsgType.TEXT and msg.type != WSMsgType.BINARY:
+                if msg.type != WSMsgType.TEXT:  # like the real server: commands are text frames
                     continue
                 data = orjson.loads(msg.data)
                 self.ws_received.append(data)

@@ -397,11 +397,11 @@ def parse_kline_row(row: Any) -> Candle:
 
 
 def _rows(data: Any) -> list[Any]:
-    """The list inside an answer (a bare list, or wrapped in ``data``/``list``/``rows``)."""
+    """The list inside an answer (a bare list, or wrapped in ``data``/``list``/``rows``/``items``)."""
     if isinstance(data, list):
         return data
     if isinstance(data, dict):
-        for key in ("data", "list", "rows", "symbols"):
+        for key in ("data", "list", "rows", "items", "symbols"):
             if isinstance(data.get(key), list):
                 return list(data[key])
         return [data]

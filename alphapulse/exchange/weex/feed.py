@@ -3,13 +3,16 @@
 The rule that decides when a bar has closed, and where its values come from (why: the daemon acts on
 every delivered candle, so a bar must be final, never delivered twice, and never silently skipped):
 
-* Bar ``B`` (open time ``ts``) is **closed** when the WebSocket shows a bar with a later open time, or
+* Bar ``B`` (open time ``ts``) is **due** when the WebSocket shows a bar with a later open time, or
   when the server-corrected wall clock passes ``ts + bar + grace`` (so a silent or dead stream
   delays a candle by ``grace_s`` at most, never indefinitely).
-* A closed bar's values are always fetched over **REST** (authoritative, final): ``klines`` for the
-  usual single just-closed bar, ``historyKlines`` pages of 100 when more than one bar is pending
-  (after a disconnect, a silent stream, or a restart with ``start_after_ts``).  So every bar missed
-  while the stream was down is delivered, in order, *before* any later one.
+* A due bar's values are always fetched over **REST** (authoritative, final), and it is delivered only
+  once REST proves it closed: ``historyKlines`` serves closed bars only; a ``klines`` row counts as
+  closed when a later row follows it in the same answer (that endpoint ends with the forming bar) or
+  the clock is past its close plus the grace.  ``klines`` serves the usual single just-closed bar,
+  ``historyKlines`` pages of 100 whenever more than one bar is pending (after a disconnect, a silent
+  stream, or a restart with ``start_after_ts``).  So every bar missed while the stream was down is
+  delivered, in order, *before* any later one.
 * Delivery is monotonic: only bars after the last delivered one, ascending.  A bar the exchange has no
   candle for while it has later ones is a **real exchange gap**: it is passed through as a gap (the
   daemon's validator counts it).  When REST has nothing yet for the pending range (it lags the
@@ -29,7 +32,7 @@ import time
 from collections.abc import AsyncIterator, Callable
 
 from alphapulse.domain import Candle, timeframe_ms
-from alphapulse.exchange.weex.client import HISTORY_PAGE_ROWS, WeexClient
+from alphapulse.exchange.weex.client import WeexClient
 from alphapulse.exchange.weex.errors import WeexError
 from alphapulse.exchange.weex.ws import KlineStream
 from alphapulse.log import get_logger
@@ -37,8 +40,9 @@ from alphapulse.market.feed import FeedError
 
 log = get_logger(__name__)
 
-#: How far ahead of our (server-corrected) clock a bar open time on the stream is still believed.
-MAX_SKEW_MS = 30_000
+#: Most bars fetched for one delivery batch (20 historyKlines pages): bounds memory and request weight after a
+#: long downtime; the rest follows in the next batches.
+MAX_BATCH_BARS = 2000
 
 
 class WeexFeed:
@@ -119,7 +123,9 @@ class WeexFeed:
             if self.start_after_ts is not None:
                 self._next_ts = self.start_after_ts + self.bar_ms
             else:
-                self._next_ts = self.client.now_ms() // self.bar_ms * self.bar_ms  # the bar forming now
+                # The exchange's forming bar (the last klines row), not our clock's: its market clock decides.
+                recent = await self.client.klines(self.symbol, self.timeframe, limit=2)
+                self._next_ts = recent[-1].ts if recent else self.client.now_ms() // self.bar_ms * self.bar_ms
             if self.warmup_bars:
                 await self.prefetch_history(self.warmup_bars)
         except WeexError as exc:
@@ -132,7 +138,7 @@ class WeexFeed:
         assert self._next_ts is not None, "open() fixes the first bar before history can be fetched"
         end = self._next_ts - self.bar_ms
         start = end - (n - 1) * self.bar_ms
-        rows = await self.client.history(self.symbol, self.timeframe, start, end)
+        rows = await self.client.history(self.symbol, self.timeframe, start, end, closed_by_ms=self._next_ts)
         self._remember(rows)
         log.info("weex_feed_warmup", symbol=self.symbol, timeframe=self.timeframe, bars=len(rows), wanted=n)
         return rows
@@ -234,12 +240,24 @@ class WeexFeed:
     # -- internals -------------------------------------------------------------------------
 
     async def _watch_stream(self, stream: KlineStream) -> None:
-        """Note the newest bar open time the stream shows and wake the delivery loop when it moves on."""
-        async for update in stream.updates():
-            ts = update.candle.ts
-            if self._stream_latest_ts is None or ts > self._stream_latest_ts:
-                self._stream_latest_ts = ts
-                self._wake.set()
+        """Note the newest bar open time the stream shows and wake the delivery loop when it moves on.
+
+        Supervised: an unexpected error in the stream is logged and the stream restarted after a pause, so
+        the fast path cannot die silently (the clock rule would still deliver, only later)."""
+        while True:
+            try:
+                async for update in stream.updates():
+                    ts = update.candle.ts
+                    if self._stream_latest_ts is None or ts > self._stream_latest_ts:
+                        self._stream_latest_ts = ts
+                        self._wake.set()
+                return  # the stream was closed
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                self.last_error = f"stream: {type(exc).__name__}: {exc}"
+                log.error("weex_feed_stream_crashed", error=self.last_error, exc_info=True)
+                await asyncio.sleep(max(self.tick_s, 1.0))
 
     def _mark(self, c: Candle) -> None:
         if self.last_emitted_ts is not None and c.ts - self.last_emitted_ts > self.bar_ms:
@@ -250,19 +268,25 @@ class WeexFeed:
         self._next_ts = c.ts + self.bar_ms
         self._remember([c])
 
-    def _last_closed(self) -> int:
-        """Open time of the newest bar known to be closed (by the stream or by the clock)."""
-        now = self.client.now_ms()
-        seen = self._stream_opened(now)
-        horizon = now if seen is None else max(now, seen)
-        return horizon // self.bar_ms * self.bar_ms - self.bar_ms
+    def _horizon(self, now: int) -> int:
+        """The latest exchange time we know has been reached: our clock, or a bar opening on the stream.
 
-    def _stream_opened(self, now: int) -> int | None:
-        """The newest bar open time the stream showed, if plausible: at most ``MAX_SKEW_MS`` ahead of our
-        clock.  A bar opening on the stream proves the previous one closed even if our clock lags a little;
-        a bogus far-future open time must not make us treat unfinished bars as closed."""
+        The stream is believed without a skew limit because it is only a trigger: what is delivered must
+        still be proven closed by REST (see :meth:`_proven`), so a bogus open time costs REST calls, never
+        a wrong candle.  This is also what keeps a fast replay on the fake exchange (whose market clock runs
+        ahead of its server clock) flowing at market pace."""
         seen = self._stream_latest_ts
-        return seen if seen is not None and seen <= now + MAX_SKEW_MS else None
+        return now if seen is None else max(now, seen)
+
+    def _proven(self, rows: list[Candle], now: int) -> list[Candle]:
+        """The rows of a ``klines`` answer that are certainly closed: a later bar follows them in the same
+        answer, or the clock has passed their close plus the grace.  ``klines`` ends with the forming bar,
+        whose partial values must never be delivered."""
+        out = []
+        for i, c in enumerate(rows):
+            if i + 1 < len(rows) or c.ts + self.bar_ms + self.grace_ms <= now:
+                out.append(c)
+        return out
 
     async def _next_closed(self) -> list[Candle]:
         """Wait until at least the next bar is closed, then return every closed bar REST has after it."""
@@ -271,12 +295,13 @@ class WeexFeed:
             nxt = self._next_ts
             assert nxt is not None
             now = self.client.now_ms()
-            seen = self._stream_opened(now)
+            horizon = self._horizon(now)
+            seen = self._stream_latest_ts
             closed_by_stream = seen is not None and seen >= nxt + self.bar_ms
             if closed_by_stream or now >= nxt + self.bar_ms + self.grace_ms:
-                last = self._last_closed()
+                last = horizon // self.bar_ms * self.bar_ms - self.bar_ms  # newest bar closed by the horizon
                 try:
-                    rows = await self._fetch(nxt, last)
+                    rows: list[Candle] | None = await self._fetch(nxt, last, now)
                 except WeexError as exc:
                     self.rest_errors += 1
                     self.last_error = str(exc)
@@ -294,23 +319,40 @@ class WeexFeed:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), timeout)
 
-    async def _fetch(self, first: int, last: int) -> list[Candle]:
-        """Closed bars in ``[first, last]`` over REST: ``klines`` for one bar, ``historyKlines`` pages otherwise."""
-        pending = (last - first) // self.bar_ms + 1
+    async def _fetch(self, first: int, last: int, now: int) -> list[Candle]:
+        """Closed bars in ``[first, last]`` over REST, oldest first.
+
+        One pending bar (the usual case): ``klines`` (limit 3), keeping only bars proven closed.  More: pages
+        of ``historyKlines`` (closed bars only), topped up from ``klines`` if history lags the newest bars.
+        More than :data:`MAX_BATCH_BARS`: bounded by the newest bar the exchange has, then taken a batch at
+        a time, passing over batches the exchange has no data for (an outage is a gap, not a stall).
+        """
+        bar = self.bar_ms
+        pending = (last - first) // bar + 1
         if pending <= 0:
             return []
         if pending == 1:
-            rows = await self.client.klines(self.symbol, self.timeframe, limit=3)
+            rows = self._proven(await self.client.klines(self.symbol, self.timeframe, limit=3), now)
+        elif pending > MAX_BATCH_BARS:
+            newest = self._proven(await self.client.klines(self.symbol, self.timeframe, limit=2), now)
+            if not newest:
+                return []
+            last = min(last, newest[-1].ts)
+            rows = []
+            cursor = first
+            while cursor <= last and not rows:
+                end = min(last, cursor + MAX_BATCH_BARS * bar - bar)
+                rows = await self.client.history(self.symbol, self.timeframe, cursor, end, closed_by_ms=end + bar)
+                cursor = end + bar
         else:
-            rows = await self.client.history(self.symbol, self.timeframe, first, last, closed_by_ms=last + self.bar_ms)
+            rows = await self.client.history(self.symbol, self.timeframe, first, last, closed_by_ms=last + bar)
             if not rows or rows[-1].ts < last:
                 # historyKlines may lag the newest bars: top the tail up from the recent klines.
-                recent = await self.client.klines(self.symbol, self.timeframe,
-                                                  limit=min(1000, min(pending, HISTORY_PAGE_ROWS) + 2))
-                newest = rows[-1].ts if rows else first - self.bar_ms
-                rows = rows + [c for c in recent if c.ts > newest]
+                recent = await self.client.klines(self.symbol, self.timeframe, limit=min(1000, pending + 2))
+                newest_ts = rows[-1].ts if rows else first - bar
+                rows = rows + [c for c in self._proven(recent, now) if c.ts > newest_ts]
         out = [c for c in rows if first <= c.ts <= last]
         if pending > 1 and out:
             self.backfilled += len(out)
-            log.info("weex_feed_backfill", first_ts=first, last_ts=last, pending=pending, got=len(out))
+            log.info("weex_feed_backfill", first_ts=first, last_ts=out[-1].ts, pending=pending, got=len(out))
         return out

@@ -8,7 +8,8 @@ and it counts what happened for /health.
 
 Protocol (see the reference notes): ``{"id": "1", "method": "SUBSCRIBE", "params": ["BTCUSDT@kline_1h_LAST_PRICE"]}``
 acked by ``{"result": true, "id": "1"}``; kline messages ``{"e": "kline", "s": "BTCUSDT", "d": [{t,o,h,l,c,v,i}]}``;
-server pings ``{"event": "ping", ...}`` answered with ``{"id": "N", "method": "PONG"}``.  A connection on
+server pings ``{"event": "ping", ...}`` answered with ``{"id": "N", "method": "PONG"}``.  Commands go out as
+text frames (a server may ignore binary ones).  A connection on
 which neither data nor a ping arrives for ``silence_timeout_s`` is treated as dead.
 """
 
@@ -142,7 +143,7 @@ class KlineStream:
         if self.connects > 1:
             self.reconnects += 1
         sub_id = self._id()
-        await ws.send_bytes(orjson.dumps({"id": sub_id, "method": "SUBSCRIBE", "params": [self.channel]}))
+        await ws.send_str(orjson.dumps({"id": sub_id, "method": "SUBSCRIBE", "params": [self.channel]}).decode())
         acked = False
         deadline = time.monotonic() + self.ack_timeout_s
         while True:
@@ -171,7 +172,7 @@ class KlineStream:
             if data.get("event") == "ping" or data.get("type") == "ping":
                 self.pings += 1
                 self.last_message_mono = time.monotonic()
-                await ws.send_bytes(orjson.dumps({"id": self._id(), "method": "PONG"}))
+                await ws.send_str(orjson.dumps({"id": self._id(), "method": "PONG"}).decode())
                 continue
             if "result" in data and str(data.get("id")) == sub_id:
                 if data.get("result") is not True and data.get("result") is not None:
