@@ -148,6 +148,13 @@ async def test_periodic_resync(stub: WeexStub) -> None:
         await asyncio.sleep(0.06)
         await c.balance()
         assert len(stub.calls(TIME)) == 2
+        await asyncio.sleep(0.06)
+        await c.klines("BTCUSDT", "5m", limit=2)  # public calls keep the offset fresh too (the live feed)
+        assert len(stub.calls(TIME)) == 3
+        stub.route("GET", TIME, lambda s, r: (503, {"msg": "down"}))
+        await asyncio.sleep(0.06)
+        await c.balance()  # a failed re-sync keeps the last offset instead of failing the call
+        assert len(stub.calls(BAL)) == 4
 
 
 # -- errors ---------------------------------------------------------------------------------------------

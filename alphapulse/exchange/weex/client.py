@@ -607,11 +607,18 @@ class WeexClient:
         endpoint = f"{method} {path}"
         session = self.session
         headers: dict[str, str] = {}
-        if signed:
-            if not (self._api_key and self._secret and self._passphrase):
-                raise WeexError(None, "private endpoint needs api_key, secret_key and passphrase", None, endpoint)
-            if self._sync_due():
+        if signed and not (self._api_key and self._secret and self._passphrase):
+            raise WeexError(None, "private endpoint needs api_key, secret_key and passphrase", None, endpoint)
+        if path != PATH_TIME and (signed or self._synced_at is not None) and self._sync_due():
+            # Periodic re-sync, for public calls too once a sync happened (the live feed's clock relies on it).
+            # Only the very first sync of a signed call is fatal; later ones keep the last offset on failure.
+            try:
                 await self.sync_time()
+            except WeexError as exc:
+                if self._synced_at is None and signed:
+                    raise
+                self._synced_at = time.monotonic()  # keep the old offset; try again one interval later
+                log.warning("weex_time_resync_failed", error=str(exc), offset_ms=self.offset_ms)
         await self._weights.acquire(weight)
         if order:
             await self._orders.acquire(1)
