@@ -150,7 +150,7 @@ async def test_dropped_connection_reconnects_and_backfills_before_the_next_live_
 
 
 async def test_silent_stream_is_detected_reported_and_recovered(env: Env) -> None:
-    feed = env.feed(silence_s=0.3)
+    feed = env.feed(silence_s=0.3, grace_s=600.0, stall_poll_s=0.05)  # the clock rule cannot fire here
     agen = feed.candles()
     task = asyncio.create_task(anext(agen))
     await env.stub.wait_for(lambda: env.stub.ws_subscribed >= 1)
@@ -161,8 +161,9 @@ async def test_silent_stream_is_detected_reported_and_recovered(env: Env) -> Non
     age = feed.last_message_age_s()
     assert age is not None and age > 0.3
 
-    env.at(K + 1, 2_100)  # a bar closes while the stream is silent: the clock rule still delivers it
+    env.at(K + 1)  # a bar closes while the stream is silent: the REST probe of the forming bar sees it
     assert await asyncio.wait_for(task, 3) == env.bars[K]
+    assert feed.describe()["stall_probes"] >= 1
 
     env.stub.push_ping()  # the stream speaks again
     await env.stub.wait_for(lambda: any(m.get("method") == "PONG" for m in env.stub.ws_received))
@@ -325,3 +326,20 @@ async def test_stream_reconnects_when_subscription_is_not_acked(env: Env) -> Non
     await env.stub.wait_for(lambda: got == [env.bars[K]])
     await stream.close()
     await asyncio.wait_for(task, 2)
+
+
+async def test_a_second_iteration_resumes_after_the_first(env: Env) -> None:
+    """Like ReplayFeed: a consumer that stops and iterates again continues after the last candle handed out,
+    with a fresh stream (the first one was closed when the first iteration ended)."""
+    feed = env.feed()
+    await feed.open()
+    agen = feed.candles()
+    env.at(K + 1, 2_100)
+    assert await pull(agen, 1) == [env.bars[K]]
+    await agen.aclose()
+    assert feed.describe()["connected"] is False
+    env.at(K + 3, 2_100)
+    agen = feed.candles()
+    assert await pull(agen, 2) == env.bars[K + 1 : K + 3]
+    await env.stub.wait_for(lambda: feed.describe()["connected"] is True)
+    await agen.aclose()

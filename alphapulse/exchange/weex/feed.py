@@ -5,7 +5,8 @@ every delivered candle, so a bar must be final, never delivered twice, and never
 
 * Bar ``B`` (open time ``ts``) is **due** when the WebSocket shows a bar with a later open time, or
   when the server-corrected wall clock passes ``ts + bar + grace`` (so a silent or dead stream
-  delays a candle by ``grace_s`` at most, never indefinitely).
+  delays a candle by ``grace_s`` at most, never indefinitely).  While the stream is stalled, REST is
+  also asked every ``stall_poll_s`` which bar is forming, which serves as the stream's signal would.
 * A due bar's values are always fetched over **REST** (authoritative, final), and it is delivered only
   once REST proves it closed: ``historyKlines`` serves closed bars only; a ``klines`` row counts as
   closed when a later row follows it in the same answer (that endpoint ends with the forming bar) or
@@ -68,6 +69,7 @@ class WeexFeed:
         warmup_bars: int = 0,
         grace_s: float = 2.0,
         tick_s: float = 1.0,
+        stall_poll_s: float = 5.0,
         poll_initial_s: float = 0.5,
         poll_max_s: float = 10.0,
         silence_timeout_s: float = 30.0,
@@ -83,6 +85,7 @@ class WeexFeed:
         self.warmup_bars = max(0, int(warmup_bars))
         self.grace_ms = int(grace_s * 1000)
         self.tick_s = tick_s
+        self.stall_poll_s = stall_poll_s
         self.poll_initial_s = poll_initial_s
         self.poll_max_s = poll_max_s
         self.silence_timeout_s = silence_timeout_s
@@ -92,7 +95,9 @@ class WeexFeed:
         self._opened = False
         self._iterating = False
         self._next_ts: int | None = None  # open time of the first bar not yet delivered
-        self._stream_latest_ts: int | None = None  # newest bar open time seen on the stream
+        self._latest_open_ts: int | None = None  # newest bar open time seen (stream, or REST probe when stalled)
+        self._last_probe_mono = 0.0
+        self._stream_task: asyncio.Task[None] | None = None
         self._wake = asyncio.Event()
         self._history: list[Candle] = []  # warm-up plus delivered bars, ascending ts
         self._history_ts: list[int] = []
@@ -104,6 +109,7 @@ class WeexFeed:
         self.bars_missing = 0
         self.rest_errors = 0
         self.empty_polls = 0
+        self.stall_probes = 0  # REST look-ups of the forming bar while the stream was stalled
         self.last_error: str | None = None
         self.last_emitted_ts: int | None = None
         self._opened_mono: float | None = None
@@ -202,6 +208,7 @@ class WeexFeed:
             "bars_missing": self.bars_missing,
             "rest_errors": self.rest_errors,
             "empty_polls": self.empty_polls,
+            "stall_probes": self.stall_probes,
             "last_error": self.last_error,
             "now_ms": self.client.now_ms(),
             "server_offset_ms": self.client.offset_ms,
@@ -224,7 +231,7 @@ class WeexFeed:
             self._stream = self._stream_factory() if self._stream_factory else KlineStream(
                 lambda: self.client.session, self.ws_url, self.symbol, self.timeframe,
                 silence_timeout_s=self.silence_timeout_s)
-        stream_task = asyncio.create_task(self._watch_stream(self._stream), name="weex-kline-stream")
+        self._stream_task = asyncio.create_task(self._watch_stream(self._stream), name="weex-kline-stream")
         try:
             while True:
                 for candle in await self._next_closed():
@@ -232,10 +239,20 @@ class WeexFeed:
                     yield candle
         finally:
             self._iterating = False
+            await self.close()
+
+    async def close(self) -> None:
+        """Stop the WebSocket stream (idempotent; the client belongs to the caller and stays open).
+
+        ``candles()`` does this itself when it ends or is cancelled; call it when abandoning an iteration
+        without closing the generator."""
+        if self._stream is not None:
             await self._stream.close()
-            stream_task.cancel()
+        task, self._stream_task = self._stream_task, None
+        if task is not None and task is not asyncio.current_task():
+            task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
-                await stream_task
+                await task
 
     # -- internals -------------------------------------------------------------------------
 
@@ -247,10 +264,7 @@ class WeexFeed:
         while True:
             try:
                 async for update in stream.updates():
-                    ts = update.candle.ts
-                    if self._stream_latest_ts is None or ts > self._stream_latest_ts:
-                        self._stream_latest_ts = ts
-                        self._wake.set()
+                    self._note_open(update.candle.ts)
                 return  # the stream was closed
             except asyncio.CancelledError:
                 raise
@@ -258,6 +272,30 @@ class WeexFeed:
                 self.last_error = f"stream: {type(exc).__name__}: {exc}"
                 log.error("weex_feed_stream_crashed", error=self.last_error, exc_info=True)
                 await asyncio.sleep(max(self.tick_s, 1.0))
+
+    def _note_open(self, ts: int) -> None:
+        """A bar with open time ``ts`` exists on the exchange (so every earlier bar has closed)."""
+        if self._latest_open_ts is None or ts > self._latest_open_ts:
+            self._latest_open_ts = ts
+            self._wake.set()
+
+    async def _probe_if_stalled(self) -> None:
+        """While the stream is stalled, ask REST every ``stall_poll_s`` which bar is forming.
+
+        Without this a silent stream would leave only the clock rule, which is late by the grace and, on the
+        fake exchange's fast replay (market clock ahead of the server clock), very late."""
+        if not self.stalled or time.monotonic() - self._last_probe_mono < self.stall_poll_s:
+            return
+        self._last_probe_mono = time.monotonic()
+        try:
+            recent = await self.client.klines(self.symbol, self.timeframe, limit=2)
+        except WeexError as exc:
+            self.rest_errors += 1
+            self.last_error = str(exc)
+            return
+        self.stall_probes += 1
+        if recent:
+            self._note_open(recent[-1].ts)
 
     def _mark(self, c: Candle) -> None:
         if self.last_emitted_ts is not None and c.ts - self.last_emitted_ts > self.bar_ms:
@@ -275,7 +313,7 @@ class WeexFeed:
         still be proven closed by REST (see :meth:`_proven`), so a bogus open time costs REST calls, never
         a wrong candle.  This is also what keeps a fast replay on the fake exchange (whose market clock runs
         ahead of its server clock) flowing at market pace."""
-        seen = self._stream_latest_ts
+        seen = self._latest_open_ts
         return now if seen is None else max(now, seen)
 
     def _proven(self, rows: list[Candle], now: int) -> list[Candle]:
@@ -292,11 +330,12 @@ class WeexFeed:
         """Wait until at least the next bar is closed, then return every closed bar REST has after it."""
         poll_s = self.poll_initial_s
         while True:
+            await self._probe_if_stalled()
             nxt = self._next_ts
             assert nxt is not None
             now = self.client.now_ms()
             horizon = self._horizon(now)
-            seen = self._stream_latest_ts
+            seen = self._latest_open_ts
             closed_by_stream = seen is not None and seen >= nxt + self.bar_ms
             if closed_by_stream or now >= nxt + self.bar_ms + self.grace_ms:
                 last = horizon // self.bar_ms * self.bar_ms - self.bar_ms  # newest bar closed by the horizon

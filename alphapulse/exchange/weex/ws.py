@@ -109,12 +109,18 @@ class KlineStream:
             await ws.close()
 
     async def updates(self) -> AsyncIterator[KlineUpdate]:
-        """Kline updates for ever, across reconnects (ends only after :meth:`close`)."""
+        """Kline updates for ever, across reconnects (ends only after :meth:`close`; a later call starts again)."""
+        self._closed = False
         failures = 0
         while not self._closed:
+            try:
+                session = self._session()
+            except RuntimeError as exc:  # the client was closed under us: nothing left to reconnect with
+                log.info("weex_ws_stopped", channel=self.channel, reason=str(exc))
+                return
             healthy = False
             try:
-                async for update in self._one_connection():
+                async for update in self._one_connection(session):
                     healthy = True
                     yield update
             except StreamError as exc:
@@ -134,9 +140,9 @@ class KlineStream:
             ceiling = min(self.backoff_max_s, self.backoff_initial_s * (2 ** min(failures, 16)))
             await asyncio.sleep(ceiling * (0.5 + 0.5 * self._rng()))
 
-    async def _one_connection(self) -> AsyncIterator[KlineUpdate]:
+    async def _one_connection(self, session: aiohttp.ClientSession) -> AsyncIterator[KlineUpdate]:
         """Connect, subscribe, and yield updates until the connection ends (raises :class:`StreamError`)."""
-        ws = await self._session().ws_connect(self.ws_url, autoping=True, heartbeat=None,
+        ws = await session.ws_connect(self.ws_url, autoping=True, heartbeat=None,
                                               timeout=aiohttp.ClientWSTimeout(ws_close=2.0))
         self._ws = ws
         self.connects += 1
