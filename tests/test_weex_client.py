@@ -104,6 +104,11 @@ async def test_private_call_without_credentials_fails_before_sending(stub: WeexS
             await c.balance()
         assert len(await c.klines("BTCUSDT", "5m", limit=2)) == 2  # public calls work without keys
     assert stub.calls(BAL) == []
+    lazy = WeexClient(stub.base_url)  # no start(): the session is created on the first call
+    try:
+        assert len(await lazy.klines("BTCUSDT", "5m", limit=2)) == 2
+    finally:
+        await lazy.close()
 
 
 # -- server time -----------------------------------------------------------------------------------------
@@ -296,6 +301,16 @@ async def test_submit_that_never_arrived_is_resent_with_the_same_client_id(stub:
     assert len(sent) == 2 and sent[0].body == sent[1].body  # same newClientOrderId, same bytes
     assert '"newClientOrderId":"ap-2","reduceOnly":true' in sent[0].body
     assert len(stub.calls(ORDER, "GET")) == 1  # looked up before re-sending
+
+
+async def test_submit_with_unknown_outcome_and_failed_lookup_is_not_resent(stub: WeexStub) -> None:
+    stub.route("POST", ORDER, lambda s, r: (500, b"<html>500</html>"))  # outcome unknown
+    stub.route("GET", ORDER, lambda s, r: (503, b"<html>503</html>"))  # and the look-up cannot tell
+    async with client_for(stub, max_retries=1) as c:
+        with pytest.raises(ExchangeUnavailable):
+            await c.place_order("BTCUSDT", "BUY", "LONG", "0.001", "ap-unknown")
+    assert len(stub.calls(ORDER, "POST")) == 1  # never re-sent without knowing the first one is absent
+    assert len(stub.calls(ORDER, "GET")) == 2  # the look-up (a GET) was retried
 
 
 async def test_rejected_submit_maps_error_code(stub: WeexStub) -> None:

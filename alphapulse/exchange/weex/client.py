@@ -605,6 +605,8 @@ class WeexClient:
     async def _send_once(self, method: str, path: str, query: str, body_text: str, signed: bool, weight: int,
                          order: bool, attempt: int) -> Any:
         endpoint = f"{method} {path}"
+        if self._session is None or (self._own_session and self._session.closed):
+            await self.start()  # lazily, on the running loop
         session = self.session
         headers: dict[str, str] = {}
         if signed and not (self._api_key and self._secret and self._passphrase):
@@ -767,7 +769,9 @@ class WeexClient:
 
         When the outcome is unknown (timeout, dropped connection, 5xx), the order is looked up by its
         client id first; only if the exchange has none is the *same* body (same id) sent again, after a
-        back-off.  A 429 is a refusal, so the same body is sent again after the limiter's pause.
+        back-off.  A 429 is a refusal, so the same body is sent again after the limiter's pause.  If the
+        look-up itself fails (exchange unreachable), :class:`ExchangeUnavailable` is raised: the order's fate is
+        unknown and the caller must reconcile (``get_order`` by the same client id) before deciding again.
         """
         if not client_order_id or len(client_order_id) > MAX_CLIENT_ORDER_ID:
             raise ValueError(f"client_order_id must be 1..{MAX_CLIENT_ORDER_ID} chars")

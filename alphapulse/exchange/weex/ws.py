@@ -124,6 +124,8 @@ class KlineStream:
                     healthy = True
                     yield update
             except StreamError as exc:
+                if self._closed:  # we closed it ourselves
+                    break
                 self.last_error = str(exc)
                 log.warning("weex_ws_lost", channel=self.channel, error=str(exc), reconnects=self.reconnects)
             except (aiohttp.ClientError, OSError, TimeoutError) as exc:
