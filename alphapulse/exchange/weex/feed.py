@@ -330,6 +330,7 @@ class WeexFeed:
         """Wait until at least the next bar is closed, then return every closed bar REST has after it."""
         poll_s = self.poll_initial_s
         while True:
+            self._wake.clear()  # before reading the state, so a signal arriving meanwhile is not lost
             await self._probe_if_stalled()
             nxt = self._next_ts
             assert nxt is not None
@@ -353,7 +354,6 @@ class WeexFeed:
                 await asyncio.sleep(poll_s)
                 poll_s = min(self.poll_max_s, poll_s * 2)
                 continue
-            self._wake.clear()
             timeout = min(self.tick_s, max(0.0, (nxt + self.bar_ms + self.grace_ms - now) / 1000))
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), timeout)
