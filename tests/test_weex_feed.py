@@ -343,3 +343,17 @@ async def test_a_second_iteration_resumes_after_the_first(env: Env) -> None:
     assert await pull(agen, 2) == env.bars[K + 1 : K + 3]
     await env.stub.wait_for(lambda: feed.describe()["connected"] is True)
     await agen.aclose()
+
+
+async def test_hanging_handshake_times_out_and_is_retried(env: Env) -> None:
+    env.stub.ws_hang_s = 5.0
+    stream = KlineStream(lambda: env.client.session, env.stub.ws_url, "BTCUSDT", "5m", ack_timeout_s=0.2,
+                         backoff_initial_s=0.02, backoff_max_s=0.05)
+    await env.client.start()
+    task = asyncio.create_task(anext(stream.updates()))
+    await env.stub.wait_for(lambda: env.stub.ws_attempts >= 2)  # the first attempt was abandoned, not waited out
+    env.stub.ws_hang_s = 0.0
+    await env.stub.wait_for(lambda: stream.connected)
+    env.stub.push_kline(env.bars[K])
+    assert (await asyncio.wait_for(task, 2)).candle == env.bars[K]
+    await stream.close()

@@ -82,6 +82,8 @@ class WeexStub:
     # WebSocket behaviour
     ws_ack: bool = True
     ws_accept: bool = True  # False: the handshake is refused with 503 (the stream cannot reconnect)
+    ws_hang_s: float = 0.0  # the handshake hangs this long before being answered
+    ws_attempts: int = 0
     ws_outbox: asyncio.Queue[Any] = field(default_factory=asyncio.Queue)
     ws_received: list[dict[str, Any]] = field(default_factory=list)
     ws_connections: int = 0
@@ -96,7 +98,7 @@ class WeexStub:
         app = web.Application()
         app.router.add_get(WS_PATH, self._ws)
         app.router.add_route("*", "/{tail:.*}", self._http)
-        self._runner = web.AppRunner(app, handle_signals=False, access_log=None)
+        self._runner = web.AppRunner(app, handle_signals=False, access_log=None, shutdown_timeout=0.1)
         await self._runner.setup()
         site = web.TCPSite(self._runner, "127.0.0.1", 0)
         await site.start()
@@ -204,6 +206,9 @@ class WeexStub:
         return 404, {"code": -1000, "msg": f"no route {rec.method} {rec.path}"}
 
     async def _ws(self, request: web.Request) -> web.WebSocketResponse:
+        self.ws_attempts += 1
+        if self.ws_hang_s:
+            await asyncio.sleep(self.ws_hang_s)
         if not self.ws_accept:
             raise web.HTTPServiceUnavailable()
         ws = web.WebSocketResponse(autoping=True)

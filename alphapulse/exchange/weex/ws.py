@@ -144,8 +144,11 @@ class KlineStream:
 
     async def _one_connection(self, session: aiohttp.ClientSession) -> AsyncIterator[KlineUpdate]:
         """Connect, subscribe, and yield updates until the connection ends (raises :class:`StreamError`)."""
-        ws = await session.ws_connect(self.ws_url, autoping=True, heartbeat=None,
-                                              timeout=aiohttp.ClientWSTimeout(ws_close=2.0))
+        kwargs: dict[str, Any] = {}
+        if hasattr(aiohttp, "ClientWSTimeout"):  # aiohttp >= 3.10: do not wait 10 s for a dead server's close
+            kwargs["timeout"] = aiohttp.ClientWSTimeout(ws_close=2.0)
+        async with asyncio.timeout(self.ack_timeout_s):  # the handshake must not hang on the session's 5 min
+            ws = await session.ws_connect(self.ws_url, autoping=True, heartbeat=None, **kwargs)
         self._ws = ws
         self.connects += 1
         if self.connects > 1:
