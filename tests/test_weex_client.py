@@ -460,3 +460,33 @@ async def test_history_walks_over_an_exchange_outage(stub: WeexStub, btc_candles
         got = await c.history("BTCUSDT", "5m", bars[0].ts, bars[-1].ts)
     assert got == kept
     assert len(stub.calls(HIST)) == 3
+
+
+async def test_account_answers_parse_into_decimals(stub: WeexStub) -> None:
+    stub.route("GET", "/capi/v3/account/position/allPosition", lambda s, r: (200, [{
+        "id": "p1", "symbol": "BTCUSDT", "side": "LONG", "size": "0.010", "openValue": "940.48", "leverage": "5",
+        "marginType": "CROSSED", "unrealizePnl": "-0.171", "liquidatePrice": "0", "createdTime": 1735753206286}]))
+    stub.route("POST", "/capi/v3/account/income", lambda s, r: (200, {"hasNextPage": False, "items": [
+        {"symbol": "BTCUSDT", "incomeType": "FUNDING_FEE", "income": "-0.0941", "asset": "USDT",
+         "time": "1735776000000"}]}))
+    stub.route("GET", "/capi/v3/account/commissionRate", lambda s, r: (200, {
+        "symbol": "BTCUSDT", "makerCommissionRate": "0.0002", "takerCommissionRate": "0.0006"}))
+    stub.route("GET", "/capi/v3/userTrades", lambda s, r: (200, [{
+        "id": "t1", "orderId": "9001", "symbol": "BTCUSDT", "side": "BUY", "positionSide": "LONG",
+        "price": "94048.0", "qty": "0.010", "quoteQty": "940.48", "commission": "0.564288",
+        "commissionAsset": "USDT", "realizedPnl": "0", "maker": False, "time": 1735753206286}]))
+    stub.route("GET", "/capi/v3/openOrders", lambda s, r: (200, [order_row("ap-9")]))
+    async with client_for(stub) as c:
+        [pos] = await c.positions()
+        [inc] = await c.income("BTCUSDT", start_ms=1735776000000, income_type="FUNDING_FEE")
+        fee = await c.commission_rate("BTCUSDT")
+        [fill] = await c.user_trades("BTCUSDT", order_id="9001")
+        [open_order] = await c.open_orders("BTCUSDT")
+    assert pos.entry_price == Decimal("94048") and pos.unrealized_pnl == Decimal("-0.171")
+    assert (inc.income_type, inc.income, inc.time) == ("FUNDING_FEE", Decimal("-0.0941"), 1735776000000)
+    assert (fee.maker, fee.taker) == (Decimal("0.0002"), Decimal("0.0006"))
+    assert fill.commission == Decimal("0.564288") and fill.raw["id"] == "t1"
+    assert open_order.client_order_id == "ap-9"
+    assert stub.calls("/capi/v3/account/income")[0].body == \
+        '{"symbol":"BTCUSDT","incomeType":"FUNDING_FEE","startTime":1735776000000}'
+    assert stub.calls("/capi/v3/userTrades")[0].query == "symbol=BTCUSDT&orderId=9001"
