@@ -169,7 +169,9 @@ class WeexFeed:
         return self.client.now_ms()
 
     def history(self, before_ts: int, n: int) -> list[Candle]:
-        """The last ``n`` bars with ``ts < before_ts``, oldest first, from memory (prefetched in :meth:`open`)."""
+        """The last ``n`` bars with ``ts < before_ts``, oldest first, from memory: the warm-up prefetched in
+        :meth:`open` plus every bar delivered since.  Synchronous by protocol, so it never fetches: before
+        :meth:`open`, or further back than ``warmup_bars``, it returns what it has (possibly fewer)."""
         if n <= 0:
             return []
         k = bisect.bisect_left(self._history_ts, before_ts)
