@@ -361,6 +361,8 @@ async def test_429_then_success(stub: WeexStub) -> None:
         t0 = time.monotonic()
         assert len(await c.klines("BTCUSDT", "5m", limit=1)) == 1
         assert time.monotonic() - t0 >= 0.15
+        d = c.describe()
+        assert (d["rate_limited"], d["retries"], d["requests"]) == (1, 1, 2)
 
 
 async def test_token_bucket_spaces_requests_on_a_fake_clock() -> None:

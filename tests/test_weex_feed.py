@@ -189,6 +189,9 @@ async def test_warmup_history_comes_from_rest_in_open(env: Env) -> None:
 
 async def test_resume_after_start_after_ts_backfills_what_was_missed(env: Env) -> None:
     last_decided = env.bars[K - 6].ts
+    odd = env.feed(start_after_ts=last_decided + 7)  # a misaligned resume point still resumes at the next bar
+    await odd.open()
+    assert odd.describe()["next_ts"] == env.bars[K - 5].ts
     feed = env.feed(start_after_ts=last_decided, warmup_bars=20)
     await feed.open()
     assert feed.history(last_decided + 1, 20) == env.bars[K - 25 : K - 5]  # as the daemon asks after a restart

@@ -127,7 +127,7 @@ class WeexFeed:
             await self.client.start()
             await self.client.sync_time()
             if self.start_after_ts is not None:
-                self._next_ts = self.start_after_ts + self.bar_ms
+                self._next_ts = (self.start_after_ts // self.bar_ms + 1) * self.bar_ms  # aligned, even if it is not
             else:
                 # The exchange's forming bar (the last klines row), not our clock's: its market clock decides.
                 recent = await self.client.klines(self.symbol, self.timeframe, limit=2)
