@@ -104,6 +104,11 @@ async def test_private_call_without_credentials_fails_before_sending(stub: WeexS
             await c.balance()
         assert len(await c.klines("BTCUSDT", "5m", limit=2)) == 2  # public calls work without keys
     assert stub.calls(BAL) == []
+    lazy = WeexClient(stub.base_url)  # no start(): the session is created on the first call
+    try:
+        assert len(await lazy.klines("BTCUSDT", "5m", limit=2)) == 2
+    finally:
+        await lazy.close()
 
 
 # -- server time -----------------------------------------------------------------------------------------
@@ -148,6 +153,13 @@ async def test_periodic_resync(stub: WeexStub) -> None:
         await asyncio.sleep(0.06)
         await c.balance()
         assert len(stub.calls(TIME)) == 2
+        await asyncio.sleep(0.06)
+        await c.klines("BTCUSDT", "5m", limit=2)  # public calls keep the offset fresh too (the live feed)
+        assert len(stub.calls(TIME)) == 3
+        stub.route("GET", TIME, lambda s, r: (503, {"msg": "down"}))
+        await asyncio.sleep(0.06)
+        await c.balance()  # a failed re-sync keeps the last offset instead of failing the call
+        assert len(stub.calls(BAL)) == 4
 
 
 # -- errors ---------------------------------------------------------------------------------------------
@@ -291,6 +303,16 @@ async def test_submit_that_never_arrived_is_resent_with_the_same_client_id(stub:
     assert len(stub.calls(ORDER, "GET")) == 1  # looked up before re-sending
 
 
+async def test_submit_with_unknown_outcome_and_failed_lookup_is_not_resent(stub: WeexStub) -> None:
+    stub.route("POST", ORDER, lambda s, r: (500, b"<html>500</html>"))  # outcome unknown
+    stub.route("GET", ORDER, lambda s, r: (503, b"<html>503</html>"))  # and the look-up cannot tell
+    async with client_for(stub, max_retries=1) as c:
+        with pytest.raises(ExchangeUnavailable):
+            await c.place_order("BTCUSDT", "BUY", "LONG", "0.001", "ap-unknown")
+    assert len(stub.calls(ORDER, "POST")) == 1  # never re-sent without knowing the first one is absent
+    assert len(stub.calls(ORDER, "GET")) == 2  # the look-up (a GET) was retried
+
+
 async def test_rejected_submit_maps_error_code(stub: WeexStub) -> None:
     stub.route("POST", ORDER, lambda s, r: (200, {"orderId": None, "clientOrderId": "ap-3", "success": False,
                                                   "errorCode": "-1116", "errorMessage": "Invalid orderType."}))
@@ -339,6 +361,8 @@ async def test_429_then_success(stub: WeexStub) -> None:
         t0 = time.monotonic()
         assert len(await c.klines("BTCUSDT", "5m", limit=1)) == 1
         assert time.monotonic() - t0 >= 0.15
+        d = c.describe()
+        assert (d["rate_limited"], d["retries"], d["requests"]) == (1, 1, 2)
 
 
 async def test_token_bucket_spaces_requests_on_a_fake_clock() -> None:
@@ -438,3 +462,33 @@ async def test_history_walks_over_an_exchange_outage(stub: WeexStub, btc_candles
         got = await c.history("BTCUSDT", "5m", bars[0].ts, bars[-1].ts)
     assert got == kept
     assert len(stub.calls(HIST)) == 3
+
+
+async def test_account_answers_parse_into_decimals(stub: WeexStub) -> None:
+    stub.route("GET", "/capi/v3/account/position/allPosition", lambda s, r: (200, [{
+        "id": "p1", "symbol": "BTCUSDT", "side": "LONG", "size": "0.010", "openValue": "940.48", "leverage": "5",
+        "marginType": "CROSSED", "unrealizePnl": "-0.171", "liquidatePrice": "0", "createdTime": 1735753206286}]))
+    stub.route("POST", "/capi/v3/account/income", lambda s, r: (200, {"hasNextPage": False, "items": [
+        {"symbol": "BTCUSDT", "incomeType": "FUNDING_FEE", "income": "-0.0941", "asset": "USDT",
+         "time": "1735776000000"}]}))
+    stub.route("GET", "/capi/v3/account/commissionRate", lambda s, r: (200, {
+        "symbol": "BTCUSDT", "makerCommissionRate": "0.0002", "takerCommissionRate": "0.0006"}))
+    stub.route("GET", "/capi/v3/userTrades", lambda s, r: (200, [{
+        "id": "t1", "orderId": "9001", "symbol": "BTCUSDT", "side": "BUY", "positionSide": "LONG",
+        "price": "94048.0", "qty": "0.010", "quoteQty": "940.48", "commission": "0.564288",
+        "commissionAsset": "USDT", "realizedPnl": "0", "maker": False, "time": 1735753206286}]))
+    stub.route("GET", "/capi/v3/openOrders", lambda s, r: (200, [order_row("ap-9")]))
+    async with client_for(stub) as c:
+        [pos] = await c.positions()
+        [inc] = await c.income("BTCUSDT", start_ms=1735776000000, income_type="FUNDING_FEE")
+        fee = await c.commission_rate("BTCUSDT")
+        [fill] = await c.user_trades("BTCUSDT", order_id="9001")
+        [open_order] = await c.open_orders("BTCUSDT")
+    assert pos.entry_price == Decimal("94048") and pos.unrealized_pnl == Decimal("-0.171")
+    assert (inc.income_type, inc.income, inc.time) == ("FUNDING_FEE", Decimal("-0.0941"), 1735776000000)
+    assert (fee.maker, fee.taker) == (Decimal("0.0002"), Decimal("0.0006"))
+    assert fill.commission == Decimal("0.564288") and fill.raw["id"] == "t1"
+    assert open_order.client_order_id == "ap-9"
+    assert stub.calls("/capi/v3/account/income")[0].body == \
+        '{"symbol":"BTCUSDT","incomeType":"FUNDING_FEE","startTime":1735776000000}'
+    assert stub.calls("/capi/v3/userTrades")[0].query == "symbol=BTCUSDT&orderId=9001"

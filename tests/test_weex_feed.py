@@ -150,7 +150,7 @@ async def test_dropped_connection_reconnects_and_backfills_before_the_next_live_
 
 
 async def test_silent_stream_is_detected_reported_and_recovered(env: Env) -> None:
-    feed = env.feed(silence_s=0.3)
+    feed = env.feed(silence_s=0.3, grace_s=600.0, stall_poll_s=0.05)  # the clock rule cannot fire here
     agen = feed.candles()
     task = asyncio.create_task(anext(agen))
     await env.stub.wait_for(lambda: env.stub.ws_subscribed >= 1)
@@ -161,8 +161,9 @@ async def test_silent_stream_is_detected_reported_and_recovered(env: Env) -> Non
     age = feed.last_message_age_s()
     assert age is not None and age > 0.3
 
-    env.at(K + 1, 2_100)  # a bar closes while the stream is silent: the clock rule still delivers it
+    env.at(K + 1)  # a bar closes while the stream is silent: the REST probe of the forming bar sees it
     assert await asyncio.wait_for(task, 3) == env.bars[K]
+    assert feed.describe()["stall_probes"] >= 1
 
     env.stub.push_ping()  # the stream speaks again
     await env.stub.wait_for(lambda: any(m.get("method") == "PONG" for m in env.stub.ws_received))
@@ -188,6 +189,9 @@ async def test_warmup_history_comes_from_rest_in_open(env: Env) -> None:
 
 async def test_resume_after_start_after_ts_backfills_what_was_missed(env: Env) -> None:
     last_decided = env.bars[K - 6].ts
+    odd = env.feed(start_after_ts=last_decided + 7)  # a misaligned resume point still resumes at the next bar
+    await odd.open()
+    assert odd.describe()["next_ts"] == env.bars[K - 5].ts
     feed = env.feed(start_after_ts=last_decided, warmup_bars=20)
     await feed.open()
     assert feed.history(last_decided + 1, 20) == env.bars[K - 25 : K - 5]  # as the daemon asks after a restart
@@ -219,10 +223,10 @@ async def test_real_exchange_gap_is_passed_through(env: Env) -> None:
 
 
 async def test_rest_errors_are_retried_and_counted_never_papered_over(env: Env) -> None:
-    failures = iter([(503, {"msg": "busy"}), (502, b"bad gateway")])
-    env.stub.route("GET", KLINES, lambda s, r: next(failures, None))
     feed = env.feed()
     await feed.open()  # the first bar delivered is the one forming now (K)
+    failures = iter([(503, {"msg": "busy"}), (502, b"bad gateway")])
+    env.stub.route("GET", KLINES, lambda s, r: next(failures, None))
     agen = feed.candles()
     env.at(K + 1, 2_100)
     assert await pull(agen, 1) == [env.bars[K]]
@@ -237,3 +241,122 @@ async def test_open_fails_loudly_when_the_exchange_is_unreachable(env: Env) -> N
     env.stub.route("GET", "/capi/v3/market/time", down)
     with pytest.raises(FeedError, match="cannot start"):
         await env.feed().open()
+
+
+async def test_rest_that_still_shows_the_bar_forming_is_waited_for(env: Env) -> None:
+    """The stream says bar K+1 opened, but REST's klines still end with K (it lags): K's values there may be
+    partial, so nothing is delivered until REST shows a later bar."""
+    feed = env.feed(grace_s=600.0)
+    await feed.open()
+    lagging = True
+
+    def klines(s: WeexStub, r: Recorded) -> tuple[int, Any] | None:
+        if not lagging:
+            return None
+        from tests.weex_stub import kline_row
+
+        return 200, [kline_row(c) for c in s.closed()[-2:]] + [kline_row(s.forming())]
+
+    env.stub.route("GET", KLINES, klines)
+    env.stub.server_offset_ms = -BAR  # REST's view: still inside bar K (serves K as the forming bar)
+    agen = feed.candles()
+    task = asyncio.create_task(anext(agen))
+    await env.stub.wait_for(lambda: env.stub.ws_subscribed >= 1)
+    env.at(K + 1)
+    env.stub.push_kline(env.junk(K + 1))
+    assert await still_waiting(task, 0.2)
+    assert feed.describe()["empty_polls"] >= 1
+    lagging = False
+    env.stub.server_offset_ms = 0
+    assert await asyncio.wait_for(task, 3) == env.bars[K]
+    await agen.aclose()
+
+
+async def test_fast_replay_market_clock_ahead_of_server_clock(env: Env) -> None:
+    """On the fake exchange's fast replay the market runs ahead of /market/time: bars close at the
+    stream's pace, not our clock's."""
+    env.stub.market_ahead_ms = 3 * BAR
+    feed = env.feed(warmup_bars=10)
+    await feed.open()
+    assert feed.describe()["next_ts"] == env.bars[K + 3].ts  # the exchange's forming bar, not our clock's
+    assert feed.history(env.bars[K + 3].ts, 10) == env.bars[K - 7 : K + 3]
+    agen = feed.candles()
+    task = asyncio.create_task(anext(agen))
+    await env.stub.wait_for(lambda: env.stub.ws_subscribed >= 1)
+    for i in range(4, 7):
+        env.stub.market_ahead_ms = i * BAR + 100  # market time moves; our clock does not
+        env.stub.push_kline(env.junk(K + i))
+        assert await asyncio.wait_for(task, 3) == env.bars[K + i - 1]
+        task = asyncio.create_task(anext(agen))
+    task.cancel()
+    await agen.aclose()
+
+
+async def test_long_backfill_in_batches_passes_over_an_outage(env: Env, monkeypatch: pytest.MonkeyPatch) -> None:
+    import alphapulse.exchange.weex.feed as feed_mod
+
+    monkeypatch.setattr(feed_mod, "MAX_BATCH_BARS", 50)
+    for b in env.bars[K - 200 : K - 120]:  # 80 bars the exchange never had: more than a whole batch
+        del env.stub.candles[b.ts]
+    feed = env.feed(start_after_ts=env.bars[K - 251].ts)
+    agen = feed.candles()
+    got = await pull(agen, 250 - 80)
+    assert got == env.bars[K - 250 : K - 200] + env.bars[K - 120 : K]
+    d = feed.describe()
+    assert (d["gaps_passed"], d["bars_missing"], d["backfilled"]) == (1, 80, 170)
+    await agen.aclose()
+
+
+async def test_stream_reconnects_when_subscription_is_not_acked(env: Env) -> None:
+    env.stub.ws_ack = False
+    stream = KlineStream(lambda: env.client.session, env.stub.ws_url, "BTCUSDT", "5m", ack_timeout_s=0.1,
+                         backoff_initial_s=0.02, backoff_max_s=0.05)
+    await env.client.start()
+    got: list[Candle] = []
+
+    async def consume() -> None:
+        async for u in stream.updates():
+            got.append(u.candle)
+
+    task = asyncio.create_task(consume())
+    await env.stub.wait_for(lambda: env.stub.ws_subscribed >= 3)
+    assert stream.reconnects >= 2 and not stream.connected and "ack" in str(stream.last_error)
+    sub = next(m for m in env.stub.ws_received if m.get("method") == "SUBSCRIBE")
+    assert sub["params"] == ["BTCUSDT@kline_5m_LAST_PRICE"] and isinstance(sub["id"], str)
+    env.stub.ws_ack = True
+    await env.stub.wait_for(lambda: stream.connected)
+    env.stub.push_kline(env.bars[K])
+    await env.stub.wait_for(lambda: got == [env.bars[K]])
+    await stream.close()
+    await asyncio.wait_for(task, 2)
+
+
+async def test_a_second_iteration_resumes_after_the_first(env: Env) -> None:
+    """Like ReplayFeed: a consumer that stops and iterates again continues after the last candle handed out,
+    with a fresh stream (the first one was closed when the first iteration ended)."""
+    feed = env.feed()
+    await feed.open()
+    agen = feed.candles()
+    env.at(K + 1, 2_100)
+    assert await pull(agen, 1) == [env.bars[K]]
+    await agen.aclose()
+    assert feed.describe()["connected"] is False
+    env.at(K + 3, 2_100)
+    agen = feed.candles()
+    assert await pull(agen, 2) == env.bars[K + 1 : K + 3]
+    await env.stub.wait_for(lambda: feed.describe()["connected"] is True)
+    await agen.aclose()
+
+
+async def test_hanging_handshake_times_out_and_is_retried(env: Env) -> None:
+    env.stub.ws_hang_s = 5.0
+    stream = KlineStream(lambda: env.client.session, env.stub.ws_url, "BTCUSDT", "5m", ack_timeout_s=0.2,
+                         backoff_initial_s=0.02, backoff_max_s=0.05)
+    await env.client.start()
+    task = asyncio.create_task(anext(stream.updates()))
+    await env.stub.wait_for(lambda: env.stub.ws_attempts >= 2)  # the first attempt was abandoned, not waited out
+    env.stub.ws_hang_s = 0.0
+    await env.stub.wait_for(lambda: stream.connected)
+    env.stub.push_kline(env.bars[K])
+    assert (await asyncio.wait_for(task, 2)).candle == env.bars[K]
+    await stream.close()

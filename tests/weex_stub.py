@@ -75,12 +75,15 @@ class WeexStub:
     clock: Callable[[], float] = time.time
     bar_ms: int = 300_000
     server_offset_ms: int = 0
+    market_ahead_ms: int = 0  # the fake exchange's fast replay: its market clock runs ahead of its server clock
     candles: dict[int, Candle] = field(default_factory=dict)  # the exchange's bars by open time
     routes: dict[tuple[str, str], Handler] = field(default_factory=dict)
     requests: list[Recorded] = field(default_factory=list)
     # WebSocket behaviour
     ws_ack: bool = True
     ws_accept: bool = True  # False: the handshake is refused with 503 (the stream cannot reconnect)
+    ws_hang_s: float = 0.0  # the handshake hangs this long before being answered
+    ws_attempts: int = 0
     ws_outbox: asyncio.Queue[Any] = field(default_factory=asyncio.Queue)
     ws_received: list[dict[str, Any]] = field(default_factory=list)
     ws_connections: int = 0
@@ -95,7 +98,7 @@ class WeexStub:
         app = web.Application()
         app.router.add_get(WS_PATH, self._ws)
         app.router.add_route("*", "/{tail:.*}", self._http)
-        self._runner = web.AppRunner(app, handle_signals=False, access_log=None)
+        self._runner = web.AppRunner(app, handle_signals=False, access_log=None, shutdown_timeout=0.1)
         await self._runner.setup()
         site = web.TCPSite(self._runner, "127.0.0.1", 0)
         await site.start()
@@ -146,13 +149,16 @@ class WeexStub:
 
     # -- market data -----------------------------------------------------------------------
 
+    def market_ms(self) -> int:
+        return self.server_ms() + self.market_ahead_ms
+
     def closed(self) -> list[Candle]:
-        now = self.server_ms()
+        now = self.market_ms()
         return [self.candles[ts] for ts in sorted(self.candles) if ts + self.bar_ms <= now]
 
     def forming(self) -> Candle:
         """A bar for the current period with values no real bar has: it must never be delivered."""
-        ts = self.server_ms() // self.bar_ms * self.bar_ms
+        ts = self.market_ms() // self.bar_ms * self.bar_ms
         return Candle(ts, 1.0, 1.0, 1.0, 1.0, 0.0)
 
     # -- handlers --------------------------------------------------------------------------
@@ -200,6 +206,9 @@ class WeexStub:
         return 404, {"code": -1000, "msg": f"no route {rec.method} {rec.path}"}
 
     async def _ws(self, request: web.Request) -> web.WebSocketResponse:
+        self.ws_attempts += 1
+        if self.ws_hang_s:
+            await asyncio.sleep(self.ws_hang_s)
         if not self.ws_accept:
             raise web.HTTPServiceUnavailable()
         ws = web.WebSocketResponse(autoping=True)
@@ -208,7 +217,7 @@ class WeexStub:
 
         async def reader() -> None:
             async for msg in ws:
-                if msg.type != WSMsgType.TEXT and msg.type != WSMsgType.BINARY:
+                if msg.type != WSMsgType.TEXT:  # like the real server: commands are text frames
                     continue
                 data = orjson.loads(msg.data)
                 self.ws_received.append(data)

@@ -397,11 +397,11 @@ def parse_kline_row(row: Any) -> Candle:
 
 
 def _rows(data: Any) -> list[Any]:
-    """The list inside an answer (a bare list, or wrapped in ``data``/``list``/``rows``)."""
+    """The list inside an answer (a bare list, or wrapped in ``data``/``list``/``rows``/``items``)."""
     if isinstance(data, list):
         return data
     if isinstance(data, dict):
-        for key in ("data", "list", "rows", "symbols"):
+        for key in ("data", "list", "rows", "items", "symbols"):
             if isinstance(data.get(key), list):
                 return list(data[key])
         return [data]
@@ -605,13 +605,22 @@ class WeexClient:
     async def _send_once(self, method: str, path: str, query: str, body_text: str, signed: bool, weight: int,
                          order: bool, attempt: int) -> Any:
         endpoint = f"{method} {path}"
+        if self._session is None or (self._own_session and self._session.closed):
+            await self.start()  # lazily, on the running loop
         session = self.session
         headers: dict[str, str] = {}
-        if signed:
-            if not (self._api_key and self._secret and self._passphrase):
-                raise WeexError(None, "private endpoint needs api_key, secret_key and passphrase", None, endpoint)
-            if self._sync_due():
+        if signed and not (self._api_key and self._secret and self._passphrase):
+            raise WeexError(None, "private endpoint needs api_key, secret_key and passphrase", None, endpoint)
+        if path != PATH_TIME and (signed or self._synced_at is not None) and self._sync_due():
+            # Periodic re-sync, for public calls too once a sync happened (the live feed's clock relies on it).
+            # Only the very first sync of a signed call is fatal; later ones keep the last offset on failure.
+            try:
                 await self.sync_time()
+            except WeexError as exc:
+                if self._synced_at is None and signed:
+                    raise
+                self._synced_at = time.monotonic()  # keep the old offset; try again one interval later
+                log.warning("weex_time_resync_failed", error=str(exc), offset_ms=self.offset_ms)
         await self._weights.acquire(weight)
         if order:
             await self._orders.acquire(1)
@@ -760,7 +769,9 @@ class WeexClient:
 
         When the outcome is unknown (timeout, dropped connection, 5xx), the order is looked up by its
         client id first; only if the exchange has none is the *same* body (same id) sent again, after a
-        back-off.  A 429 is a refusal, so the same body is sent again after the limiter's pause.
+        back-off.  A 429 is a refusal, so the same body is sent again after the limiter's pause.  If the
+        look-up itself fails (exchange unreachable), :class:`ExchangeUnavailable` is raised: the order's fate is
+        unknown and the caller must reconcile (``get_order`` by the same client id) before deciding again.
         """
         if not client_order_id or len(client_order_id) > MAX_CLIENT_ORDER_ID:
             raise ValueError(f"client_order_id must be 1..{MAX_CLIENT_ORDER_ID} chars")

@@ -8,7 +8,8 @@ and it counts what happened for /health.
 
 Protocol (see the reference notes): ``{"id": "1", "method": "SUBSCRIBE", "params": ["BTCUSDT@kline_1h_LAST_PRICE"]}``
 acked by ``{"result": true, "id": "1"}``; kline messages ``{"e": "kline", "s": "BTCUSDT", "d": [{t,o,h,l,c,v,i}]}``;
-server pings ``{"event": "ping", ...}`` answered with ``{"id": "N", "method": "PONG"}``.  A connection on
+server pings ``{"event": "ping", ...}`` answered with ``{"id": "N", "method": "PONG"}``.  Commands go out as
+text frames (a server may ignore binary ones).  A connection on
 which neither data nor a ping arrives for ``silence_timeout_s`` is treated as dead.
 """
 
@@ -108,15 +109,23 @@ class KlineStream:
             await ws.close()
 
     async def updates(self) -> AsyncIterator[KlineUpdate]:
-        """Kline updates for ever, across reconnects (ends only after :meth:`close`)."""
+        """Kline updates for ever, across reconnects (ends only after :meth:`close`; a later call starts again)."""
+        self._closed = False
         failures = 0
         while not self._closed:
+            try:
+                session = self._session()
+            except RuntimeError as exc:  # the client was closed under us: nothing left to reconnect with
+                log.info("weex_ws_stopped", channel=self.channel, reason=str(exc))
+                return
             healthy = False
             try:
-                async for update in self._one_connection():
+                async for update in self._one_connection(session):
                     healthy = True
                     yield update
             except StreamError as exc:
+                if self._closed:  # we closed it ourselves
+                    break
                 self.last_error = str(exc)
                 log.warning("weex_ws_lost", channel=self.channel, error=str(exc), reconnects=self.reconnects)
             except (aiohttp.ClientError, OSError, TimeoutError) as exc:
@@ -133,10 +142,13 @@ class KlineStream:
             ceiling = min(self.backoff_max_s, self.backoff_initial_s * (2 ** min(failures, 16)))
             await asyncio.sleep(ceiling * (0.5 + 0.5 * self._rng()))
 
-    async def _one_connection(self) -> AsyncIterator[KlineUpdate]:
+    async def _one_connection(self, session: aiohttp.ClientSession) -> AsyncIterator[KlineUpdate]:
         """Connect, subscribe, and yield updates until the connection ends (raises :class:`StreamError`)."""
-        ws = await self._session().ws_connect(self.ws_url, autoping=True, heartbeat=None,
-                                              timeout=aiohttp.ClientWSTimeout(ws_close=2.0))
+        kwargs: dict[str, Any] = {}
+        if hasattr(aiohttp, "ClientWSTimeout"):  # aiohttp >= 3.10: do not wait 10 s for a dead server's close
+            kwargs["timeout"] = aiohttp.ClientWSTimeout(ws_close=2.0)
+        async with asyncio.timeout(self.ack_timeout_s):  # the handshake must not hang on the session's 5 min
+            ws = await session.ws_connect(self.ws_url, autoping=True, heartbeat=None, **kwargs)
         self._ws = ws
         self.connects += 1
         if self.connects > 1:
