@@ -164,9 +164,17 @@ class WeexFeed:
 
     # -- Feed protocol ---------------------------------------------------------------------
 
-    def now_ms(self) -> int | None:
-        """Wall time corrected by the server offset measured by the client."""
-        return self.client.now_ms()
+    def now_ms(self) -> int:
+        """Wall time corrected by the server offset, or the close of the last delivered bar if that is later.
+
+        On the real venue a delivered bar has closed by the server's clock, so this is the server's clock.  Only
+        an exchange that replays its market faster than real time (a local ``fake-weex --speed``) closes bars
+        ahead of its server clock: then the market's own time is the better clock, so the daemon's time rules
+        (order-rate window, staleness, daily roll-over) run on market time as they would on the real venue.
+        """
+        now = self.client.now_ms()
+        last = self.last_emitted_ts
+        return now if last is None or last + self.bar_ms <= now else last + self.bar_ms
 
     def history(self, before_ts: int, n: int) -> list[Candle]:
         """The last ``n`` bars with ``ts < before_ts``, oldest first, from memory: the warm-up prefetched in
