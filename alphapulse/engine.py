@@ -184,6 +184,10 @@ class Engine:
         order_id = None
         if decision.confidence < cfg.confidence_threshold:
             allowed, reason = False, "below_confidence_threshold"
+        elif self.broker.open_orders():
+            # An order still on its way (a slow or failing exchange): sizing against the position without it
+            # would order the same delta again each bar and overshoot every limit once they all fill.
+            allowed, reason = False, "order_pending"
         else:
             current = pf.position.qty
             desired = target_qty(decision.target, pf.equity, price, cfg.limits, cfg.lot_size)

@@ -599,3 +599,25 @@ def test_store_round_trip_and_restart_equivalence(tmp_path: Path, settings: Sett
         assert eng.portfolio.snapshot() == twin.portfolio.snapshot()
     reopened.close()
 
+
+
+class _NeverFills(PaperBroker):
+    """A venue that acknowledges and never fills (a slow or failing exchange)."""
+
+    def on_candle(self, candle: Candle) -> list[Fill]:
+        return []
+
+
+def test_no_second_order_while_one_is_pending(btc_candles: list[Candle]) -> None:
+    """Sizing against a position that excludes an order still on its way would repeat the order each bar and
+    overshoot every limit once they all fill; the engine waits instead."""
+    from alphapulse.baselines import ConstantTarget
+    from alphapulse.builder import build_engine
+
+    settings = load_settings(None, env={})
+    eng = build_engine(settings, ConstantTarget(1.0), timeframe="5m",
+                       broker=_NeverFills(settings.taker_fee, settings.slippage_bps))
+    reasons = [r.decision.reason for r in (eng.step(c) for c in btc_candles[:80]) if r.decision is not None]
+    assert reasons[0] != "order_pending"
+    assert eng.orders_sent == 1 and len(eng.broker.open_orders()) == 1
+    assert set(reasons[1:]) == {"order_pending"}
