@@ -269,7 +269,12 @@ class Daemon:
         if broker.in_flight() and not expected_difference:
             self.reconcile_stats["skipped_in_flight"] += 1
             return None
+        await broker.poll_funding(self)  # funding the exchange booked is ours to book first, not an adjustment
+        activity = broker.activity
         theirs = await broker.account()
+        if (broker.activity != activity or broker.in_flight()) and not expected_difference:
+            self.reconcile_stats["skipped_in_flight"] += 1  # an order or fill moved while we looked: next time
+            return None
         pf = self.engine.portfolio
         ours = AccountView(pf.symbol, pf.position.qty, pf.position.entry_price, pf.cash)
         resolution = reconcile(ours, theirs, broker.order_ids(), qty_tolerance=self.settings.lot_size / 2,

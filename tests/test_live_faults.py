@@ -59,10 +59,11 @@ def test_live_daemon_trades_through_the_fault(tmp_path: Path, name: str) -> None
                           timeout=60)  # and it goes on trading afterwards
         assert m["trading"]["state"] in ("ACTIVE", "REDUCE_ONLY"), m["trading"]
         assert d.stop() == 0
+        books = book_check(d, fake)
     finally:
         d.close()
         fake.stop()
-    _assert_clean(book_check(d, fake))
+    _assert_clean(books)
     alerts = (d.log_dir / "risk_alerts.json")
     text = alerts.read_text() if alerts.exists() else ""
     assert "reconciliation_" not in text, text  # nothing unexplained reached the account
@@ -100,14 +101,14 @@ def test_kill_9_between_submit_and_acknowledgement_books_the_order_once(tmp_path
         d.wait_metric(lambda m: m["portfolio"]["fills"] >= fills0 + 3 and m["trading"]["open_orders"] == 0,
                       timeout=60)
         assert d.stop() == 0
+        books = book_check(d, fake)
+        st = fake.state()
     finally:
         d.close()
         fake.stop()
-    books = book_check(d, fake)
     _assert_clean(books)
     ours = [t.split(",")[8] for t in (d.log_dir / "trades.csv").read_text().splitlines()[1:]]
     assert ours.count(in_flight.removesuffix("-c").removesuffix("-o")) >= 1, "its fill was booked after restart"
-    st = fake.state()
     assert sum(1 for o in st["orders"] if o["clientOrderId"] == in_flight) == 1
 
 
@@ -128,7 +129,7 @@ def test_soak_with_random_faults_over_2000_decisions(tmp_path: Path) -> None:
         d.wait_ready(60)
         kill_at = sorted(rng.sample(range(300, 1900), 3))
         for target in kill_at:
-            m = d.wait_metric(lambda m, t=target: decided + m["model"]["decisions"] >= t, timeout=240)
+            m = d.wait_metric(lambda m, t=target, base=decided: base + m["model"]["decisions"] >= t, timeout=240)
             if rng.random() < 0.5:  # half of the kills land between submit and acknowledgement
                 in_flight = _kill_between_submit_and_ack(d, fake)
                 fake.faults(SOAK_FAULTS)
@@ -139,16 +140,16 @@ def test_soak_with_random_faults_over_2000_decisions(tmp_path: Path) -> None:
             decided += d_last_decisions(d)
             d.start()
             d.wait_ready(60)
-        d.wait_metric(lambda m: decided + m["model"]["decisions"] >= 2000, timeout=300)
+        d.wait_metric(lambda m, base=decided: base + m["model"]["decisions"] >= 2000, timeout=300)
         fake.clear_faults()
         d.wait_metric(lambda m: m["trading"]["open_orders"] == 0, timeout=30)
         last = d.metrics()
         assert d.stop() == 0
+        books = book_check(d, fake)
+        st = fake.state()
     finally:
         d.close()
         fake.stop()
-    books = book_check(d, fake)
-    st = fake.state()
     figures = {
         "decisions": decided + last["model"]["decisions"], "exchange_orders": books.exchange_orders,
         "exchange_fills": books.exchange_fills, "kills": kills, "duplicate_orders": books.duplicate_orders,

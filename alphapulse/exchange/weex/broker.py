@@ -153,6 +153,7 @@ class WeexBroker:
         self.recovered = 0  # orders found by client id after a lost answer or a restart
         self.not_sent = 0  # restored intents the exchange never received (closed, never re-sent)
         self.errors = 0
+        self.activity = 0  # bumped by every submit and every booking: reconciliation skips a moving account
         self.ack_latency_ms: list[float] = []  # bounded: the last 1,000 decision-to-acknowledgement times
 
     # ---- wiring --------------------------------------------------------------------------------
@@ -188,6 +189,7 @@ class WeexBroker:
         if order.client_order_id in self._orders:
             return False
         self._orders[order.client_order_id] = Tracked(order, plan_legs(order, self._projected()))
+        self.activity += 1
         return True
 
     def release(self) -> None:
@@ -363,6 +365,7 @@ class WeexBroker:
             leg.filled = max(leg.filled, filled)
             if fills:
                 t.booked += sum((f.qty for f in fills), ZERO)
+                self.activity += 1
                 sink.on_fills(fills)
         if ex.status in ("FILLED", "CANCELED", "EXPIRED", "REJECTED") and leg.filled >= ex.executed_qty:
             leg.state = "done"
@@ -383,6 +386,7 @@ class WeexBroker:
             fills.append(Fill(f"funding-{r.time}", self.symbol, Side.FUNDING, ZERO, ZERO, ZERO, r.time, r.income, key))
         if fills:
             self.funding_since_ms = max(f.ts_ms for f in fills)
+            self.activity += 1
             sink.on_fills(fills)
 
     # ---- reconciliation's view -----------------------------------------------------------------
