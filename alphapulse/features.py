@@ -1,5 +1,12 @@
 """The policy's observation: one definition shared by the daemon, the backtester and training.
 
+Two versioned feature sets live here, looked up by name through :func:`feature_set` (a model's metadata names
+its set; models that name none use :data:`DEFAULT_FEATURE_SET`):
+
+* ``short_v1`` - the shipped 20-value observation below (48-bar look-back), unchanged;
+* ``trend_v1`` - multi-horizon (1-90 day) volatility-normalised returns and volatility regime, see the
+  section "Feature set trend_v1" further down.
+
 A policy only behaves in production as it did in training if it sees the *same numbers*, so every
 feature is defined once here, in two forms that are tested to agree bar for bar:
 
@@ -421,7 +428,7 @@ class PrecomputedFeatures:
 
 
 # ============================================================================================
-# Feature set "trend_v1": multi-horizon volatility-normalised returns and volatility regime
+# Feature set trend_v1: multi-horizon volatility-normalised returns and volatility regime
 # ============================================================================================
 #
 # Why: the short-horizon set above looks back at most 48 bars; its best correlation with the next
