@@ -29,3 +29,15 @@ def price_with_slippage(side: Side, reference: Decimal, slippage_bps: Decimal) -
 def taker_fee(qty: Decimal, price: Decimal, rate: Decimal) -> Decimal:
     """Fee on the traded notional, always >= 0."""
     return money(abs(qty) * price * rate)
+
+
+def funding_payment(position_qty: Decimal, mark_price: Decimal, rate: Decimal) -> Decimal:
+    """What the account *pays* at one funding event: ``position_qty * mark_price * rate``, quantised.
+
+    Perpetual-futures convention: with a positive rate longs pay shorts, with a negative rate shorts pay
+    longs. So the result is positive (cash out) for a long with a positive rate or a short with a negative
+    one, negative (cash in) for the opposite, and exactly zero when flat. Book it as
+    ``equity -= funding_payment(...)``; it is quantised per event like every other amount of money, so a
+    trades/summary file reconciles to the 1e-8 by summing the booked events.
+    """
+    return money(position_qty * mark_price * rate)

@@ -1,5 +1,12 @@
 """The policy's observation: one definition shared by the daemon, the backtester and training.
 
+Two versioned feature sets live here, looked up by name through :func:`feature_set` (a model's metadata names
+its set; models that name none use :data:`DEFAULT_FEATURE_SET`):
+
+* ``short_v1`` - the shipped 20-value observation below (48-bar look-back), unchanged;
+* ``trend_v1`` - multi-horizon (1-90 day) volatility-normalised returns and volatility regime, see the
+  section "Feature set trend_v1" further down.
+
 A policy only behaves in production as it did in training if it sees the *same numbers*, so every
 feature is defined once here, in two forms that are tested to agree bar for bar:
 
@@ -27,6 +34,7 @@ from __future__ import annotations
 import math
 from collections import deque
 from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
 from typing import Protocol
 
 import numpy as np
@@ -35,16 +43,31 @@ from numpy.lib.stride_tricks import sliding_window_view
 from alphapulse.domain import Candle
 
 __all__ = [
+    "DEFAULT_FEATURE_SET",
     "FEATURE_NAMES",
+    "FEATURE_SETS",
+    "FEATURE_SET_SHORT",
+    "FEATURE_SET_TREND",
     "MARKET_FEATURES",
     "OBS_SIZE",
     "POSITION_FEATURES",
+    "TREND_DAYS",
+    "TREND_FEATURE_NAMES",
+    "TREND_MARKET_FEATURES",
+    "TREND_WARMUP_BARS",
     "WARMUP_BARS",
+    "FeatureSet",
     "StreamingFeatures",
+    "StreamingTrendFeatures",
     "batch_market_features",
+    "batch_trend_features",
+    "feature_set",
+    "feature_set_for_names",
     "observation",
+    "observation_for",
     "position_features",
     "position_fractions",
+    "trend_warmup_bars",
 ]
 
 # Fixed order: the ONNX model's input is built against these names. Never rename or reorder.
@@ -402,3 +425,302 @@ class PrecomputedFeatures:
         row = self._rows[self._i]
         self._i += 1
         return row
+
+
+# ============================================================================================
+# Feature set trend_v1: multi-horizon volatility-normalised returns and volatility regime
+# ============================================================================================
+#
+# Why: the short-horizon set above looks back at most 48 bars; its best correlation with the next
+# bar's return is short-term reversal that fees eat. Time-series momentum in crypto and futures lives
+# at horizons of weeks to months, so this set describes 1 day .. 1 quarter of history, every number
+# scale-free (a pair never seen in training, at any price level, looks like the training pairs):
+#
+# * ``z_{d}d`` for d in 1, 3, 7, 14, 30, 60, 90 days: the ``d``-day log return divided by its
+#   expected size under a random walk with the current 30-day volatility,
+#   ``log(c_t / c_{t-n}) / (sigma_30d * sqrt(n))`` with ``n = d * bars_per_day`` and
+#   ``sigma_30d`` the population std of the last ``30 * bars_per_day`` one-bar log returns
+#   (0 when sigma is 0).  Roughly N(0, 1) without a trend, whatever the pair or its volatility.
+# * ``vol_ratio_1d_30d``, ``vol_ratio_7d_90d``, ``vol_ratio_30d_90d``: log of short over long realised
+#   volatility (volatility regime: rising or calming markets); 0 when either volatility is 0.
+# * ``vol_30d``: ``sigma_30d`` annualised (``* sqrt(365 * bars_per_day)``): the input of volatility-
+#   targeted sizing (position = target_vol / vol_30d); scale-free, though pairs differ in level.
+#
+# Streaming form: ``StreamingTrendFeatures``, O(1) per bar: a ring buffer of closes for the lagged
+# returns and, for each volatility window, running sums of the one-bar log returns and their squares
+# kept *exactly* as Python integers (returns in fixed point, units of 2**-64), so the running sums
+# never drift and the variance is computed from exact sums (no catastrophic cancellation).
+# Batch form: ``batch_trend_features``, numpy, two-pass std per window. They agree to ~1e-12
+# (tests/test_features.py). Gaps are treated as adjacent bars, as in the short-horizon set; the
+# caller resets on a hole it does not want bridged (training segments do).
+
+FEATURE_SET_SHORT = "short_v1"
+FEATURE_SET_TREND = "trend_v1"
+
+TREND_DAYS: tuple[int, ...] = (1, 3, 7, 14, 30, 60, 90)
+_TREND_VOL_DAYS: tuple[int, ...] = (1, 7, 30, 90)  # realised-vol windows
+_TREND_NORM_DAYS = 30  # the volatility that normalises the returns (and sizes positions)
+TREND_VOL_RATIOS: tuple[tuple[int, int], ...] = ((1, 30), (7, 90), (30, 90))
+TREND_MARKET_FEATURES: tuple[str, ...] = (
+    *(f"z_{d}d" for d in TREND_DAYS),
+    *(f"vol_ratio_{a}d_{b}d" for a, b in TREND_VOL_RATIOS),
+    "vol_30d",
+)
+TREND_FEATURE_NAMES: tuple[str, ...] = TREND_MARKET_FEATURES + POSITION_FEATURES
+TREND_BARS_PER_DAY = 24  # the registry's trend_v1 is defined on 1h bars
+
+
+def trend_warmup_bars(bars_per_day: int = TREND_BARS_PER_DAY) -> int:
+    """Candles needed before the first trend vector: the longest window (90 days of returns) + 1 close."""
+    return max(max(TREND_DAYS), max(_TREND_VOL_DAYS)) * bars_per_day + 1
+
+
+#: 2161 one-hour candles (90 days + 1).
+TREND_WARMUP_BARS: int = trend_warmup_bars()
+
+_FIX_SCALE = 2.0**64  # fixed-point unit of the exact running sums: 2**-64 in log-return units
+
+
+def _check_bars_per_day(bars_per_day: int) -> int:
+    if not isinstance(bars_per_day, int) or isinstance(bars_per_day, bool) or bars_per_day < 1:
+        raise ValueError(f"bars_per_day must be a positive integer, got {bars_per_day!r}")
+    return bars_per_day
+
+
+def _log_ratio(std_a: float, std_b: float) -> float:
+    return math.log(std_a / std_b) if std_a > 0.0 and std_b > 0.0 else 0.0
+
+
+class StreamingTrendFeatures:
+    """The ``trend_v1`` market features, one closed candle at a time (daemon); O(1) work per candle.
+
+    Same contract as :class:`StreamingFeatures`: ``update`` returns ``None`` for the first
+    ``warmup_bars - 1`` candles, then a list of plain floats in :data:`TREND_MARKET_FEATURES` order;
+    :meth:`warmup` on the last ``warmup_bars`` candles reproduces the long-running state bit for bit
+    (the running sums are exact integers, so they carry no history of rounding).
+    """
+
+    __slots__ = ("_bars_per_day", "_closes", "_fix", "_lags", "_s1", "_s2", "_sqrt_year", "_vol_windows",
+                 "warmup_bars")
+
+    def __init__(self, bars_per_day: int = TREND_BARS_PER_DAY) -> None:
+        self._bars_per_day = _check_bars_per_day(bars_per_day)
+        self.warmup_bars = trend_warmup_bars(bars_per_day)
+        self._lags = tuple(d * bars_per_day for d in TREND_DAYS)
+        self._vol_windows = tuple(d * bars_per_day for d in _TREND_VOL_DAYS)
+        self._sqrt_year = math.sqrt(365.0 * bars_per_day)
+        self._closes: deque[float] = deque(maxlen=self.warmup_bars)
+        self._fix: deque[int] = deque(maxlen=max(self._vol_windows))  # fixed-point one-bar log returns
+        self._s1 = [0] * len(self._vol_windows)
+        self._s2 = [0] * len(self._vol_windows)
+
+    @property
+    def bars_per_day(self) -> int:
+        return self._bars_per_day
+
+    @property
+    def ready(self) -> bool:
+        return len(self._closes) == self.warmup_bars
+
+    def reset(self) -> None:
+        self._closes.clear()
+        self._fix.clear()
+        self._s1 = [0] * len(self._vol_windows)
+        self._s2 = [0] * len(self._vol_windows)
+
+    def warmup(self, candles: Iterable[Candle]) -> list[float] | None:
+        """Reset, then replay the last ``warmup_bars`` of ``candles``; returns the last vector."""
+        self.reset()
+        result: list[float] | None = None
+        for candle in deque(candles, maxlen=self.warmup_bars):
+            result = self.update(candle)
+        return result
+
+    def update(self, candle: Candle) -> list[float] | None:
+        c = float(candle.close)
+        if not c > 0.0:
+            raise ValueError(f"candle close must be a positive number, got {candle.close!r}")
+        closes = self._closes
+        if closes:
+            q = round(math.log(c / closes[-1]) * _FIX_SCALE)  # exact: scaling by a power of two
+            fix = self._fix
+            n_before = len(fix)
+            for k, w in enumerate(self._vol_windows):
+                self._s1[k] += q
+                self._s2[k] += q * q
+                if n_before >= w:  # the return leaving window k is w returns back
+                    old = fix[n_before - w]
+                    self._s1[k] -= old
+                    self._s2[k] -= old * old
+            fix.append(q)
+        closes.append(c)
+        if len(closes) < self.warmup_bars:
+            return None
+
+        stds = []
+        for k, w in enumerate(self._vol_windows):
+            s1 = self._s1[k]
+            num = w * self._s2[k] - s1 * s1  # exact integer, >= 0: w^2 * variance in fixed point squared
+            stds.append(math.sqrt(num) / (w * _FIX_SCALE) if num > 0 else 0.0)
+        std_1, std_7, std_30, std_90 = stds
+        out: list[float] = []
+        log = math.log
+        for n in self._lags:
+            out.append(log(c / closes[-1 - n]) / (std_30 * math.sqrt(n)) if std_30 > 0.0 else 0.0)
+        out.append(_log_ratio(std_1, std_30))
+        out.append(_log_ratio(std_7, std_90))
+        out.append(_log_ratio(std_30, std_90))
+        out.append(std_30 * self._sqrt_year)
+        return out
+
+
+def _rolling_pstd(r: np.ndarray, window: int) -> np.ndarray:
+    """Population std of ``r[t-window+1 .. t]`` (two-pass, in row blocks of bounded memory); NaN before."""
+    out = np.full(r.shape[0], np.nan)
+    if r.shape[0] < window:
+        return out
+    view = sliding_window_view(r, window)
+    rows = max(1, (1 << 22) // window)  # ~32 MB per temporary
+    for start in range(0, view.shape[0], rows):
+        block = view[start : start + rows]
+        out[window - 1 + start : window - 1 + start + block.shape[0]] = _block_pstd(block)
+    return out
+
+
+def _safe_log_ratio(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    ok = (a > 0.0) & (b > 0.0)
+    out = np.zeros_like(a)
+    out[ok] = np.log(a[ok] / b[ok])
+    out[np.isnan(a) | np.isnan(b)] = np.nan
+    return out
+
+
+def batch_trend_features(close: np.ndarray, bars_per_day: int = TREND_BARS_PER_DAY) -> np.ndarray:
+    """The ``trend_v1`` market features for a whole history: shape ``(n, len(TREND_MARKET_FEATURES))``.
+
+    Row ``t`` equals :meth:`StreamingTrendFeatures.update` after candle ``t`` (to ~1e-12) and uses
+    closes ``<= t`` only; rows before ``trend_warmup_bars(bars_per_day) - 1`` are NaN.
+    """
+    _check_bars_per_day(bars_per_day)
+    c = np.ascontiguousarray(close, dtype=np.float64)
+    if c.ndim != 1:
+        raise ValueError(f"close must be 1-D, got shape {c.shape}")
+    if not np.all(c > 0.0):
+        raise ValueError("close prices must all be positive numbers")
+    n = c.shape[0]
+    warmup = trend_warmup_bars(bars_per_day)
+    out = np.full((n, len(TREND_MARKET_FEATURES)), np.nan)
+    if n < warmup:
+        return out
+    r = np.zeros(n)
+    r[1:] = np.log(c[1:] / c[:-1])
+    # r[0] is a placeholder: only windows ending before the warm-up include it
+    std = {d: _rolling_pstd(r, d * bars_per_day) for d in _TREND_VOL_DAYS}
+    s30 = std[_TREND_NORM_DAYS]
+    pos = s30 > 0.0
+    for j, d in enumerate(TREND_DAYS):
+        lag = d * bars_per_day
+        ret = np.full(n, np.nan)
+        ret[lag:] = np.log(c[lag:] / c[:-lag])
+        z = np.zeros(n)
+        z[pos] = ret[pos] / (s30[pos] * math.sqrt(lag))
+        out[:, j] = z
+    j = len(TREND_DAYS)
+    for a, b in TREND_VOL_RATIOS:
+        out[:, j] = _safe_log_ratio(std[a], std[b])
+        j += 1
+    out[:, j] = s30 * math.sqrt(365.0 * bars_per_day)
+    out[: warmup - 1] = np.nan
+    return out
+
+
+def observation_for(names: Sequence[str], market: Sequence[float], position_frac: float,
+                    unrealized_pnl_frac: float) -> list[float]:
+    """A feature set's full model input: its market features then the two position features."""
+    n_market = len(names) - len(POSITION_FEATURES)
+    if len(market) != n_market:
+        raise ValueError(f"expected {n_market} market features, got {len(market)}")
+    head = market if type(market) is list else [float(x) for x in market]
+    return head + position_features(position_frac, unrealized_pnl_frac)
+
+
+# --------------------------------------------------------------------------------------------
+# Registry: a model's metadata names its feature set; code gets everything else from here
+# --------------------------------------------------------------------------------------------
+
+
+class StreamingSource(Protocol):
+    """What both streaming classes offer: per-candle update, warm-up replay, reset, readiness."""
+
+    @property
+    def ready(self) -> bool: ...
+
+    def reset(self) -> None: ...
+
+    def warmup(self, candles: Iterable[Candle]) -> list[float] | None: ...
+
+    def update(self, candle: Candle) -> list[float] | None: ...
+
+
+BatchFn = Callable[[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray], np.ndarray]
+
+
+def _batch_trend_ohlcv(open: np.ndarray, high: np.ndarray, low: np.ndarray, close: np.ndarray,
+                       volume: np.ndarray) -> np.ndarray:
+    return batch_trend_features(close)
+
+
+@dataclass(frozen=True)
+class FeatureSet:
+    """Everything a consumer needs to build a feature set's observations.
+
+    ``streaming()`` makes a fresh streaming instance; ``batch(open, high, low, close, volume)`` computes a
+    whole history; ``warmup_bars`` candles give the first vector; ``feature_names`` is the model input
+    order (market features then position features); ``timeframe`` is the bar length it is defined on
+    (``None``: any).
+    """
+
+    name: str
+    market_features: tuple[str, ...]
+    warmup_bars: int
+    streaming: Callable[[], StreamingSource]
+    batch: BatchFn
+    timeframe: str | None
+
+    @property
+    def feature_names(self) -> tuple[str, ...]:
+        return self.market_features + POSITION_FEATURES
+
+    @property
+    def obs_size(self) -> int:
+        return len(self.feature_names)
+
+    def observation(self, market: Sequence[float], position_frac: float, unrealized_pnl_frac: float) -> list[float]:
+        return observation_for(self.feature_names, market, position_frac, unrealized_pnl_frac)
+
+
+FEATURE_SETS: dict[str, FeatureSet] = {
+    FEATURE_SET_SHORT: FeatureSet(FEATURE_SET_SHORT, MARKET_FEATURES, WARMUP_BARS, StreamingFeatures,
+                                  batch_market_features, None),
+    FEATURE_SET_TREND: FeatureSet(FEATURE_SET_TREND, TREND_MARKET_FEATURES, TREND_WARMUP_BARS,
+                                  StreamingTrendFeatures, _batch_trend_ohlcv, "1h"),
+}
+#: The set of models whose metadata names none (the shipped PPO model predates the registry).
+DEFAULT_FEATURE_SET = FEATURE_SET_SHORT
+
+
+def feature_set(name: str | None = None) -> FeatureSet:
+    """The registered feature set called ``name`` (``None``: :data:`DEFAULT_FEATURE_SET`); KeyError lists the known."""
+    key = DEFAULT_FEATURE_SET if name is None else name
+    try:
+        return FEATURE_SETS[key]
+    except KeyError:
+        raise KeyError(f"unknown feature set {key!r}; known: {sorted(FEATURE_SETS)}") from None
+
+
+def feature_set_for_names(names: Sequence[str]) -> FeatureSet:
+    """The registered set whose ``feature_names`` equal ``names`` exactly (for models that carry only names)."""
+    for fs in FEATURE_SETS.values():
+        if tuple(names) == fs.feature_names:
+            return fs
+    raise KeyError(f"no registered feature set has these feature names: {list(names)[:4]}...")

@@ -19,16 +19,30 @@ import pytest
 
 from alphapulse.domain import Candle
 from alphapulse.features import (
+    DEFAULT_FEATURE_SET,
     FEATURE_NAMES,
+    FEATURE_SET_SHORT,
+    FEATURE_SET_TREND,
+    FEATURE_SETS,
     MARKET_FEATURES,
     OBS_SIZE,
     POSITION_FEATURES,
+    TREND_DAYS,
+    TREND_FEATURE_NAMES,
+    TREND_MARKET_FEATURES,
+    TREND_WARMUP_BARS,
     WARMUP_BARS,
     StreamingFeatures,
+    StreamingTrendFeatures,
     batch_market_features,
+    batch_trend_features,
+    feature_set,
+    feature_set_for_names,
     observation,
+    observation_for,
     position_features,
     position_fractions,
+    trend_warmup_bars,
 )
 
 DATA_FILE = Path(__file__).resolve().parents[1] / "alphapulse" / "data" / "BTC_USDT_USDT-5m.csv.gz"
@@ -353,6 +367,216 @@ def test_batch_handles_half_a_million_rows_quickly(real: History) -> None:
 def test_streaming_update_is_cheap(real: History) -> None:
     feats = StreamingFeatures()
     candles = real.candles[:20_000]
+    start = time.perf_counter()
+    for c in candles:
+        feats.update(c)
+    per_update_us = (time.perf_counter() - start) / len(candles) * 1e6
+    assert per_update_us < 60.0, f"{per_update_us:.1f} us per update"
+
+
+# ================================================================== feature set "trend_v1"
+
+TREND_LONG_FILE = Path(__file__).resolve().parent / "data" / "BTC_USDT-1h-2021-11_2022-06.csv.gz"
+TREND_1H_FILE = Path(__file__).resolve().parents[1] / "alphapulse" / "data" / "BTC_USDT_USDT-1h.csv.gz"
+TCOL = {name: i for i, name in enumerate(TREND_MARKET_FEATURES)}
+TrendReal = tuple[list[Candle], list[list[float] | None], np.ndarray]  # candles, streamed rows, batch matrix
+
+
+def read_candles(path: Path) -> list[Candle]:
+    with gzip.open(path, "rt", newline="") as fh:
+        reader = csv.reader(fh)
+        assert next(reader) == ["timestamp", "open", "high", "low", "close", "volume"]
+        return [Candle(int(r[0]), float(r[1]), float(r[2]), float(r[3]), float(r[4]), float(r[5])) for r in reader]
+
+
+@pytest.fixture(scope="module", params=[TREND_1H_FILE, TREND_LONG_FILE], ids=["perp-2025", "spot-2021-22"])
+def trend_real(request: pytest.FixtureRequest) -> TrendReal:
+    candles = read_candles(request.param)
+    assert len(candles) > TREND_WARMUP_BARS + 3_000  # > 125 days of features after the warm-up
+    feats = StreamingTrendFeatures()
+    streamed = [feats.update(c) for c in candles]
+    batch = batch_trend_features(np.array([c.close for c in candles]))
+    return candles, streamed, batch
+
+
+def test_trend_names_warmup_and_registry() -> None:
+    assert TREND_MARKET_FEATURES == (
+        "z_1d", "z_3d", "z_7d", "z_14d", "z_30d", "z_60d", "z_90d",
+        "vol_ratio_1d_30d", "vol_ratio_7d_90d", "vol_ratio_30d_90d", "vol_30d",
+    )  # fmt: skip
+    assert TREND_FEATURE_NAMES == TREND_MARKET_FEATURES + POSITION_FEATURES
+    assert TREND_WARMUP_BARS == 90 * 24 + 1 == trend_warmup_bars(24)
+    assert trend_warmup_bars(288) == 90 * 288 + 1  # 5m bars
+    trend = feature_set(FEATURE_SET_TREND)
+    assert (trend.name, trend.feature_names, trend.warmup_bars, trend.obs_size) == (
+        "trend_v1", TREND_FEATURE_NAMES, TREND_WARMUP_BARS, 13)
+    assert isinstance(trend.streaming(), StreamingTrendFeatures)
+    short = feature_set(None)  # models without a feature-set name: the shipped short-horizon set
+    assert short is feature_set(FEATURE_SET_SHORT) is FEATURE_SETS[DEFAULT_FEATURE_SET]
+    assert (short.feature_names, short.warmup_bars) == (FEATURE_NAMES, WARMUP_BARS)
+    assert isinstance(short.streaming(), StreamingFeatures)
+    assert feature_set_for_names(FEATURE_NAMES) is short
+    assert feature_set_for_names(TREND_FEATURE_NAMES) is trend
+    with pytest.raises(KeyError, match="trend_v1"):
+        feature_set("nope")
+    with pytest.raises(KeyError):
+        feature_set_for_names(("ret_1",))
+
+
+def test_trend_streaming_equals_batch_at_every_bar(
+    trend_real: TrendReal,
+) -> None:
+    candles, streamed, batch = trend_real
+    w = TREND_WARMUP_BARS
+    assert batch.shape == (len(candles), len(TREND_MARKET_FEATURES))
+    assert all(v is None for v in streamed[: w - 1])
+    assert np.isnan(batch[: w - 1]).all()
+    s = np.array(streamed[w - 1 :], dtype=np.float64)
+    assert np.isfinite(s).all() and np.isfinite(batch[w - 1 :]).all()
+    worst = np.abs(s - batch[w - 1 :]).max(axis=0)
+    assert worst.max() <= 1e-12, dict(zip(TREND_MARKET_FEATURES, worst, strict=True))
+    assert (s.std(axis=0) > 0.01).all()  # every feature moves on real data
+    assert all(type(x) is float for x in streamed[-1] or [])
+    # the whole point of the normalisation: z-scores are O(1) on real data
+    z = s[:, : len(TREND_DAYS)]
+    assert 0.3 < float(z.std()) < 3.0 and np.abs(z).max() < 10.0
+
+
+def test_trend_registry_batch_equals_direct(trend_real: TrendReal) -> None:
+    candles, _, batch = trend_real
+    ohlcv = candles_to_ohlcv(candles)
+    via_registry = feature_set(FEATURE_SET_TREND).batch(*(ohlcv[:, i] for i in range(5)))
+    np.testing.assert_array_equal(via_registry, batch)
+
+
+@pytest.mark.parametrize("k", [TREND_WARMUP_BARS - 1, TREND_WARMUP_BARS + 1_000, -1])
+def test_trend_restart_warmup_is_bit_identical(
+    trend_real: TrendReal, k: int
+) -> None:
+    candles, streamed, _ = trend_real
+    k %= len(candles)
+    restarted = StreamingTrendFeatures()
+    assert restarted.warmup(candles[: k + 1]) == streamed[k]  # only the last warm-up candles matter
+    assert restarted.ready
+    if k + 1 < len(candles):
+        assert restarted.update(candles[k + 1]) == streamed[k + 1]
+
+
+def test_trend_warmup_length_is_respected(trend_real: TrendReal) -> None:
+    candles, _, _ = trend_real
+    feats = StreamingTrendFeatures()
+    for i, c in enumerate(candles[: TREND_WARMUP_BARS]):
+        assert (feats.update(c) is None) == (i < TREND_WARMUP_BARS - 1)
+        assert feats.ready == (i == TREND_WARMUP_BARS - 1)
+    feats.reset()
+    assert not feats.ready and feats.update(candles[0]) is None
+    # a history one candle short of the warm-up has no vector in either form
+    short = np.array([c.close for c in candles[: TREND_WARMUP_BARS - 1]])
+    assert np.isnan(batch_trend_features(short)).all()
+    assert StreamingTrendFeatures().warmup(candles[: TREND_WARMUP_BARS - 1]) is None
+
+
+@pytest.mark.parametrize("t", [TREND_WARMUP_BARS - 1, TREND_WARMUP_BARS + 500, 4_000])
+def test_trend_no_look_ahead(trend_real: TrendReal, t: int) -> None:
+    candles, streamed, before = trend_real
+    assert len(candles) - t > 1_500  # many future rows get changed
+    close = np.array([c.close for c in candles])
+    rng = np.random.default_rng(t)
+    close[t + 1 :] *= rng.uniform(0.5, 2.0, size=len(close) - t - 1)
+    after = batch_trend_features(close)
+    np.testing.assert_array_equal(after[: t + 1], before[: t + 1])
+    assert not np.array_equal(after[t + 1 :], before[t + 1 :])
+    # the streaming form cannot look ahead by construction; it also agrees with the pre-change row
+    assert np.abs(np.array(streamed[t]) - after[t]).max() <= 1e-12
+
+
+@pytest.mark.parametrize("factor", [8.0, 1 / 1024, 37.3, 1e-4])
+def test_trend_features_are_scale_invariant(
+    trend_real: TrendReal, factor: float
+) -> None:
+    candles, streamed, batch = trend_real
+    close = np.array([c.close for c in candles])
+    scaled = batch_trend_features(close * factor)
+    w = TREND_WARMUP_BARS
+    if math.log2(factor).is_integer():  # a power of two scales every price exactly: identical features
+        np.testing.assert_array_equal(scaled, batch)
+    else:
+        assert np.abs(scaled[w - 1 :] - batch[w - 1 :]).max() <= 1e-9
+    feats = StreamingTrendFeatures()
+    tail = [Candle(c.ts, c.open * factor, c.high * factor, c.low * factor, c.close * factor, c.volume)
+            for c in candles[-w:]]
+    assert np.abs(np.array(feats.warmup(tail)) - np.array(streamed[-1])).max() <= 1e-9
+
+
+def test_trend_hand_computed_values() -> None:
+    """Alternating +-a returns (sigma = a exactly) then a known drift: every z and ratio by hand."""
+    bpd = 2  # two bars a day keeps the history short: 90-day warm-up = 181 bars
+    a = 0.01
+    rets = [a if i % 2 == 0 else -a for i in range(180)]
+    closes = [100.0]
+    for r in rets:
+        closes.append(closes[-1] * math.exp(r))
+    feats = StreamingTrendFeatures(bars_per_day=bpd)
+    streamed = [feats.update(Candle(i, c, c, c, c, 1.0)) for i, c in enumerate(closes)]
+    vec = streamed[-1]
+    assert vec is not None and streamed[-2] is None
+    batch = batch_trend_features(np.array(closes), bars_per_day=bpd)[-1]
+    for v in (vec, batch):
+        col = dict(zip(TREND_MARKET_FEATURES, v, strict=True))
+        # sigma of +-a alternating over any even window is exactly a; every lag is an even number of bars,
+        # so every lagged log return is 0 (to rounding)
+        for d in TREND_DAYS:
+            assert col[f"z_{d}d"] == pytest.approx(0.0, abs=1e-9)
+        for a_d, b_d in ((1, 30), (7, 90), (30, 90)):
+            assert col[f"vol_ratio_{a_d}d_{b_d}d"] == pytest.approx(0.0, abs=1e-9)
+        assert col["vol_30d"] == pytest.approx(a * math.sqrt(365 * bpd), rel=1e-9)
+    # one more bar up by 5a: z_1d = log return over 2 bars / (sigma_30d * sqrt(2))
+    c_new = closes[-1] * math.exp(5 * a)
+    vec2 = feats.update(Candle(999, c_new, c_new, c_new, c_new, 1.0))
+    assert vec2 is not None
+    r60 = rets[-59:] + [5 * a]
+    m = sum(r60) / 60
+    sigma30 = math.sqrt(sum((x - m) ** 2 for x in r60) / 60)
+    ret_1d = math.log(c_new / closes[-2])
+    assert vec2[TCOL["z_1d"]] == pytest.approx(ret_1d / (sigma30 * math.sqrt(2)), rel=1e-12)
+    assert vec2[TCOL["vol_30d"]] == pytest.approx(sigma30 * math.sqrt(730), rel=1e-12)
+
+
+def test_trend_flat_prices_give_exact_zeros() -> None:
+    closes = np.full(TREND_WARMUP_BARS + 5, 123.45)
+    batch = batch_trend_features(closes)
+    assert (batch[TREND_WARMUP_BARS - 1 :] == 0.0).all()
+    feats = StreamingTrendFeatures()
+    vec = feats.warmup([Candle(i, 123.45, 123.45, 123.45, 123.45, 0.0) for i in range(len(closes))])
+    assert vec == [0.0] * len(TREND_MARKET_FEATURES)
+
+
+def test_trend_bad_inputs_are_rejected() -> None:
+    with pytest.raises(ValueError, match="positive"):
+        StreamingTrendFeatures().update(Candle(0, 1.0, 1.0, 1.0, 0.0, 1.0))
+    with pytest.raises(ValueError, match="positive"):
+        batch_trend_features(np.array([1.0, -1.0]))
+    with pytest.raises(ValueError, match="bars_per_day"):
+        StreamingTrendFeatures(bars_per_day=0)
+    with pytest.raises(ValueError, match="1-D"):
+        batch_trend_features(np.ones((3, 3)))
+
+
+def test_trend_observation_is_market_then_position(
+    trend_real: TrendReal,
+) -> None:
+    _, streamed, _ = trend_real
+    market = streamed[-1]
+    assert market is not None
+    obs = feature_set(FEATURE_SET_TREND).observation(market, 3.0, -0.25)
+    assert obs == [*market, 1.0, -0.25] and len(obs) == len(TREND_FEATURE_NAMES)
+    with pytest.raises(ValueError, match="11"):
+        observation_for(TREND_FEATURE_NAMES, market[:-1], 0.0, 0.0)
+
+
+def test_trend_streaming_update_is_cheap() -> None:
+    candles = read_candles(TREND_1H_FILE)
+    feats = StreamingTrendFeatures()
     start = time.perf_counter()
     for c in candles:
         feats.update(c)
