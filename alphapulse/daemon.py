@@ -197,6 +197,11 @@ class Daemon:
 
         self.store = Store(s.data_dir)
         persisted = self.store.load()
+        self.files = OperatorFiles(s.log_dir)  # before anything at start-up can book (live reconciliation)
+        added = self.files.reconcile(self.store, self.policy.meta.action_meanings, s.bar_ms)
+        if any(added.values()):
+            log.warning("operator files were behind the database (crash between commit and append); restored",
+                        **added)
         self.features = StreamingFeatures()
         if s.mode == "live" or s.feed_source == "weex":
             self.client = build_exchange_client(s)
@@ -206,14 +211,10 @@ class Daemon:
         if isinstance(broker, WeexBroker):
             self.live = broker
             await self._start_live(broker, persisted is not None)
+        else:
+            self.store.set_meta("mode", s.mode)  # a later live start knows these books were paper
         last_ts = self.engine.last_candle_ts
         reason = self.engine.state_reason
-
-        self.files = OperatorFiles(s.log_dir)
-        added = self.files.reconcile(self.store, self.policy.meta.action_meanings, s.bar_ms)
-        if any(added.values()):
-            log.warning("operator files were behind the database (crash between commit and append); restored",
-                        **added)
 
         self.feed = build_feed(s, last_ts, self.client)
         try:
@@ -475,7 +476,7 @@ class Daemon:
         pf = self.engine.portfolio
         return (f"{self.settings.mode} {self.engine.state.value} equity={pf.equity:.2f} "
                 f"pos={pf.position.qty} candles={self.candles_processed}"
-                + (" feed=finished" if self.feed.finished else ""))
+                + (" feed=finished" if getattr(self, "feed", None) is not None and self.feed.finished else ""))
 
     def notify_status(self) -> None:
         self.notifier.notify(f"STATUS={self.status_line()}")

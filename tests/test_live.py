@@ -141,3 +141,61 @@ def test_planted_mismatch_is_caught_resolved_and_alerted(tmp_path: Path, fake: F
         trades = _trades(d)
         assert [t["pnl"] for t in trades if t["side"] == "adjustment"] == ["-123.45000000"]
         assert sum(D(t["pnl"]) for t in trades) == D("-123.45")
+
+
+def test_paper_mode_follows_the_live_market_without_touching_the_account(tmp_path: Path, fake: FakeProc) -> None:
+    """ALPHAPULSE_FEED=weex in paper mode: real exchange candles, simulated fills, no key, no order sent."""
+    from alphapulse.costs import price_with_slippage
+    from alphapulse.domain import Side
+    from alphapulse.market.replay import load_candles
+    from tests.daemon_harness import BUNDLED
+
+    d = live_daemon(tmp_path / "run", fake, env={"TRADING_MODE": "paper", "ALPHAPULSE_FEED": "weex",
+                                                  "WEEX_API_KEY": "", "WEEX_SECRET_KEY": "", "WEEX_PASSPHRASE": ""})
+    try:
+        d.start()
+        d.wait_ready(60)
+        m = d.wait_metric(lambda m: m["portfolio"]["fills"] >= 10, timeout=90)
+        assert m["trading"]["mode"] == "paper" and m["market"]["feed"]["kind"] == "weex" and m["exchange"] is None
+        assert d.stop() == 0
+    finally:
+        d.close()
+    st = fake.state()
+    assert st["orders"] == [] and st["fills"] == []
+    assert not any(k.startswith(("POST /capi/v3/order", "GET /capi/v3/account")) for k in st["request_counts"])
+    cols = load_candles(BUNDLED)
+    opens = dict(zip(cols["ts"].tolist(), cols["open"].tolist()))
+    for t in _trades(d):  # a paper fill is the next exchange candle's open, with the configured slippage
+        from datetime import datetime
+
+        ts = int(datetime.fromisoformat(t["timestamp"].replace("Z", "+00:00")).timestamp() * 1000)
+        want = price_with_slippage(Side(t["side"]), D(repr(opens[ts])), D("2.0"))
+        assert D(t["price"]) == want, t
+
+
+def test_switching_a_paper_store_to_live_adopts_the_exchange_account(tmp_path: Path, fake: FakeProc) -> None:
+    """The operator's procedure: stop, set TRADING_MODE=live and the keys, start again on the same store."""
+    paper_env = {"TRADING_MODE": "paper", "ALPHAPULSE_FEED": "weex", "WEEX_API_KEY": "", "WEEX_SECRET_KEY": "",
+                 "WEEX_PASSPHRASE": ""}
+    d = live_daemon(tmp_path / "run", fake, env=paper_env)
+    live = live_daemon(tmp_path / "run", fake)  # the same directories, the live environment
+    try:
+        d.start()
+        d.wait_ready(60)
+        m = d.wait_metric(lambda m: m["portfolio"]["fills"] >= 6, timeout=90)
+        assert m["portfolio"]["cash"] != 10000.0  # the paper books moved
+        assert d.stop() == 0
+        live.start()
+        live.wait_ready(60)
+        m = live.metrics()
+        assert m["trading"]["mode"] == "live" and m["trading"]["state"] == "ACTIVE"  # expected difference: no halt
+        assert m["portfolio"]["cash"] == pytest.approx(10000.0)  # the exchange's balance, not the paper books
+        assert m["portfolio"]["drawdown"] == 0.0 and m["portfolio"]["positions"] == []
+        live.wait_metric(lambda m: m["exchange"]["broker"]["acked"] >= 6, timeout=90)
+        assert live.stop() == 0
+    finally:
+        d.close()
+        live.close()
+    _assert_books_match(book_check(live, fake))
+    incidents = (live.log_dir / "incidents.log").read_text()
+    assert "RECONCILIATION" in incidents and "HALTED" not in incidents
