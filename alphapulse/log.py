@@ -132,12 +132,6 @@ def is_secret_key(key: object) -> bool:
     return hit
 
 
-def redact_text(text: str) -> str:
-    """``text`` with every registered secret value replaced by ``***``."""
-    pattern = _secret_re
-    return pattern.sub(MASK, text) if pattern is not None else text
-
-
 def _redact_mapping(items: Iterable[tuple[Any, Any]], pattern: re.Pattern[str] | None, depth: int) -> dict[Any, Any]:
     """A new dict (never the caller's object, which must not change) with secret keys masked."""
     out: dict[Any, Any] = {}
@@ -284,8 +278,10 @@ def prepare(_logger: WrappedLogger, method_name: str, event_dict: EventDict) -> 
 # --------------------------------------------------------------------------------------------------
 
 
-def _repair_tail(fd: int) -> int:
-    """Cut a torn last line (no trailing newline) left by a crash; return the bytes removed."""
+def repair_tail(fd: int) -> int:
+    """Cut a torn last line (no trailing newline) left by a crash; return the bytes removed.
+
+    The one repair for every append-only file (the daily log, the operator files): ``fd`` open read-write."""
     size = os.fstat(fd).st_size
     if size == 0 or os.pread(fd, 1, size - 1) == b"\n":
         return 0
@@ -340,7 +336,7 @@ class DailyFile:
         path = self.directory / f"{FILE_PREFIX}{day[0:4]}{day[5:7]}{day[8:10]}{FILE_SUFFIX}"
         fd = os.open(path, os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o640)
         try:
-            self.repaired_bytes += _repair_tail(fd)
+            self.repaired_bytes += repair_tail(fd)
         except OSError:
             pass  # a read-only tail problem must not stop logging; appends still work
         if self._fd >= 0:

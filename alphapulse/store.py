@@ -27,6 +27,7 @@ from typing import Any
 import orjson
 
 from alphapulse.domain import CASH_FLOW_SIDES, Order, Side, StepResult
+from alphapulse.log import repair_tail
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -360,32 +361,6 @@ def build_rows(res: StepResult, ids: RowIds, equity: str, position: str) -> Pers
 # ---------------------------------------------------------------------------------------------
 
 
-def _repair_tail(path: Path) -> None:
-    """Cut a partial last line left by a crash (a file must end with a newline or be empty)."""
-    try:
-        size = path.stat().st_size
-    except FileNotFoundError:
-        return
-    if size == 0:
-        return
-    with open(path, "rb+") as f:
-        f.seek(-1, os.SEEK_END)
-        if f.read(1) == b"\n":
-            return
-        block = 65536
-        pos = size
-        while pos > 0:
-            start = max(0, pos - block)
-            f.seek(start)
-            chunk = f.read(pos - start)
-            nl = chunk.rfind(b"\n")
-            if nl >= 0:
-                f.truncate(start + nl + 1)
-                return
-            pos = start
-        f.truncate(0)
-
-
 def _last_line(path: Path) -> bytes | None:
     try:
         with open(path, "rb") as f:
@@ -426,8 +401,8 @@ class OperatorFiles:
         }
         self._fds: dict[str, int] = {}
         for key, path in self.paths.items():
-            _repair_tail(path)
-            self._fds[key] = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o640)
+            self._fds[key] = fd = os.open(path, os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o640)
+            repair_tail(fd)
         if os.fstat(self._fds["trades"]).st_size == 0:
             os.write(self._fds["trades"], TRADES_HEADER.encode())
         self._reasons: dict[str, str] = {}

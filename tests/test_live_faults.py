@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import random
 import time
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -69,8 +70,16 @@ def test_live_daemon_trades_through_the_fault(tmp_path: Path, name: str) -> None
     assert "reconciliation_" not in text, text  # nothing unexplained reached the account
 
 
-def _kill_between_submit_and_ack(d: DaemonProc, fake: FakeProc) -> str:
+def _harvest(fake: FakeProc, totals: Counter[str]) -> None:
+    """Add up how often each fault fired before its rules are replaced (replacing resets the counts)."""
+    for rule in fake.state()["faults"]["rules"]:
+        totals[rule["kind"] + ("/" + rule["mode"] if rule["kind"] == "lost_response" else "")] += rule["fired"]
+
+
+def _kill_between_submit_and_ack(d: DaemonProc, fake: FakeProc, totals: Counter[str] | None = None) -> str:
     """Hold back the answer to the next order the exchange executes, and kill -9 the daemon meanwhile."""
+    if totals is not None:
+        _harvest(fake, totals)
     acked0 = d.metrics()["exchange"]["broker"]["acked"]
     known = {o["clientOrderId"] for o in fake.state()["orders"]}
     fake.faults("lost_response=x1:mode=hang:ms=20000@POST/capi/v3/order")
@@ -123,6 +132,7 @@ def test_soak_with_random_faults_over_2000_decisions(tmp_path: Path) -> None:
     fake = FakeProc(tmp_path / "fake", speed=3000.0, faults=SOAK_FAULTS, seed=11)
     d = live_daemon(tmp_path / "run", fake)
     kills: list[dict[str, object]] = []
+    fired: Counter[str] = Counter()
     decided = 0
     try:
         d.start()
@@ -131,7 +141,7 @@ def test_soak_with_random_faults_over_2000_decisions(tmp_path: Path) -> None:
         for target in kill_at:
             m = d.wait_metric(lambda m, t=target, base=decided: base + m["model"]["decisions"] >= t, timeout=240)
             if rng.random() < 0.5:  # half of the kills land between submit and acknowledgement
-                in_flight = _kill_between_submit_and_ack(d, fake)
+                in_flight = _kill_between_submit_and_ack(d, fake, fired)
                 fake.faults(SOAK_FAULTS)
                 kills.append({"at_decision": decided + m["model"]["decisions"], "between_submit_and_ack": in_flight})
             else:
@@ -141,6 +151,7 @@ def test_soak_with_random_faults_over_2000_decisions(tmp_path: Path) -> None:
             d.start()
             d.wait_ready(60)
         d.wait_metric(lambda m, base=decided: base + m["model"]["decisions"] >= 2000, timeout=300)
+        _harvest(fake, fired)
         fake.clear_faults()
         d.wait_metric(lambda m: m["trading"]["open_orders"] == 0, timeout=30)
         last = d.metrics()
@@ -155,14 +166,14 @@ def test_soak_with_random_faults_over_2000_decisions(tmp_path: Path) -> None:
         "exchange_fills": books.exchange_fills, "kills": kills, "duplicate_orders": books.duplicate_orders,
         "lost_fills": books.lost_fills, "phantom_fills": books.phantom_fills,
         "position_diff": str(books.position_diff), "balance_diff": str(books.balance_diff),
-        "final_state": last["trading"]["state"], "faults_fired": {f["kind"]: f.get("fired", 0)
-                                                                 for f in st.get("faults", [])},
+        "final_state": last["trading"]["state"], "faults_fired": dict(fired), "ws": st.get("ws"),
         "client_retries": last["exchange"]["broker"]["client"]["retries"],
         "recovered_orders": last["exchange"]["broker"]["recovered"],
     }
     (tmp_path / "live_soak.json").write_text(json.dumps(figures, indent=2))
     print("\nlive soak:", json.dumps(figures))
     assert figures["decisions"] >= 2000
+    assert sum(fired.values()) > 50, fired  # the faults really fired
     _assert_clean(books)
     assert last["trading"]["state"] in ("ACTIVE", "REDUCE_ONLY")
 

@@ -5,7 +5,7 @@ Three layers, because each catches what the others cannot:
 * the unit text carries the settings the daemon's contract relies on (notify, watchdog,
   restart policy, directories, core sandboxing);
 * systemd's own tooling accepts it: ``systemd-analyze verify`` prints nothing about it and
-  ``systemd-analyze security --offline=true`` rates its exposure 2.0 or lower;
+  ``systemd-analyze security --offline=true`` rates its exposure 1.2 or lower (it scores 1.1);
 * the sandbox really fits the software: every native library the daemon loads can live
   under ``MemoryDenyWriteExecute=yes``, and both the Python stack piece by piece
   (onnxruntime on the shipped policy, numpy, SQLite, uvloop + aiohttp on loopback,
@@ -51,7 +51,7 @@ UNIT_NAME = "alphapulse-trading.service"
 UNIT_PATH = REPO / "systemd" / UNIT_NAME
 INSTALL_SCRIPT = REPO / "scripts" / "install_test_tools.sh"
 SHIPPED_EXEC_START = "/opt/alphapulse/.venv/bin/alphapulse run"
-MAX_EXPOSURE = 2.0
+MAX_EXPOSURE = 1.2  # the unit scores 1.1; a regression by one notch fails
 
 Unit = dict[str, dict[str, list[str]]]
 
@@ -248,7 +248,7 @@ def parse_exposure(output: str) -> float:
     return float(match.group(1))
 
 
-def test_security_exposure_at_most_two() -> None:
+def test_security_exposure_stays_at_1_2_or_lower() -> None:
     result = run_analyze("security", "--offline=true", str(UNIT_PATH))
     output = result.stdout + result.stderr
     assert result.returncode == 0, output
@@ -551,6 +551,8 @@ def sandbox_config(unit: Unit) -> dict[str, object]:
     libseccomp = ctypes.util.find_library("seccomp")
     if libseccomp is None:  # a dependency of the systemd package, so present wherever the tool is
         require_systemd_analyze()
+        if os.environ.get("CI") == "true":
+            pytest.fail("libseccomp not installed; CI=true, so this is an error, not a skip")
         pytest.skip("libseccomp not installed")
     listing = run_analyze("syscall-filter")
     assert listing.returncode == 0, listing.stderr
