@@ -123,7 +123,7 @@ def test_kill_9_between_submit_and_acknowledgement_books_the_order_once(tmp_path
 
 SOAK_FAULTS = ("latency=0.05:ms=150,error5xx=0.03@/capi/v3/*,ratelimit=0.03@/capi/v3/*,"
                "lost_response=0.05:mode=close@POST/capi/v3/order,lost_response=0.03:mode=5xx@POST/capi/v3/order,"
-               "partial_fill=0.2:parts=2@POST/capi/v3/order,ws_drop=0.002,timeout=0.01:ms=5000@POST/capi/v3/order")
+               "partial_fill=0.2:parts=2@POST/capi/v3/order,timeout=0.01:ms=5000@POST/capi/v3/order")
 
 
 @pytest.mark.slow
@@ -150,6 +150,8 @@ def test_soak_with_random_faults_over_2000_decisions(tmp_path: Path) -> None:
             decided += d_last_decisions(d)
             d.start()
             d.wait_ready(60)
+            d.wait_metric(lambda m: m["model"]["decisions"] >= 50, timeout=60)
+            fake.faults("ws_drop=x1", clear=False)  # and the market-data stream drops while it trades
         d.wait_metric(lambda m, base=decided: base + m["model"]["decisions"] >= 2000, timeout=300)
         _harvest(fake, fired)
         fake.clear_faults()
