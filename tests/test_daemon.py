@@ -51,6 +51,30 @@ def test_notify_ready_status_watchdog_stopping_and_exit_code(tmp_path: Path, pro
     assert (d.data_dir / "alphapulse.db").exists()
 
 
+def test_control_port_listens_before_ready_is_sent(tmp_path: Path, procs: list[DaemonProc]) -> None:
+    """READY=1 promises the API: stop the daemon the instant READY arrives and the port must already listen
+    (the kernel completes the handshake of a listening socket even while its process is stopped)."""
+    import os
+    import socket
+
+    d = DaemonProc(tmp_path, speed="3000")
+    procs.append(d)
+    d.start()
+    assert d.sock is not None and d.proc is not None
+    d.sock.settimeout(30)
+    while True:
+        msg = d.sock.recv(4096).decode()
+        if "READY=1" in msg.splitlines():
+            os.kill(d.proc.pid, signal.SIGSTOP)
+            break
+    try:
+        with socket.create_connection(("127.0.0.1", d.port), timeout=2):
+            pass
+    finally:
+        os.kill(d.proc.pid, signal.SIGCONT)
+    assert d.http("GET", "/health")[0] == 200
+
+
 def test_wedged_engine_task_stops_watchdog_pings(tmp_path: Path, procs: list[DaemonProc]) -> None:
     d = DaemonProc(tmp_path, speed="3000", watchdog_usec=600_000,
                    service={"control": {"fault_injection": True}, "watchdog": {"stall_timeout_s": 1.5}})
