@@ -94,4 +94,5 @@ def build_feed(settings: Settings, start_after_ts: int | None, client: WeexClien
     from alphapulse.features import WARMUP_BARS
 
     return WeexFeed(client or build_exchange_client(settings), settings.ws_url + "/public", settings.symbol,
-                    settings.timeframe, start_after_ts=start_after_ts, warmup_bars=WARMUP_BARS)
+                    settings.timeframe, start_after_ts=start_after_ts, warmup_bars=WARMUP_BARS,
+                    silence_timeout_s=settings.stream_silence_s)

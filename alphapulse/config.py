@@ -126,6 +126,7 @@ SERVICE_SCHEMA: dict[str, Any] = {
         "ws_url": (str, "wss://ws-contract.weex.com/v3/ws", _url("ws", "wss")),
         "timeout_s": (float, 10.0, _range(0.1, 120)),
         "reconcile_interval_s": (float, 300.0, _range(1, 86_400)),
+        "stream_silence_s": (float, 30.0, _range(1, 3600)),
         "leverage": (int, 3, _range(1, 125)),
         "margin_type": (str, "CROSSED", _choice("CROSSED", "ISOLATED")),
     },
@@ -288,6 +289,7 @@ class Settings:
     ws_url: str  # WEEX contract WebSocket base URL
     exchange_timeout_s: float
     reconcile_interval_s: float
+    stream_silence_s: float
     leverage: int
     margin_type: str
     model_path: Path | None  # None: the shipped model
@@ -397,6 +399,7 @@ def load_settings(config_dir: Path | None = None, env: Mapping[str, str] | None 
         ws_url=service["exchange"]["ws_url"].rstrip("/"),
         exchange_timeout_s=service["exchange"]["timeout_s"],
         reconcile_interval_s=service["exchange"]["reconcile_interval_s"],
+        stream_silence_s=service["exchange"]["stream_silence_s"],
         leverage=service["exchange"]["leverage"],
         margin_type=service["exchange"]["margin_type"],
         model_path=Path(service["model"]["path"]).expanduser() if service["model"]["path"] else None,

@@ -666,7 +666,8 @@ class Daemon:
         /health says 503, the watchdog keeps pinging (a restart would not bring the stream back sooner)."""
         info = self.feed.describe()
         if info.get("stalled"):
-            return f"market data stream silent for {info.get('last_message_age_s')}s; no new risk is taken"
+            return (f"market data stream silent for {info.get('last_message_age_s')}s; bars come from REST polling "
+                    "while it reconnects, and a bar that arrives late is too stale to trade on")
         return None
 
     def health(self) -> tuple[int, dict[str, Any]]:

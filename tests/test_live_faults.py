@@ -186,3 +186,31 @@ def d_last_decisions(d: DaemonProc) -> int:
     prev = getattr(d, "_counted", 0)
     d._counted = len(lines)  # type: ignore[attr-defined]
     return len(lines) - prev
+
+
+def test_silent_stream_shows_in_health_and_recovers(tmp_path: Path) -> None:
+    fake = FakeProc(tmp_path / "fake", speed=1000.0)
+    d = live_daemon(tmp_path / "run", fake, service={"exchange": {"stream_silence_s": 2}})
+    try:
+        d.start()
+        d.wait_ready(60)
+        d.wait_metric(lambda m: m["model"]["decisions"] >= 5, timeout=60)
+        fake.faults("ws_silent=1.0")
+        end = time.monotonic() + 30
+        while time.monotonic() < end:
+            status, body, _ = d.http("GET", "/health")
+            if status == 503:
+                break
+            time.sleep(0.1)
+        assert status == 503 and "stream silent" in body["problem"], body
+        fake.clear_faults()
+        end = time.monotonic() + 60
+        while time.monotonic() < end and d.http("GET", "/health")[0] != 200:
+            time.sleep(0.2)
+        assert d.http("GET", "/health")[0] == 200
+        m = d.metrics()
+        assert m["market"]["feed"]["reconnects"] >= 1 or m["market"]["feed"]["silences"] >= 1
+        assert d.stop() == 0
+    finally:
+        d.close()
+        fake.stop()
