@@ -176,6 +176,8 @@ class Portfolio:
                 self.adjustments += amount
             return fill if amount == fill.realized_pnl else replace(fill, realized_pnl=amount)
         self.position, pnl = realized_on_fill(self.position, fill.signed_qty, fill.price)
+        if fill.trade_id is not None:  # an exchange's execution: its realized PnL is the truth (same to 1e-8)
+            pnl = money(fill.realized_pnl)
         self.realized_pnl += pnl
         self.fees_paid += fill.fee
         self.cash += pnl - fill.fee

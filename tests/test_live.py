@@ -66,8 +66,9 @@ def test_live_trading_books_match_the_exchange_to_the_cent(tmp_path: Path, fake:
     ex = {(D(f["price"]), D(f["qty"]), D(f["commission"])) for f in st["fills"]}
     ours = {(D(t["price"]), D(t["qty"]), D(t["fee"])) for t in trades if t["side"] in ("buy", "sell")}
     assert ours == ex
-    # trades.csv pnl sums to the equity change, funding included (the fake charges it every 8 h)
+    # trades.csv pnl sums to the equity change (funding, when a position spans a funding time, included)
     assert sum(D(t["pnl"]) for t in trades) == D(st["balance"]["balance"]) - D(st["initial_balance"])
+    assert sum((D(t["pnl"]) for t in trades if t["side"] == "funding"), D(0)) == D(st["total_funding"])
     assert not any(a["limit"].startswith("reconciliation") for a in _alerts(d))  # type: ignore[union-attr]
 
 
@@ -199,3 +200,30 @@ def test_switching_a_paper_store_to_live_adopts_the_exchange_account(tmp_path: P
     _assert_books_match(book_check(live, fake))
     incidents = (live.log_dir / "incidents.log").read_text()
     assert "RECONCILIATION" in incidents and "HALTED" not in incidents
+
+
+def test_live_funding_is_booked_from_the_exchange(tmp_path: Path, fake: FakeProc) -> None:
+    """A position held across a funding time: the exchange's payment becomes a funding line in trades.csv."""
+    d = live_daemon(tmp_path / "run", fake)
+    try:
+        d.start()
+        d.wait_ready(60)
+        d.wait_metric(lambda m: bool(m["portfolio"]["positions"]), timeout=60)
+        assert d.http("POST", "/maintenance_mode", token=d.token())[0] == 200  # hold the position still
+        d.wait_metric(lambda m: m["trading"]["open_orders"] == 0 and bool(m["portfolio"]["positions"]), timeout=30)
+        now = fake.state()["now_ms"]
+        fake.admin("POST", "/fake/clock", {"advance_ms": (now // 28_800_000 + 1) * 28_800_000 - now + 60_000})
+        m = d.wait_metric(lambda m: m["exchange"]["reconciliation"]["runs"] >= 2 and any(
+            t["side"] == "funding" for t in _trades(d)), timeout=30)
+        assert m["trading"]["state"] == "MAINTENANCE"
+        assert d.stop() == 0
+        books = book_check(d, fake)
+        st = fake.state()
+    finally:
+        d.close()
+    _assert_books_match(books)
+    trades = _trades(d)
+    funding = [D(t["pnl"]) for t in trades if t["side"] == "funding"]
+    assert funding and sum(funding) == D(st["total_funding"]) != 0
+    assert sum(D(t["pnl"]) for t in trades) == D(st["balance"]["balance"]) - D(st["initial_balance"])
+    assert not any(str(a["limit"]).startswith("reconciliation") for a in _alerts(d))

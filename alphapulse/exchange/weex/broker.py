@@ -361,7 +361,7 @@ class WeexBroker:
                     continue  # booked before (by this run or before a restart)
                 self._booked_trades.add(tr.id)
                 fills.append(Fill(t.order.client_order_id, self.symbol, t.order.side, tr.qty, tr.price,
-                                  abs(tr.commission), tr.time, trade_id=tr.id))
+                                  abs(tr.commission), tr.time, tr.realized_pnl, trade_id=tr.id))
             leg.filled = max(leg.filled, filled)
             if fills:
                 t.booked += sum((f.qty for f in fills), ZERO)
