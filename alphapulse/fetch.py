@@ -632,6 +632,21 @@ def _existing_span(out: Path, bar_ms: int, interval: str) -> tuple[int, int] | N
     return int(ts[0]), int(ts[-1])
 
 
+def _remove_stale_temps(out: Path) -> None:
+    """Delete temp files a killed run left next to ``out`` (never one whose process still runs)."""
+    for tmp in out.parent.glob(f".{out.name}.tmp-*"):
+        try:
+            pid = int(tmp.name.rsplit("-", 1)[1])
+            if pid != os.getpid():
+                os.kill(pid, 0)
+                continue  # alive: another download into the same file is saving right now
+        except ProcessLookupError:
+            pass
+        except (ValueError, PermissionError):
+            continue
+        tmp.unlink(missing_ok=True)
+
+
 @dataclass
 class DownloadResult:
     rows_written: int = 0
@@ -652,8 +667,7 @@ async def download(settings: Settings, symbol: str, interval: str, start_ms: int
     """Fetch closed bars with open time in ``[start_ms, end_ms)`` into ``out``, resuming after its last bar."""
     bar = TIMEFRAME_MS[interval]
     res = DownloadResult()
-    for stale in out.parent.glob(f".{out.name}.tmp-*"):  # left by a killed run; never the live file
-        stale.unlink(missing_ok=True)
+    _remove_stale_temps(out)
     span = _existing_span(out, bar, interval) if out.exists() else None
     existing_last = span[1] if span is not None else None
     have_existing = out.exists()
@@ -751,16 +765,14 @@ def _download_summary(res: DownloadResult, out: Path, symbol: str, interval: str
 
 
 async def _download_task(settings: Settings, args: argparse.Namespace, start: int | None, end: int | None,
-                         out: Path, holder: dict[str, DownloadResult]) -> DownloadResult:
+                         out: Path) -> DownloadResult:
     task = asyncio.current_task()
     loop = asyncio.get_running_loop()
     assert task is not None
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, task.cancel)
-    res = await download(settings, args.symbol or settings.symbol, args.interval or settings.timeframe, start, end,
-                         out, checkpoint_s=args.checkpoint_s, progress=not args.quiet)
-    holder["res"] = res
-    return res
+    return await download(settings, args.symbol or settings.symbol, args.interval or settings.timeframe, start, end,
+                          out, checkpoint_s=args.checkpoint_s, progress=not args.quiet)
 
 
 def run_download(args: argparse.Namespace, settings_loader: Callable[[], Settings]) -> int:
@@ -784,9 +796,8 @@ def run_download(args: argparse.Namespace, settings_loader: Callable[[], Setting
     if not out.parent.is_dir():
         print(f"alphapulse fetch: the directory of --out {out} does not exist", file=sys.stderr)
         return EXIT_USAGE
-    holder: dict[str, DownloadResult] = {}
     try:
-        res = asyncio.run(_download_task(settings, args, start, end, out, holder))
+        res = asyncio.run(_download_task(settings, args, start, end, out))
     except UsageError as exc:
         print(f"alphapulse fetch: {exc}", file=sys.stderr)
         return EXIT_USAGE
