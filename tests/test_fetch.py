@@ -198,6 +198,23 @@ async def test_download_writes_the_source_rows_exactly(fake: FakeWeex, tmp_path:
     assert "download:" in err and "100.0%" in err  # plain progress lines when not on a TTY
     with open(out, "rb") as f:
         assert f.read(2) == b"\x1f\x8b"
+    before = out.read_bytes()
+    code, stdout, err = await cli(env_for(fake, tmp_path, keys=False), "download", "--interval", "1h", "--to",
+                                  "2025-01-20", "--out", str(out), "--json")  # --from is optional when resuming
+    doc = json.loads(stdout)
+    assert code == 0 and doc["up_to_date"] is True and doc["rows_written"] == 0, stdout + err
+    assert doc["resumed_after_ts"] == T0 + 359 * H and fake.count("GET", HIST) == 4  # nothing left to ask for
+    assert out.read_bytes() == before
+
+
+async def test_download_refuses_to_extend_a_damaged_file(fake: FakeWeex, tmp_path: Path) -> None:
+    rows = expected(T0, T0 + 10 * H)
+    out = write_candles(tmp_path / "d.csv.gz", rows[:5] + [rows[3]] + rows[5:])  # a duplicate inside
+    before = out.read_bytes()
+    with pytest.raises(FetchError, match="1 rows the validator rejects"):
+        await download(settings_for(fake, tmp_path, keys=False), "BTCUSDT", "1h", T0, T0 + 20 * H, out,
+                       progress=False)
+    assert out.read_bytes() == before and fake.count("GET", HIST) == 0
 
 
 async def test_download_resumes_after_the_last_bar_and_equals_one_full_download(fake: FakeWeex,
