@@ -4,7 +4,7 @@ Three jobs, one asyncio loop and one :class:`~alphapulse.exchange.weex.client.We
 
 * ``--test``: can the daemon work against the configured exchange?  REST reachable (latency), clock skew, the
   symbol listed, the public WebSocket acks a SUBSCRIBE, the keys sign a read, positions and open orders are
-  readable.  One line per check (``OK``/``WARN``/``FAIL``/``SKIP``, what, the measured value, a hint); exit 0
+  readable.  One line per check (``OK``/``WARN``/``FAIL``/``SKIPPED``, what, the measured value, a hint); exit 0
   when nothing failed.  Keys and signatures are never printed (every line passes :func:`log.redact_text` too).
 * ``--validate``: are stored candle files and the state database sound?  Candle rows go through the daemon's own
   validator (:class:`~alphapulse.market.validate.CandleValidator`), so the reject reasons are the daemon's;
@@ -110,7 +110,7 @@ def format_row(c: Candle) -> str:
 @dataclass
 class Check:
     name: str
-    status: str  # OK, WARN, FAIL, SKIP
+    status: str  # OK, WARN, FAIL, SKIPPED
     value: str
     hint: str = ""
     measured: dict[str, Any] = field(default_factory=dict)
@@ -120,7 +120,7 @@ class Check:
         return self.status == "FAIL"
 
     def line(self) -> str:
-        text = f"{self.status:<4} {self.name:<12} {self.value}"
+        text = f"{self.status:<7} {self.name:<12} {self.value}"
         if self.hint:
             text += f"  -> {self.hint}"
         return redact_text(text)
@@ -259,7 +259,7 @@ def _credential_state(settings: Settings) -> list[str]:
 async def _check_credentials(client: WeexClient, settings: Settings) -> Check:
     missing = _credential_state(settings)
     if len(missing) == 3:
-        return Check("credentials", "SKIP", "no API keys configured (paper mode and downloads do not need them)",
+        return Check("credentials", "SKIPPED", "no API keys configured (paper mode and downloads do not need them)",
                      "live mode needs WEEX_API_KEY, WEEX_SECRET_KEY and WEEX_PASSPHRASE")
     if missing:
         return Check("credentials", "FAIL", f"incomplete keys: {', '.join(missing)} not set",
@@ -303,7 +303,7 @@ async def _check_permissions(client: WeexClient, symbol: str) -> Check:
 
 
 async def run_test(settings: Settings) -> list[Check]:
-    """Every check of ``--test``, in order; later checks are SKIP when the REST API is unreachable."""
+    """Every check of ``--test``, in order; later checks are SKIPPED when the REST API is unreachable."""
     client = make_client(settings, max_retries=1, timeout_s=min(settings.exchange_timeout_s, 5.0))
     checks: list[Check] = []
     try:
@@ -312,22 +312,22 @@ async def run_test(settings: Settings) -> list[Check]:
         checks.append(rest)
         if rest.failed:
             for name in ("clock", "symbol"):
-                checks.append(Check(name, "SKIP", "REST API unreachable"))
+                checks.append(Check(name, "SKIPPED", "REST API unreachable"))
         else:
             checks.append(_check_clock(int(rest.measured["offset_ms"])))
             checks.append(await _check_symbol(client, settings.symbol))
         checks.append(await _check_websocket(client.session, settings.ws_url, settings.symbol, settings.timeframe))
         if rest.failed:
             skipped = "REST API unreachable"
-            checks.append(Check("credentials", "SKIP", skipped))
-            checks.append(Check("permissions", "SKIP", skipped))
+            checks.append(Check("credentials", "SKIPPED", skipped))
+            checks.append(Check("permissions", "SKIPPED", skipped))
         else:
             cred = await _check_credentials(client, settings)
             checks.append(cred)
             if cred.status == "OK":
                 checks.append(await _check_permissions(client, settings.symbol))
             else:
-                checks.append(Check("permissions", "SKIP", "needs working credentials"))
+                checks.append(Check("permissions", "SKIPPED", "needs working credentials"))
     finally:
         await client.close()
     return checks
@@ -439,7 +439,7 @@ def validate_store(data_dir: Path, explicit: bool) -> Check:
         if explicit:
             return Check("store", "FAIL", f"no database at {db_path}", "pass the daemon's data directory "
                          "(paths.data_dir / ALPHAPULSE_DATA_DIR)", measured)
-        return Check("store", "SKIP", f"no database at {db_path} (the daemon has not run here yet)",
+        return Check("store", "SKIPPED", f"no database at {db_path} (the daemon has not run here yet)",
                      "pass --store DIR to check another state directory", measured)
     problems: list[str] = []
     info: list[str] = []

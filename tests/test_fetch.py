@@ -127,7 +127,7 @@ async def test_test_wrong_secret_fails_on_credentials_and_never_prints_it(fake: 
     assert code == 1, out + err
     cred = next(line for line in out.splitlines() if line.split()[1] == "credentials")
     assert cred.startswith("FAIL") and "rejected" in cred and "-1047" in cred, cred
-    assert "permissions" in out and "SKIP" in out
+    assert "permissions" in out and "SKIPPED" in out
     assert out.splitlines()[-1].startswith("result: 1 of 6 checks FAILED (credentials)")
     sent = [r.headers.get("ACCESS-SIGN", "") for r in fake.requests if r.path == "/capi/v3/account/balance"]
     assert sent and all(s and s not in out + err for s in sent)  # neither the secret nor a signature is shown
@@ -155,9 +155,11 @@ async def test_test_reports_clock_skew(fake: FakeWeex, tmp_path: Path) -> None:
 
 
 async def test_test_without_keys_skips_credentials_and_passes(fake: FakeWeex, tmp_path: Path) -> None:
-    checks = {c.name: c for c in await run_test(settings_for(fake, tmp_path, keys=False))}
-    assert checks["credentials"].status == "SKIP" and "live mode needs" in checks["credentials"].hint
-    assert not any(c.failed for c in checks.values())
+    code, out, err = await cli(env_for(fake, tmp_path, keys=False), "--test")
+    assert code == 0, out + err
+    cred = next(line for line in out.splitlines() if line.split()[1] == "credentials")
+    assert cred.startswith("SKIPPED credentials") and "live mode needs WEEX_API_KEY" in cred, cred
+    assert "SKIPPED permissions" in out and out.splitlines()[-1] == "result: all checks passed"
     assert fake.count("GET", "/capi/v3/account/balance") == 0
 
 
@@ -167,8 +169,8 @@ async def test_test_unreachable_exchange_exits_1_without_traceback(tmp_path: Pat
     code, out, err = await cli(env_for(None, tmp_path, port=port), "--test")
     assert code == 1, out + err
     rest = out.splitlines()[0]
-    assert rest.startswith("FAIL rest") and "unreachable" in rest and "WEEX_REST_URL" in rest, out
-    assert "FAIL websocket" in out
+    assert rest.startswith("FAIL    rest") and "unreachable" in rest and "WEEX_REST_URL" in rest, out
+    assert "FAIL    websocket" in out
     assert "Traceback" not in out + err
     assert time.monotonic() - t0 < 15
 
@@ -356,9 +358,9 @@ async def test_validate_clean_file_passes_and_a_dirty_one_names_the_counts(tmp_p
     clean = write_candles(tmp_path / "clean-1h.csv.gz", rows)
     code, out, err = await cli(env, "--validate", "--data", str(clean), "--interval", "1h")
     assert code == 0, out + err
-    assert out.startswith("OK   data clean-1h.csv.gz 48 rows 1h, 2025-01-05T00:00:00Z -> 2025-01-06T23:00:00Z; "
+    assert out.startswith("OK      data clean-1h.csv.gz 48 rows 1h, 2025-01-05T00:00:00Z -> 2025-01-06T23:00:00Z; "
                           "no gaps")
-    assert "SKIP store" in out  # no daemon ran in this state directory
+    assert "SKIPPED store" in out  # no daemon ran in this state directory
     ts, o, h, lo, c, v = rows[10].strip().split(",")
     dirty_rows = (rows[:5] + [rows[4]]  # a duplicate
                   + rows[5:10] + [f"{int(ts) + 60_000},{o},{h},{lo},{c},{v}\n"]  # a misaligned row
@@ -378,7 +380,7 @@ async def test_validate_clean_file_passes_and_a_dirty_one_names_the_counts(tmp_p
     gappy = write_candles(tmp_path / "gappy-1h.csv.gz", rows[:20] + rows[25:])
     code, out, _ = await cli(env, "--validate", "--data", str(gappy), "--store", str(tmp_path / "nostore"))
     assert "1 gaps (5 missing bars, longest 5 after 2025-01-05T19:00:00Z)" in out
-    assert "FAIL store" in out and code == 1  # an explicit --store that holds no database is an error
+    assert "FAIL    store" in out and code == 1  # an explicit --store that holds no database is an error
     check = validate_file(gappy, "1h", strict=False)
     assert check.status == "OK" and validate_file(gappy, "1h", strict=True).status == "FAIL"
 
@@ -410,7 +412,7 @@ async def test_validate_a_real_store_passes_and_a_corrupted_copy_fails(tmp_path:
     assert check.measured["state"]["trading_state"] == "ACTIVE"
     env = env_for(None, tmp_path, port=1, keys=False)  # the default store is ALPHAPULSE_DATA_DIR
     code, out, err = await cli(env, "--validate")
-    assert code == 0 and out.startswith("OK   store") and "integrity ok" in out, out + err
+    assert code == 0 and out.startswith("OK      store") and "integrity ok" in out, out + err
     bad_dir = tmp_path / "corrupt"
     bad_dir.mkdir()
     data = bytearray(db.read_bytes())
@@ -419,7 +421,7 @@ async def test_validate_a_real_store_passes_and_a_corrupted_copy_fails(tmp_path:
     data[mid: mid + 4096] = b"\xa5" * 4096  # a whole page in the middle becomes noise
     (bad_dir / "alphapulse.db").write_bytes(bytes(data))
     code, out, err = await cli(env, "--validate", "--store", str(bad_dir))
-    assert code == 1 and out.startswith("FAIL store"), out + err
+    assert code == 1 and out.startswith("FAIL    store"), out + err
     assert "Traceback" not in out + err
     # a fill whose order the store does not know is reported too
     orphan_dir = tmp_path / "orphan"
