@@ -143,6 +143,12 @@ def cmd_report(args: argparse.Namespace) -> int:
     return report_main(args.rest)
 
 
+def cmd_fetch(args: argparse.Namespace) -> int:
+    from alphapulse.fetch import fetch_main
+
+    return fetch_main(args.rest)
+
+
 def cmd_fake_weex(args: argparse.Namespace) -> int:
     from alphapulse.exchange.weex.fake import main as fake_main
 
@@ -167,6 +173,8 @@ def build_parser() -> argparse.ArgumentParser:
                              ("evaluate", cmd_evaluate, "out-of-sample metrics against baselines; --validate"),
                              ("train", cmd_train, "train a PPO policy and export it to ONNX"),
                              ("report", cmd_report, "daily or weekly performance report with charts"),
+                             ("fetch", cmd_fetch, "exchange checks (--test), data and store checks (--validate), "
+                              "candle download"),
                              ("fake-weex", cmd_fake_weex, "a local fake WEEX exchange on 127.0.0.1 for tests and "
                               "demos")):
         sp = sub.add_parser(name, help=text, add_help=False)  # the command's own parser handles its options
