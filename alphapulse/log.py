@@ -273,6 +273,13 @@ def prepare(_logger: WrappedLogger, method_name: str, event_dict: EventDict) -> 
     return out
 
 
+def redact_text(text: str) -> str:
+    """``text`` with every registered secret value replaced by ``***`` (for plain output such as
+    ``alphapulse fetch --test``, which prints without going through the log pipeline)."""
+    pattern = _secret_re
+    return pattern.sub(MASK, text) if pattern is not None else text
+
+
 # --------------------------------------------------------------------------------------------------
 # Outputs
 # --------------------------------------------------------------------------------------------------
