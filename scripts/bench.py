@@ -65,14 +65,13 @@ from typing import Any
 import numpy as np
 import orjson
 
-from alphapulse.store import _INSERT_DECISION, SCHEMA
-
 REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:  # `python scripts/bench.py` from a checkout that is not pip-installed
     sys.path.insert(0, str(REPO))
 
 from alphapulse.domain import TIMEFRAME_MS  # noqa: E402
 from alphapulse.metrics import LatencyHistogram  # noqa: E402
+from alphapulse.store import INSERT_DECISION, SCHEMA, connect  # noqa: E402
 
 
 def _shipped_timeframe() -> str:
@@ -88,6 +87,7 @@ SHARED_NAME = f"BTC_USDT-{TIMEFRAME}.csv.gz"
 BUNDLED = REPO / "alphapulse" / "data" / f"BTC_USDT_USDT-{TIMEFRAME}.csv.gz"
 HEADER = "timestamp,open,high,low,close,volume"
 OUT_DIR = REPO / ".bench"
+SHARED_ENV = "BENCH_SHARED_DATA"  # the shared data directory, when not <repo>/../shared/data
 
 FULL = {"latency": 100_000, "memory": 500_000, "reps": 3}
 QUICK = {"latency": 20_000, "memory": 60_000, "reps": 3}
@@ -201,6 +201,8 @@ def daemon_env(root: Path, port: int, replay: Path | None, speed: str | None) ->
         "ALPHAPULSE_CONTROL_PORT": str(port),
         "TRADING_MODE": "paper",
         "PYTHONUNBUFFERED": "1",
+        # the code of this checkout, whatever else the interpreter has installed (another checkout, editable)
+        "PYTHONPATH": os.pathsep.join([str(REPO), *filter(None, [os.environ.get("PYTHONPATH")])]),
     })
     if replay is not None:
         env["ALPHAPULSE_REPLAY_FILE"] = str(replay)
@@ -251,14 +253,29 @@ class Source:
         return f"{self.kind}: {self.path}"
 
 
-def find_source(given: str | None, bundled_only: bool) -> Source:
-    """The long real file of the shipped timeframe when present, else the bundled replay file (always shipped)."""
+def shared_dir(option: str | None) -> Path | None:
+    """The project's shared data directory: ``--shared-data``, else ``$BENCH_SHARED_DATA``, else
+    ``<repo>/../shared/data`` when it exists (a checkout next to the shared data), else None (a user's machine).
+    A directory that was named explicitly but does not exist is an error, not a silent fallback."""
+    named = option or os.environ.get(SHARED_ENV) or None
+    if named is not None:
+        path = Path(named).expanduser()
+        if not path.is_dir():
+            how = "--shared-data" if option else f"${SHARED_ENV}"
+            raise BenchError(f"{how}: {path} is not a directory")
+        return path
+    default = REPO.parent / "shared" / "data"
+    return default if default.is_dir() else None
+
+
+def find_source(given: str | None, bundled_only: bool, shared: Path | None) -> Source:
+    """The long real file of the shipped timeframe from the shared data when present, else the bundled replay
+    file (always shipped)."""
     if given:
         path, kind = Path(given), "given"
     else:
-        candidates = [REPO.parent / "shared" / "data" / SHARED_NAME, Path("/work/shared/data") / SHARED_NAME]
-        found = None if bundled_only else next((c for c in candidates if c.is_file()), None)
-        path, kind = (found, "shared") if found is not None else (BUNDLED, "bundled")
+        found = None if bundled_only or shared is None else shared / SHARED_NAME
+        path, kind = (found, "shared") if found is not None and found.is_file() else (BUNDLED, "bundled")
     rows = read_rows(path)
     check_rows(path, rows)
     return Source(path, kind, rows)
@@ -417,32 +434,34 @@ def med(values: Iterator[float] | Sequence[float]) -> float:
 # ---- 1b. the same code path in-process, split by "produced an order" --------------------------------------
 
 
-class SplitLatency(LatencyHistogram):
-    """The daemon's latency histogram that also files each sample under order / no order."""
-
-    __slots__ = ("no_order", "order_pending", "with_order")
+class SplitLatency:
+    """A :class:`alphapulse.daemon.StepObserver`: the daemon's own per-candle sample (step + durable commit), filed
+    under "produced an order" or not, and each stage on its own."""
 
     def __init__(self) -> None:
-        super().__init__()
+        self.all = LatencyHistogram()
         self.with_order = LatencyHistogram()
         self.no_order = LatencyHistogram()
-        self.order_pending = False
+        self.stages = {"engine_step": LatencyHistogram(), "store_commit": LatencyHistogram(),
+                       "operator_files": LatencyHistogram()}
 
-    def add(self, us: float) -> None:
-        super().add(us)
-        (self.with_order if self.order_pending else self.no_order).add(us)
-        self.order_pending = False
+    def __call__(self, res: Any, start_ns: int, stepped_ns: int, committed_ns: int, published_ns: int) -> None:
+        us = (committed_ns - start_ns) / 1000  # exactly the sample the daemon adds to tick_to_order_us
+        self.all.add(us)
+        (self.with_order if res.orders else self.no_order).add(us)
+        st = self.stages
+        st["engine_step"].add((stepped_ns - start_ns) / 1000)
+        st["store_commit"].add((committed_ns - stepped_ns) / 1000)
+        st["operator_files"].add((published_ns - committed_ns) / 1000)
 
 
 def inprocess_split(root: Path, replay: Path) -> dict[str, Any]:
-    """Run ``Daemon.run`` (its real ``_run_engine`` loop) in this process with two hooks that only observe:
-    ``_commit`` notes whether the step produced an order, and ``latency`` files the daemon's own per-candle
-    sample accordingly.  Console logging is off here (the JSON log file is on, as in the daemon)."""
+    """Run ``Daemon.run`` (its real ``_run_engine`` loop) in this process with a :class:`SplitLatency` as its public
+    ``step_observer`` hook.  Console logging is off here (the JSON log file is on, as in the daemon)."""
     import uvloop
 
     from alphapulse.config import check_paths, load_settings
     from alphapulse.daemon import Daemon
-    from alphapulse.engine import StepResult
     from alphapulse.log import close_logging, configure_logging
 
     env = {"ALPHAPULSE_DATA_DIR": str(root / "data"), "ALPHAPULSE_LOG_DIR": str(root / "log"),
@@ -453,28 +472,9 @@ def inprocess_split(root: Path, replay: Path) -> dict[str, Any]:
     configure_logging(settings.log_dir, settings.log_level, console=False)
     saved = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
     split = SplitLatency()
-    stages = {"engine_step": LatencyHistogram(), "store_commit": LatencyHistogram(),
-              "operator_files": LatencyHistogram()}
 
     async def main() -> int:
-        d = Daemon(settings, exit_at_end=True)
-        commit = d._commit
-        start = d.start
-
-        def observed(res: StepResult) -> Any:
-            split.order_pending = bool(res.orders)
-            return commit(res)
-
-        async def start_then_time_stages() -> None:
-            await start()
-            d.engine.step = timed(d.engine.step, stages["engine_step"])  # type: ignore[method-assign]
-            d.store.commit_step = timed(d.store.commit_step, stages["store_commit"])  # type: ignore[method-assign]
-            d.files.write = timed(d.files.write, stages["operator_files"])  # type: ignore[method-assign]
-
-        d._commit = observed  # type: ignore[method-assign]
-        d.start = start_then_time_stages  # type: ignore[method-assign]
-        d.latency = split
-        return await d.run()
+        return await Daemon(settings, exit_at_end=True, step_observer=split).run()
 
     t0 = time.monotonic()
     try:
@@ -485,23 +485,9 @@ def inprocess_split(root: Path, replay: Path) -> dict[str, Any]:
             signal.signal(s, h)
     if code != 0:
         raise BenchError(f"in-process daemon run exited with {code}")
-    return {"all": split.summary(), "with_order": split.with_order.summary(),
+    return {"all": split.all.summary(), "with_order": split.with_order.summary(),
             "without_order": split.no_order.summary(),
-            "stages": {k: h.summary() for k, h in stages.items()}, "wall_s": round(time.monotonic() - t0, 2)}
-
-
-def timed(fn: Callable[..., Any], hist: LatencyHistogram) -> Callable[..., Any]:
-    """``fn`` that adds its own duration to ``hist`` (two perf_counter_ns calls: ~0.1 us of overhead)."""
-    perf = time.perf_counter_ns
-
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        t0 = perf()
-        try:
-            return fn(*args, **kwargs)
-        finally:
-            hist.add((perf() - t0) / 1000)
-
-    return wrapper
+            "stages": {k: h.summary() for k, h in split.stages.items()}, "wall_s": round(time.monotonic() - t0, 2)}
 
 
 # ---- 2. the floor -------------------------------------------------------------------------------------------
@@ -545,18 +531,15 @@ def floor_once(db_path: Path, obs: list[list[float]], n: int) -> dict[str, Any]:
 
     policy = Policy.load(default_model_path())
     policy.warmup(200)  # the shipped config's model.warmup_runs; also picks the faster binding
-    db = sqlite3.connect(db_path, isolation_level=None)
+    db = connect(db_path)  # the daemon's writing connection: WAL, synchronous=NORMAL, no automatic checkpoints
     try:
-        db.execute("PRAGMA journal_mode=WAL")
-        db.execute("PRAGMA synchronous=NORMAL")
-        db.execute("PRAGMA wal_autocheckpoint=0")
         db.executescript(SCHEMA)  # the daemon's own tables: the floor commits the row the daemon commits
         hist = LatencyHistogram()
         raw = np.empty(n, dtype=np.float64)
         perf = time.perf_counter_ns
         execute = db.execute
         decide = policy.decide
-        insert = _INSERT_DECISION
+        insert = INSERT_DECISION
         dumps = orjson.dumps
         state = floor_state()
         m = len(obs)
@@ -712,7 +695,7 @@ def machine() -> dict[str, Any]:
             "platform": platform.platform(), "alphapulse": __version__}
 
 
-def backtest_throughput(reps: int, quick: bool) -> dict[str, Any]:
+def backtest_throughput(reps: int, quick: bool, shared: Path | None) -> dict[str, Any]:
     """Backtest candles/s (the engine's full per-candle path, no output files) against a bare loop of the same
     ONNX call (Policy.decide) over the same observations; median of ``reps`` runs each, on the bundled candles."""
     import gc
@@ -728,8 +711,8 @@ def backtest_throughput(reps: int, quick: bool) -> dict[str, Any]:
     policy = Policy.load(default_model_path())  # the shipped model, on candles of its own timeframe
     policy.warmup(200)
     tf = policy.meta.timeframe
-    shared = REPO.parent / "shared" / "data" / f"BTC_USDT-{tf}.csv.gz"
-    source = shared if shared.exists() else default_replay_file(tf)
+    long_file = None if shared is None else shared / f"BTC_USDT-{tf}.csv.gz"
+    source = long_file if long_file is not None and long_file.is_file() else default_replay_file(tf)
     cols = select(load_candles(source), None, None, TIMEFRAME_MS[tf])
     cols = {k: v[-(20_000 if quick else 70_000):] for k, v in cols.items()}
     n = len(cols["ts"])
@@ -834,7 +817,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     counts = QUICK if args.quick else FULL
     n_lat, n_mem, reps = counts["latency"], counts["memory"], counts["reps"]
     started = time.monotonic()
-    src = find_source(args.data, args.bundled)
+    shared = None if args.bundled else shared_dir(args.shared_data)
+    src = find_source(args.data, args.bundled, shared)
     tmp = Path(tempfile.mkdtemp(prefix="alphapulse-bench-"))
     try:
         lat_file, mem_file = tmp / "latency.csv", tmp / "memory.csv"
@@ -843,7 +827,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         rep_lat, rep_mem = repeats_needed(len(src.rows), n_lat), repeats_needed(len(src.rows), n_mem)
         desc = f"{src.label} ({len(src.rows):,} real {TIMEFRAME} candles)"
         if src.kind == "bundled":
-            desc += " - shared data not found, using the bundled replay file"
+            desc += (" - shared data not found (--shared-data, $BENCH_SHARED_DATA or <repo>/../shared/data), "
+                     "using the bundled replay file") if not args.bundled else " (--bundled)"
         desc += f"; latency: {describe_rows(len(src.rows), n_lat)}; memory: {describe_rows(len(src.rows), n_mem)}"
         note(f"data: {desc}")
 
@@ -860,7 +845,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         note(f"floor: ONNX call + WAL commit, {n_lat:,} candles, {reps} runs")
         floor = floor_reps(tmp, src.rows, n_lat, reps)
         note(f"backtest throughput vs a bare ONNX loop, {reps} runs")
-        bt = backtest_throughput(reps, args.quick)
+        bt = backtest_throughput(reps, args.quick, shared)
         note(f"  {bt['backtest_candles_per_s']:,} candles/s vs {bt['onnx_loop_per_s']:,} decisions/s "
              f"({bt['ratio']:.2f}x)")
         note(f"memory: real daemon, {n_mem:,} candles at max speed, RSS every 0.5 s")
@@ -919,6 +904,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--json", action="store_true", help="print only the JSON result")
     ap.add_argument("--data", help=f"a {TIMEFRAME} candle file to use instead of the shared {SHARED_NAME}")
     ap.add_argument("--bundled", action="store_true", help="use only the bundled replay file (as on a user's machine)")
+    ap.add_argument("--shared-data", metavar="DIR",
+                    help=f"the shared data directory (default: ${SHARED_ENV}, else <repo>/../shared/data if present)")
     ap.add_argument("--out", default=str(OUT_DIR / "latest.json"),
                     help="where to write the JSON (default: %(default)s)")
     args = ap.parse_args(argv)

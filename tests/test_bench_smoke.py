@@ -1,7 +1,9 @@
 """The benchmark script runs end to end and reports every number; its data builder keeps time consistent.
 
 The smoke test checks that ``scripts/bench.py --quick`` produces a complete result, not that this machine
-meets the latency/memory targets: timing on a shared CI machine is too noisy for a pass/fail test.
+meets the latency/memory targets: timing on a shared CI machine is too noisy for a pass/fail test.  It starts
+real daemon processes for a minute or two, so it is marked ``slow``: ``pytest -m "not slow"`` skips it and keeps
+the fast tests below (data builder, the floor through the store's public hooks).
 """
 
 from __future__ import annotations
@@ -57,8 +59,12 @@ def test_quick_benchmark_reports_every_number(tmp_path: Path) -> None:
     assert result["candles"] == 20_000 and result["memory_candles"] == 60_000
     assert result["floor_us"]["candles"] == result["candles"]
     assert len(result["tick_to_order_us"]["reps"]) == 3 and len(result["ready_s_reps"]) == 3
+    # the daemon's public step_observer hook saw every candle, split by order / no order and by stage
     split = result["tick_to_order_split_us"]
     assert split["with_order"]["count"] + split["without_order"]["count"] == result["candles"]
+    assert split["with_order"]["count"] > 0
+    for stage in ("engine_step", "store_commit", "operator_files"):
+        assert split["stages"][stage]["count"] == result["candles"] and _positive(split["stages"][stage]["p50"])
 
     machine = result["machine"]
     assert _positive(machine["cores"]) and machine["python"] and machine["onnxruntime"]
@@ -99,3 +105,43 @@ def test_rss_at_interpolates_between_samples() -> None:
     assert bench.rss_at(samples, 2000) == (92.0, 2000)
     assert bench.rss_at(samples, 500) == (90.0, 1000.0)  # before the first sample: the first sample
     assert bench.rss_at(samples, 9000) == (95.0, 5000.0)
+
+
+def test_floor_commits_the_daemons_row_through_the_stores_public_hooks(tmp_path: Path) -> None:
+    """The floor opens the daemon's connection (``store.connect``) and runs its statement (``INSERT_DECISION``)."""
+    import sqlite3
+
+    bench = _load_bench()
+    with gzip.open(bench.BUNDLED, "rt") as f:
+        f.readline()
+        rows = [line.strip() for line in itertools.islice(f, 1200)]
+    obs = bench.observations(rows, 1200)
+    assert obs  # warmed-up features
+    db = tmp_path / "floor.db"
+    summary = bench.floor_once(db, obs, 50)
+    assert summary["count"] == 50 and _positive(summary["p50"]) and summary["p50"] <= summary["p99"]
+    con = sqlite3.connect(db)
+    try:
+        assert con.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+        n, seq = con.execute("SELECT COUNT(*), MAX(seq) FROM decisions").fetchone()
+    finally:
+        con.close()
+    assert (n, seq) == (50, 49)
+
+
+def test_shared_data_directory_is_never_a_machine_path(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    bench = _load_bench()
+    monkeypatch.delenv(bench.SHARED_ENV, raising=False)
+    default = bench.REPO.parent / "shared" / "data"
+    assert bench.shared_dir(None) == (default if default.is_dir() else None)
+    assert bench.shared_dir(str(tmp_path)) == tmp_path
+    monkeypatch.setenv(bench.SHARED_ENV, str(tmp_path))
+    assert bench.shared_dir(None) == tmp_path
+    with pytest.raises(bench.BenchError, match="not a directory"):
+        bench.shared_dir(str(tmp_path / "absent"))
+    monkeypatch.setenv(bench.SHARED_ENV, str(tmp_path / "absent"))
+    with pytest.raises(bench.BenchError, match="BENCH_SHARED_DATA"):
+        bench.shared_dir(None)
+    # a shared directory without the file: the bundled replay file, said so
+    src = bench.find_source(None, False, tmp_path)
+    assert src.kind == "bundled" and src.path == bench.BUNDLED
