@@ -18,6 +18,15 @@ Run with ``make bench`` (= ``.venv/bin/python scripts/bench.py``).  One run meas
 4. **memory** - RSS sampled every ~0.5 s while the real daemon replays >= 500,000 candles at max speed;
    ``rss_growth_mb`` is RSS at 100 % minus RSS at 10 % of the replay (a leak of even a few bytes per
    candle shows here; the allocator's start-up growth does not).  One run (it is the long one).
+5. **decision-to-acknowledgement** - a fresh ``alphapulse fake-weex`` (the bundled 5m candles, 3000x) and the
+   real daemon in live mode against it on 127.0.0.1 (the 5m baseline model with a confidence threshold of
+   0.3, so that it trades every few bars; the shipped config otherwise) until 300 orders are acknowledged.
+   The number is the daemon's own: ``GET /metrics`` -> ``exchange.broker.decision_to_ack_us``, per order
+   the time from the engine's ``broker.submit`` (inside the candle's step, so it includes the rest of the
+   step, the durable commit of the intent, the broker task's wake-up, the client's limiter and signing) to
+   the exchange's answer to the order's first leg.  Then, the daemon stopped, the floor on the same fake: as
+   many signed ``POST /capi/v3/order`` with plain aiohttp (uvloop, one session, 10 ms apart), each from
+   signing to the parsed answer.  Ratio = daemon p99 / bare p99 of the same run; median of 3 runs.
 
 Latency quantiles everywhere use :class:`alphapulse.metrics.LatencyHistogram` (bucket upper edges, about
 4 % wide), the daemon's own estimator, so the daemon and the floor are compared like for like; the floor
@@ -25,10 +34,12 @@ also reports exact sample quantiles.
 
 Targets (PASS/FAIL is printed, but the exit status is 0 either way: timing on a shared machine is noisy;
 only a benchmark that could not run exits 1): tick-to-order p99 <= 3x floor p99 and < 1 ms, READY < 2 s,
-RSS < 150 MB, RSS growth <= 5 MB.
+RSS < 150 MB, RSS growth <= 5 MB, backtest >= 0.5x the bare ONNX loop, decision-to-ack p99 <= 2x the bare
+signed request's p99.
 
 Data: real candles only, of the shipped config's timeframe (1h): ``BTC_USDT-1h.csv.gz`` from the project's
-shared data directory (found next to the checkout, or given with ``--data``); on a machine without it, the
+shared data directory (``--shared-data``, ``$BENCH_SHARED_DATA`` or ``<repo>/../shared/data``; or a file given
+with ``--data``); on a machine without it, the
 bundled replay file of that timeframe; either repeated time-shifted as often as needed to reach the counts
 (the output says which).  A repeat is shifted by the file's span plus one bar, so timestamps stay strictly
 increasing and aligned to the bar.
@@ -39,6 +50,7 @@ Output: a table on stdout (or only the JSON with ``--json``) and ``.bench/latest
 from __future__ import annotations
 
 import argparse
+import asyncio
 import contextlib
 import ctypes
 import gzip
@@ -89,14 +101,15 @@ HEADER = "timestamp,open,high,low,close,volume"
 OUT_DIR = REPO / ".bench"
 SHARED_ENV = "BENCH_SHARED_DATA"  # the shared data directory, when not <repo>/../shared/data
 
-FULL = {"latency": 100_000, "memory": 500_000, "reps": 3}
-QUICK = {"latency": 20_000, "memory": 60_000, "reps": 3}
+FULL = {"latency": 100_000, "memory": 500_000, "reps": 3, "live_orders": 300, "live_reps": 3}
+QUICK = {"latency": 20_000, "memory": 60_000, "reps": 3, "live_orders": 40, "live_reps": 1}
 
 TARGET_RATIO = 3.0
 TARGET_P99_US = 1000.0
 TARGET_READY_S = 2.0
 TARGET_RSS_MB = 150.0
 TARGET_GROWTH_MB = 5.0
+TARGET_ACK_RATIO = 2.0
 
 # Environment that would configure the daemon behind the benchmark's back (or make it think it runs
 # under systemd); the benchmark sets what it needs explicitly.
@@ -671,6 +684,187 @@ def memory_run(tmp: Path, replay: Path, rows: int) -> dict[str, Any]:
     }
 
 
+# ---- 5. decision-to-acknowledgement: the live daemon against the fake WEEX on loopback -----------------------
+
+# Credentials of the fake exchange (it checks them like the real one; nothing here is a secret).
+FAKE_KEY, FAKE_SECRET, FAKE_PASSPHRASE = "bench-key", "bench-secret", "bench-passphrase"
+FAKE_SPEED = 3000.0  # market clock x wall time: a 5m bar every 100 ms, so the daemon trades every few bars
+LIVE_TIMEFRAME = "5m"  # the baseline model's: the fake replays the bundled 5m candles
+BARE_GAP_S = 0.01  # the bare requests are paced, not back to back: each starts from an idle loop like an order
+
+
+def fake_cmd(port: int, data: Path) -> list[str]:
+    return [sys.executable, "-m", "alphapulse", "fake-weex", "--port", str(port), "--data", str(data),
+            "--timeframe", LIVE_TIMEFRAME, "--speed", str(FAKE_SPEED), "--api-key", FAKE_KEY,
+            "--secret-key", FAKE_SECRET, "--passphrase", FAKE_PASSPHRASE, "--seed", "7"]
+
+
+def live_config(dest: Path) -> Path:
+    """The shipped configuration with the three changes a live run on the fake needs: the 5m baseline model and
+    its timeframe, and a confidence threshold of 0.3 so that it trades often (as the live tests run it)."""
+    import yaml
+
+    from alphapulse.policy import baseline_model_path
+
+    dest.mkdir(parents=True, exist_ok=True)
+    params = yaml.safe_load((REPO / "config" / "trading_params.yaml").read_text())
+    params.update({"timeframe": LIVE_TIMEFRAME, "confidence_threshold": 0.3})
+    (dest / "trading_params.yaml").write_text(yaml.safe_dump(params))
+    base = yaml.safe_load((REPO / "config" / "config.yaml").read_text())
+    base.setdefault("model", {})["path"] = str(baseline_model_path())
+    (dest / "config.yaml").write_text(yaml.safe_dump(base))
+    return dest
+
+
+def wait_http(port: int, path: str, proc: subprocess.Popen[bytes], log: Path, timeout_s: float) -> None:
+    end = time.monotonic() + timeout_s
+    while time.monotonic() < end:
+        if http_json(port, path, timeout=1.0) is not None:
+            return
+        if proc.poll() is not None:
+            raise BenchError(f"{proc.args[2:4]} exited with {proc.returncode}:\n{log_tail(log)}")
+        time.sleep(0.05)
+    raise BenchError(f"no answer on 127.0.0.1:{port}{path} within {timeout_s:.0f} s:\n{log_tail(log)}")
+
+
+def live_daemon_acks(root: Path, fake_port: int, orders: int, timeout_s: float) -> dict[str, Any]:
+    """The real daemon, live against the fake, until ``orders`` orders are acknowledged; its /metrics then."""
+    port = free_port()
+    env = daemon_env(root, port, None, None)
+    env.update({"ALPHAPULSE_CONFIG_DIR": str(live_config(root / "config")), "TRADING_MODE": "live",
+                "WEEX_API_KEY": FAKE_KEY, "WEEX_SECRET_KEY": FAKE_SECRET, "WEEX_PASSPHRASE": FAKE_PASSPHRASE,
+                "WEEX_REST_URL": f"http://127.0.0.1:{fake_port}", "WEEX_WS_URL": f"ws://127.0.0.1:{fake_port}/v3/ws"})
+    out = root / "daemon.out"
+    t0 = time.monotonic()
+    p = spawn(daemon_cmd(), env, out)
+    final: dict[str, Any] | None = None
+    try:
+        while final is None:
+            if p.poll() is not None:
+                raise BenchError(f"live daemon exited with {p.returncode}:\n{log_tail(out)}")
+            if time.monotonic() - t0 > timeout_s:
+                raise BenchError(f"live daemon: {orders} acknowledged orders not reached in {timeout_s:.0f} s:\n"
+                                 f"{log_tail(out)}")
+            m = http_json(port, "/metrics")
+            ex = (m or {}).get("exchange") or {}
+            broker = ex.get("broker") or {}
+            if int((broker.get("decision_to_ack_us") or {}).get("count", 0)) >= orders:
+                final = m
+                break
+            time.sleep(0.25)
+        wall = time.monotonic() - t0
+    finally:
+        code = stop(p)
+    if code != 0:
+        raise BenchError(f"live daemon exited with {code} on SIGTERM (expected a clean 0):\n{log_tail(out)}")
+    b = final["exchange"]["broker"]
+    return {"decision_to_ack_us": b["decision_to_ack_us"], "decision_to_last_ack_us": b["decision_to_last_ack_us"],
+            "acked_legs": b["acked"], "sent_legs": b["sent"], "rejected": b["rejected"], "errors": b["errors"],
+            "recovered": b["recovered"], "client": b["client"], "candles": final["market"]["candles_processed"],
+            "tick_to_order_us": final["system"]["tick_to_order_us"], "wall_s": round(wall, 2)}
+
+
+async def bare_orders(port: int, n: int, gap_s: float) -> dict[str, Any]:
+    """``n`` signed ``POST /capi/v3/order`` with plain aiohttp on one session, each timed from signing to the
+    parsed answer: what acknowledging an order costs without the daemon.  Market orders of the minimum size,
+    opening and closing a long in turn (the closing one reduce-only, as the broker sends it)."""
+    import aiohttp
+
+    from alphapulse.exchange.weex.signing import signed_headers
+
+    base = f"http://127.0.0.1:{port}"
+    path = "/capi/v3/order"
+    hist = LatencyHistogram()
+    raw = np.empty(n, dtype=np.float64)
+    perf = time.perf_counter_ns
+    async with aiohttp.ClientSession() as session:
+        t0 = time.time()
+        async with session.get(base + "/capi/v3/market/time") as r:  # the client's clock sync, untimed
+            server = int((await r.json())["serverTime"])
+        offset = server - int((t0 + time.time()) * 500)
+        tag = f"{int(time.time() * 1000) % 10**9}"
+        for i in range(n):
+            opening = i % 2 == 0
+            body: dict[str, Any] = {"symbol": "BTCUSDT", "side": "BUY" if opening else "SELL", "quantity": "0.001",
+                                    "type": "MARKET", "positionSide": "LONG", "newClientOrderId": f"bb-{tag}-{i}"}
+            if not opening:
+                body["reduceOnly"] = True
+            await asyncio.sleep(gap_s)
+            start = perf()
+            text = orjson.dumps(body).decode()
+            headers = signed_headers(FAKE_KEY, FAKE_SECRET, FAKE_PASSPHRASE, int(time.time() * 1000) + offset,
+                                     "POST", path, "", text)
+            async with session.post(base + path, data=text.encode(), headers=headers) as resp:
+                payload = orjson.loads(await resp.read())
+                status = resp.status
+            us = (perf() - start) / 1000
+            if status != 200 or not isinstance(payload, dict) or payload.get("success") is not True:
+                raise BenchError(f"bare order {i} refused by the fake: HTTP {status} {payload!r}")
+            hist.add(us)
+            raw[i] = us
+    s: dict[str, Any] = hist.summary()
+    s["exact_p50"] = round(float(np.percentile(raw, 50)), 2)
+    s["exact_p99"] = round(float(np.percentile(raw, 99)), 2)
+    return s
+
+
+def live_once(root: Path, orders: int) -> dict[str, Any]:
+    """One run: a fresh fake, the live daemon until ``orders`` acknowledgements, then (daemon stopped, same fake)
+    as many bare signed requests."""
+    import uvloop
+
+    from alphapulse.market.replay import default_replay_file
+
+    root.mkdir(parents=True, exist_ok=True)
+    fake_port = free_port()
+    fake_log = root / "fake.out"
+    env = daemon_env(root, free_port(), None, None)
+    fake = spawn(fake_cmd(fake_port, default_replay_file(LIVE_TIMEFRAME)), env, fake_log)
+    try:
+        wait_http(fake_port, "/capi/v3/market/time", fake, fake_log, 30.0)
+        daemon = live_daemon_acks(root / "daemon", fake_port, orders, timeout_s=max(120.0, orders * 1.5))
+        n = int(daemon["decision_to_ack_us"]["count"])
+        bare = uvloop.run(bare_orders(fake_port, n, BARE_GAP_S))  # the daemon's event loop
+        state = http_json(fake_port, "/fake/state", timeout=10.0) or {}
+    finally:
+        stop(fake)
+    d99, b99 = daemon["decision_to_ack_us"]["p99"], bare["p99"]
+    return {"daemon": daemon, "bare": bare, "orders": n,
+            "ratio_p99": round(d99 / b99, 3) if b99 > 0 else float("inf"),
+            "ratio_p50": round(daemon["decision_to_ack_us"]["p50"] / bare["p50"], 3) if bare["p50"] > 0 else
+            float("inf"),
+            "fake_orders": len(state.get("orders", []))}
+
+
+def live_reps(tmp: Path, orders: int, reps: int) -> dict[str, Any]:
+    runs = []
+    for i in range(reps):
+        r = live_once(tmp / f"live{i}", orders)
+        shutil.rmtree(tmp / f"live{i}", ignore_errors=True)
+        runs.append(r)
+        d, b = r["daemon"]["decision_to_ack_us"], r["bare"]
+        note(f"  live run {i + 1}/{reps}: {r['orders']} orders in {r['daemon']['wall_s']:.0f} s; decision->ack "
+             f"p50 {d['p50']:.0f} us, p99 {d['p99']:.0f} us; bare POST p50 {b['p50']:.0f} us, p99 {b['p99']:.0f} us; "
+             f"p99 ratio {r['ratio_p99']:.2f}x")
+
+    def m(key: str, q: str) -> float:
+        return med(r["daemon"][key][q] for r in runs)
+
+    return {
+        "p50": m("decision_to_ack_us", "p50"), "p99": m("decision_to_ack_us", "p99"),
+        "max": m("decision_to_ack_us", "max"),
+        "last_leg_p50": m("decision_to_last_ack_us", "p50"), "last_leg_p99": m("decision_to_last_ack_us", "p99"),
+        "two_leg_orders": med(r["daemon"]["acked_legs"] - r["orders"] for r in runs),
+        "bare_p50": med(r["bare"]["p50"] for r in runs), "bare_p99": med(r["bare"]["p99"] for r in runs),
+        "bare_exact_p50": med(r["bare"]["exact_p50"] for r in runs),
+        "bare_exact_p99": med(r["bare"]["exact_p99"] for r in runs),
+        "ratio_p99": med(r["ratio_p99"] for r in runs), "ratio_p50": med(r["ratio_p50"] for r in runs),
+        "orders": int(statistics.median(r["orders"] for r in runs)),
+        "errors": sum(int(r["daemon"]["errors"]) for r in runs),
+        "reps": runs,
+    }
+
+
 # ---- report -----------------------------------------------------------------------------------------------------
 
 
@@ -744,6 +938,8 @@ def targets(r: dict[str, Any]) -> dict[str, dict[str, Any]]:
         "rss_mb": (r["rss_mb"], TARGET_RSS_MB, r["rss_mb"] < TARGET_RSS_MB, "MB"),
         "rss_growth_mb": (r["rss_growth_mb"], TARGET_GROWTH_MB, r["rss_growth_mb"] <= TARGET_GROWTH_MB, "MB"),
         "backtest_vs_onnx_loop": (r["backtest"]["ratio"], 0.5, r["backtest"]["ratio"] >= 0.5, "x onnx loop rate"),
+        "decision_to_ack_p99_vs_bare": (r["decision_to_ack_us"]["ratio_p99"], TARGET_ACK_RATIO,
+                                        r["decision_to_ack_us"]["ratio_p99"] <= TARGET_ACK_RATIO, "x bare POST p99"),
     }
     return {k: {"value": v, "limit": lim, "unit": unit, "pass": bool(ok)} for k, (v, lim, ok, unit) in rows.items()}
 
@@ -792,6 +988,19 @@ def table(r: dict[str, Any]) -> str:
         ("bare ONNX loop (Policy.decide) over the same observations", f"{r['backtest']['onnx_loop_per_s']:,} /s",
          "", ""),
         ("ratio backtest / ONNX loop", f"{r['backtest']['ratio']:.2f}x", ">= 0.5x", verdict("backtest_vs_onnx_loop")),
+    ]
+    a = r["decision_to_ack_us"]
+    runs = f"median of {len(a['reps'])}" if len(a["reps"]) > 1 else "1 run"
+    lines += [
+        (f"decision-to-ack p50  (live daemon vs fake WEEX, loopback, {a['orders']} orders, {runs})",
+         f"{a['p50']:,.0f} us", "", ""),
+        ("decision-to-ack p99", f"{a['p99']:,.0f} us", "", ""),
+        ("bare signed aiohttp POST /capi/v3/order p50 / p99  (same fake, same run)",
+         f"{a['bare_p50']:,.0f} / {a['bare_p99']:,.0f} us", "", ""),
+        ("ratio decision-to-ack p99 / bare p99  (each run's own, median)", f"{a['ratio_p99']:.2f}x", "<= 2x",
+         verdict("decision_to_ack_p99_vs_bare")),
+        (f"  to the last leg's ack p50 / p99  ({a['two_leg_orders']:.0f} of the orders crossed zero: 2 legs)",
+         f"{a['last_leg_p50']:,.0f} / {a['last_leg_p99']:,.0f} us", "", ""),
     ]
     w0 = max(len(x[0]) for x in lines)
     w1 = max(len(x[1]) for x in lines)
@@ -852,6 +1061,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         mem = memory_run(tmp, mem_file, n_mem)
         note(f"  RSS {mem['rss_mb']:.1f} MB at end, {mem['rss_growth_mb']:+.2f} MB since 10 %, "
              f"{mem['candles_per_s']:,} candles/s")
+        n_live, live_reps_n = counts["live_orders"], counts["live_reps"]
+        note(f"decision-to-ack: live daemon vs fake WEEX on loopback, {n_live} orders, then as many bare signed "
+             f"POSTs, {live_reps_n} run(s)")
+        live = live_reps(tmp, n_live, live_reps_n)
     finally:
         kill_children()
         shutil.rmtree(tmp, ignore_errors=True)
@@ -871,9 +1084,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "onnx_loop_per_s": bt["onnx_loop_per_s"],
         "memory_candles": mem["candles"],
         "memory": mem,
+        "decision_to_ack_us": live,
         "data": {"source": str(src.path), "kind": src.kind, "rows": len(src.rows), "description": desc,
                  "latency_repeats": rep_lat, "memory_repeats": rep_mem},
-        "repetitions": {"tick_to_order": reps, "floor": reps, "ready": reps, "memory": 1, "split": 1},
+        "repetitions": {"tick_to_order": reps, "floor": reps, "ready": reps, "memory": 1, "split": 1,
+                        "decision_to_ack": counts["live_reps"]},
         "method": {
             "tick_to_order": "real daemon process (uvloop), ALPHAPULSE_REPLAY_SPEED=max, GET /metrics "
                              ".system.tick_to_order_us after the last candle: Engine.step + durable SQLite commit "
@@ -885,6 +1100,15 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                      "fresh data dir",
             "memory": "VmRSS from /proc every 0.5 s with candles_processed from /metrics; growth = RSS(100 %) - "
                       "RSS(10 %), interpolated",
+            "decision_to_ack": "fresh `alphapulse fake-weex` (bundled 5m candles, speed 3000) and the real daemon live "
+                               "against it (5m baseline model, confidence_threshold 0.3, shipped config otherwise) "
+                               "until N orders are acknowledged; GET /metrics .exchange.broker.decision_to_ack_us: "
+                               "per order, Engine.step's broker.submit -> the exchange's answer to the order's first "
+                               "leg, measured in the daemon (time.monotonic), its LatencyHistogram",
+            "bare": "then, daemon stopped, same fake: N signed POST /capi/v3/order (market, min size, open/close "
+                    "long in turn) with plain aiohttp on one session, 10 ms apart; each timed from signing to the "
+                    "parsed JSON answer; same LatencyHistogram; ratio = daemon p99 / bare p99 of the same run, "
+                    "median over runs",
         },
         "command": daemon_cmd(),
         "machine": machine(),
@@ -900,7 +1124,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 def main(argv: Sequence[str] | None = None) -> int:
     global _quiet
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
-    ap.add_argument("--quick", action="store_true", help="smoke test: 20k latency candles, 60k memory candles")
+    ap.add_argument("--quick", action="store_true",
+                    help="smoke test: 20k latency candles, 60k memory candles, 40 live orders in one run")
     ap.add_argument("--json", action="store_true", help="print only the JSON result")
     ap.add_argument("--data", help=f"a {TIMEFRAME} candle file to use instead of the shared {SHARED_NAME}")
     ap.add_argument("--bundled", action="store_true", help="use only the bundled replay file (as on a user's machine)")

@@ -2,8 +2,9 @@
 
 The smoke test checks that ``scripts/bench.py --quick`` produces a complete result, not that this machine
 meets the latency/memory targets: timing on a shared CI machine is too noisy for a pass/fail test.  It starts
-real daemon processes for a minute or two, so it is marked ``slow``: ``pytest -m "not slow"`` skips it and keeps
-the fast tests below (data builder, the floor through the store's public hooks).
+real processes (daemons in paper and live mode, the fake exchange) for about two minutes, so it is marked
+``slow``: ``pytest -m "not slow"`` skips it and keeps the fast tests below (data builder, the floor through the
+store's public hooks).
 """
 
 from __future__ import annotations
@@ -39,10 +40,11 @@ def _positive(value: object) -> bool:
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(480)
 def test_quick_benchmark_reports_every_number(tmp_path: Path) -> None:
     out = tmp_path / "latest.json"
     proc = subprocess.run([sys.executable, str(SCRIPT), "--quick", "--json", "--out", str(out)], cwd=REPO,
-                          capture_output=True, text=True, timeout=240, stdin=subprocess.DEVNULL)
+                          capture_output=True, text=True, timeout=420, stdin=subprocess.DEVNULL)
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads(out.read_text())
     assert json.loads(proc.stdout)["date"] == result["date"]  # --json prints exactly what it wrote
@@ -66,11 +68,23 @@ def test_quick_benchmark_reports_every_number(tmp_path: Path) -> None:
     for stage in ("engine_step", "store_commit", "operator_files"):
         assert split["stages"][stage]["count"] == result["candles"] and _positive(split["stages"][stage]["p50"])
 
+    # decision-to-ack: the live daemon's own histogram (/metrics) and as many bare signed requests, same run
+    ack = result["decision_to_ack_us"]
+    assert ack["orders"] >= 40 and len(ack["reps"]) == 1
+    run = ack["reps"][0]
+    assert run["daemon"]["decision_to_ack_us"]["count"] == run["bare"]["count"] == run["orders"]
+    assert run["daemon"]["errors"] == 0 and run["daemon"]["rejected"] == 0
+    for key in ("p50", "p99", "bare_p50", "bare_p99", "ratio_p99"):
+        assert _positive(ack[key]), (key, ack)
+    assert ack["p50"] <= ack["p99"] and ack["bare_p50"] <= ack["bare_p99"]
+    assert ack["ratio_p99"] == pytest.approx(run["ratio_p99"], abs=0.01)  # one run: its own ratio
+
     machine = result["machine"]
     assert _positive(machine["cores"]) and machine["python"] and machine["onnxruntime"]
     assert datetime.fromisoformat(result["date"]).tzinfo is not None
     assert set(result["targets"]) == {"tick_to_order_p99_vs_floor", "tick_to_order_p99_under_1ms", "ready_s",
-                                      "rss_mb", "rss_growth_mb", "backtest_vs_onnx_loop"}
+                                      "rss_mb", "rss_growth_mb", "backtest_vs_onnx_loop",
+                                      "decision_to_ack_p99_vs_bare"}
     for key in ("backtest_candles_per_s", "onnx_loop_per_s"):
         assert _positive(result[key]), (key, result[key])
     assert all(isinstance(t["pass"], bool) for t in result["targets"].values())
