@@ -72,9 +72,10 @@ def test_quick_benchmark_reports_every_number(tmp_path: Path) -> None:
     ack = result["decision_to_ack_us"]
     assert ack["orders"] >= 40 and len(ack["reps"]) == 1
     run = ack["reps"][0]
-    assert run["daemon"]["decision_to_ack_us"]["count"] == run["bare"]["count"] == run["orders"]
+    assert run["daemon"]["decision_to_ack_us"]["count"] == run["bare"]["count"] == run["bare_paced"]["count"] \
+        == run["orders"]
     assert run["daemon"]["errors"] == 0 and run["daemon"]["rejected"] == 0
-    for key in ("p50", "p99", "bare_p50", "bare_p99", "ratio_p99"):
+    for key in ("p50", "p99", "bare_p50", "bare_p99", "bare_paced_p50", "bare_paced_p99", "ratio_p99"):
         assert _positive(ack[key]), (key, ack)
     assert ack["p50"] <= ack["p99"] and ack["bare_p50"] <= ack["bare_p99"]
     assert ack["ratio_p99"] == pytest.approx(run["ratio_p99"], abs=0.01)  # one run: its own ratio
