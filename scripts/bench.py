@@ -756,7 +756,8 @@ def live_daemon_acks(root: Path, fake_port: int, orders: int, timeout_s: float) 
             if int((broker.get("decision_to_ack_us") or {}).get("count", 0)) >= orders:
                 final = m
                 break
-            time.sleep(1.0)  # each /metrics costs the daemon's loop ~1 ms: rarely, so it seldom lands on an order
+            # a /metrics call takes ~1-2 ms, partly on the daemon's loop: ask rarely, so it seldom lands on an order
+            time.sleep(1.0)
         wall = time.monotonic() - t0
     finally:
         code = stop(p)
