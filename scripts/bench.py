@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""AlphaPulse-RL benchmark: tick-to-order latency against its floor, start-up time and memory flatness.
+"""AlphaPulse-RL benchmark: tick-to-order and live decision-to-ack latency against their floors, start-up, memory.
 
 Run with ``make bench`` (= ``.venv/bin/python scripts/bench.py``).  One run measures, on this machine:
 
