@@ -52,7 +52,9 @@ CREATE TABLE IF NOT EXISTS incidents (
     incident_id INTEGER PRIMARY KEY, ts_ms INTEGER NOT NULL, kind TEXT NOT NULL, detail TEXT NOT NULL);
 """
 
-_INSERT_DECISION = "INSERT OR REPLACE INTO decisions VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)"
+#: The statement the per-candle commit runs for a decision: the row of :func:`build_rows` plus ``seq`` and the state
+#: snapshot as JSON.  Public so that a measurement (the benchmark's floor) commits exactly what the daemon commits.
+INSERT_DECISION = "INSERT OR REPLACE INTO decisions VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)"
 TRADES_HEADER = "timestamp,symbol,side,qty,price,fee,pnl,realized_pnl,order_id,fill_id,reason\n"
 
 
@@ -82,17 +84,26 @@ class PersistedState:
     open_orders: list[Order]
 
 
+def connect(path: Path) -> sqlite3.Connection:
+    """The writing connection as the daemon opens it: autocommit, WAL, ``synchronous=NORMAL`` (a commit survives
+    ``kill -9``), automatic checkpoints off (:meth:`Store.checkpoint` runs them off the event loop), foreign keys on.
+    Public so that a measurement (the benchmark's floor) commits with exactly the daemon's settings; the schema is
+    :data:`SCHEMA`."""
+    db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+    db.execute("PRAGMA journal_mode=WAL")
+    db.execute("PRAGMA synchronous=NORMAL")
+    db.execute("PRAGMA wal_autocheckpoint=0")
+    db.execute("PRAGMA foreign_keys=ON")
+    return db
+
+
 class Store:
     """SQLite history and state; every method runs on the event-loop thread except :meth:`checkpoint`."""
 
     def __init__(self, data_dir: Path) -> None:
         data_dir.mkdir(parents=True, exist_ok=True)
         self.path = data_dir / "alphapulse.db"
-        self._db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=NORMAL")
-        self._db.execute("PRAGMA wal_autocheckpoint=0")
-        self._db.execute("PRAGMA foreign_keys=ON")
+        self._db = connect(self.path)
         self._migrate()
         self._db.executescript(SCHEMA)
         self.ids = self._ids_from_db()
@@ -204,7 +215,7 @@ class Store:
         if out.decision is not None and not (res.orders or res.cancelled or out.fills or out.alerts or out.incidents):
             # The common case, a decision and nothing else: one autocommitted INSERT carries the state too.
             try:
-                db.execute(_INSERT_DECISION, (*out.decision, self.seq, state_json))
+                db.execute(INSERT_DECISION, (*out.decision, self.seq, state_json))
             except BaseException:
                 self.seq -= 1
                 raise
@@ -228,7 +239,7 @@ class Store:
             if out.incidents:
                 db.executemany("INSERT INTO incidents VALUES (?,?,?,?)", out.incidents)
             if out.decision is not None:
-                db.execute(_INSERT_DECISION, (*out.decision, self.seq, state_json))
+                db.execute(INSERT_DECISION, (*out.decision, self.seq, state_json))
             else:
                 db.execute("INSERT OR REPLACE INTO meta VALUES ('state', ?)", (state_json,))
             db.execute("COMMIT")

@@ -55,6 +55,10 @@ def test_live_trading_books_match_the_exchange_to_the_cent(tmp_path: Path, fake:
         assert m["trading"]["mode"] == "live" and m["market"]["feed"]["kind"] == "weex"
         assert m["exchange"]["reconciliation"]["runs"] >= 1
         assert m["exchange"]["broker"]["acked"] >= 25
+        ack = m["exchange"]["broker"]["decision_to_ack_us"]  # per order, submit -> first leg acknowledged
+        assert 0 < ack["count"] <= m["exchange"]["broker"]["acked"] and 0 < ack["p50"] <= ack["p99"] <= ack["max"]
+        # the opening leg of an order that crosses zero may still be on its way when /metrics is read
+        assert m["exchange"]["broker"]["decision_to_last_ack_us"]["count"] <= ack["count"]
         assert d.stop() == 0
     finally:
         d.close()

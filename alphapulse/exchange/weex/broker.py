@@ -40,6 +40,7 @@ from alphapulse.exchange.weex.errors import (
     WeexError,
 )
 from alphapulse.log import get_logger
+from alphapulse.metrics import LatencyHistogram
 from alphapulse.reconcile import AccountView
 
 log = get_logger(__name__)
@@ -154,7 +155,11 @@ class WeexBroker:
         self.not_sent = 0  # restored intents the exchange never received (closed, never re-sent)
         self.errors = 0
         self.activity = 0  # bumped by every submit and every booking: reconciliation skips a moving account
-        self.ack_latency_ms: list[float] = []  # bounded: the last 1,000 decision-to-acknowledgement times
+        # Decision to acknowledgement, per order, in µs: from the engine's submit (inside the candle's step) to the
+        # exchange's answer to the order's first leg (the exchange has the decision), and to its last leg's answer
+        # (the same for a one-leg order; after the closing leg was also followed for one that crosses zero).
+        self.decision_to_ack = LatencyHistogram()
+        self.decision_to_last_ack = LatencyHistogram()
 
     # ---- wiring --------------------------------------------------------------------------------
     def bind(self, position_qty: Callable[[], Decimal]) -> None:
@@ -320,9 +325,11 @@ class WeexBroker:
         self.acked += 1
         if ack.recovered:
             self.recovered += 1
-        if len(self.ack_latency_ms) >= 1000:
-            del self.ack_latency_ms[:500]
-        self.ack_latency_ms.append((time.monotonic() - t.submitted_mono) * 1000)
+        us = (time.monotonic() - t.submitted_mono) * 1e6
+        if leg is t.legs[0]:
+            self.decision_to_ack.add(us)
+        if leg is t.legs[-1]:
+            self.decision_to_last_ack.add(us)
         sink.on_order_status(t.order.client_order_id, "open", ack.order_id, "acknowledged")
         await self._follow(t, leg, sink)
 
@@ -408,9 +415,10 @@ class WeexBroker:
         return bool(self._orders)
 
     def describe(self) -> dict[str, object]:
-        lat = sorted(self.ack_latency_ms)
+        first = self.decision_to_ack
         return {"kind": self.kind, "symbol": self.symbol, "tracked": len(self._orders), "sent": self.sent,
                 "acked": self.acked, "rejected": self.rejected, "recovered": self.recovered,
                 "not_sent": self.not_sent, "errors": self.errors,
-                "ack_ms_p50": lat[len(lat) // 2] if lat else None,
+                "ack_ms_p50": round(first.quantile(0.5) / 1000, 3) if first.count else None,
+                "decision_to_ack_us": first.summary(), "decision_to_last_ack_us": self.decision_to_last_ack.summary(),
                 "client": self.client.describe()}
