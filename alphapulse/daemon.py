@@ -382,6 +382,8 @@ class Daemon:
             t2 = perf()
             # the order is acknowledged once durable: the files and log lines below are views derived from it
             self.latency.add((t2 - t0) / 1000)
+            if res.orders and self.live is not None:
+                await asyncio.sleep(0)  # let the released order leave for the exchange before the files
             self._publish(res, persisted)
             if observer is not None:
                 observer(res, t0, t1, t2, perf())
