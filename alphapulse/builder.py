@@ -144,3 +144,31 @@ def build_feed(settings: Settings, start_after_ts: int | None, client: WeexClien
     return WeexFeed(client or build_exchange_client(settings), settings.ws_url + "/public", settings.symbol,
                     settings.timeframe, start_after_ts=start_after_ts,
                     warmup_bars=WARMUP_BARS if warmup_bars is None else warmup_bars)
+
+
+def warmup_check(settings: Settings, policy: Any) -> tuple[bool, str]:
+    """Whether the configured feed can warm the model's features up, and a sentence saying so.
+
+    The replay feed warms up from its file (the first ``warmup_bars - 1`` valid candles are warm-up, nothing is
+    decided on them), so the file needs more than that many valid candles; the live WEEX feed prefetches the
+    warm-up over REST at start.  ``policy`` is a loaded :class:`~alphapulse.policy.Policy` or its ``ModelMeta``.
+    """
+    meta = getattr(policy, "meta", policy)
+    fs = meta.feature_set
+    need = fs.warmup_bars
+    head = f"warm-up: {need} {settings.timeframe} bars ({fs.name} features of model {meta.version})"
+    if settings.feed_source != "replay":
+        return True, f"{head}; the {settings.feed_source} feed fetches them at start"
+    from alphapulse.market.feed import FeedError
+    from alphapulse.market.replay import default_replay_file, load_candles
+    from alphapulse.market.validate import valid_mask
+
+    path = settings.replay_file or default_replay_file(settings.timeframe)
+    try:
+        have = int(valid_mask(load_candles(path), settings.bar_ms).sum())
+    except FeedError as e:
+        return False, f"{head}; replay file {path} cannot be read: {e}"
+    if have < need:
+        return False, (f"{head}; replay file {path} has only {have} valid candles, so the daemon would never "
+                       "decide: use a longer file")
+    return True, f"{head}; replay file {path} has {have} valid candles: enough ({have - need + 1} decidable)"
