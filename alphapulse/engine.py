@@ -16,7 +16,9 @@ every driver gets them the same way:
 
 **Funding**: with a :class:`~alphapulse.funding.FundingSchedule` the engine books, for every funding time in
 ``(open, close]`` of a candle, ``-funding_payment(position, close, rate)`` as a ``Side.FUNDING`` cash-flow fill
-through :meth:`book_fills` (the position is the one held during the bar, after this candle's open fills).  Only
+through :meth:`book_fills` (the position is the one held during the bar, after this candle's open fills); a
+funding time in a hole of the data, ``(previous close, open]``, is paid on the position held through the hole
+(before this candle's fills) at this candle's open.  Only
 a paper account gets a schedule: a live exchange books its own funding (the WEEX broker reports it).  It returns a
 :class:`StepResult` that the driver persists (SQLite, operator files) *before* acting on it further, so
 a crash between candles loses nothing that was acknowledged.  Operator actions (emergency stop, flatten,
@@ -206,14 +208,13 @@ class Engine:
             self.act(res, decision, candle, now_ms)
         return res
 
-    def book_funding(self, res: StepResult, candle: Candle, price: Decimal) -> None:
-        """Funding events in ``(open, close]`` of ``candle``, paid on the position held during it at ``price``."""
+    def book_funding(self, res: StepResult, t0: int, t1: int, price: Decimal) -> None:
+        """Book the funding events in ``(t0, t1]`` on the position held now, at ``price``."""
         assert self.funding is not None
         qty = self.portfolio.position.qty
-        if qty == 0:
+        if qty == 0 or t1 <= t0:
             return
-        close_ms = candle.ts + self.cfg.bar_ms
-        events = self.funding.events_between(candle.ts, close_ms)
+        events = self.funding.events_between(t0, t1)
         if events:
             self.book_fills(res, [
                 Fill(f"funding-{e.ts}", self.cfg.symbol, Side.FUNDING, Decimal(0), price, Decimal(0), e.ts,
@@ -229,12 +230,17 @@ class Engine:
         cfg, pf = self.cfg, self.portfolio
         close_ms = candle.ts + cfg.bar_ms
         res = StepResult(candle.ts)
+        funding = self.funding
+        if funding is not None and self.last_candle_ts is not None:
+            # funding times in a hole of the data (none when bars are contiguous): the position held through
+            # the hole is the one before this candle's fills, valued at the first price after it
+            self.book_funding(res, self.last_candle_ts + cfg.bar_ms, candle.ts, Decimal(repr(candle.open)))
         fills = self.broker.on_candle(candle)
         if fills:
             self.book_fills(res, fills)
         self._price = Decimal(repr(candle.close))
-        if self.funding is not None:
-            self.book_funding(res, candle, self._price)
+        if funding is not None:  # the position held during this bar pays the funding times inside it
+            self.book_funding(res, candle.ts, close_ms, self._price)
         rolled = pf.mark(self._price, close_ms)
         self.last_candle_ts = candle.ts
 
