@@ -151,17 +151,20 @@ def test_model_metadata_names_feature_set_and_cadence(trend_model: Path, tmp_pat
 
 
 def test_trend_model_daemon_and_backtest_trade_the_same(trend_model: Path, slice_file: Path, tmp_path: Path) -> None:
-    """The real daemon (replay of the 1h slice, paper, default funding) and ``alphapulse backtest`` write the same
-    trades (trades, funding lines) and decisions; decisions come only at the 00:00 UTC close, after the warm-up."""
+    """The real daemon (replay of the 1h slice, paper, the real funding file as ``feed.funding_file``) and
+    ``alphapulse backtest --funding`` write the same trades (trades, funding lines) and decisions; decisions come
+    only at the 00:00 UTC close, after the warm-up.  (tests/test_backtest.py covers the default rate.)"""
     d = DaemonProc(tmp_path / "daemon", replay_file=slice_file, args=("--exit-at-end",),
-                   trading={"timeframe": "1h"}, service={"model": {"path": str(trend_model)}})
+                   trading={"timeframe": "1h"},
+                   service={"model": {"path": str(trend_model)}, "feed": {"funding_file": str(FUNDING_FILE)}})
     try:
         d.start()
         assert d.wait_exit(timeout=240) == 0, d.stderr()
     finally:
         d.close()
     out = tmp_path / "bt"
-    r = _cli("backtest", "--model", str(trend_model), "--data", str(slice_file), "--out", str(out), "--json")
+    r = _cli("backtest", "--model", str(trend_model), "--data", str(slice_file), "--out", str(out), "--json",
+             "--funding", str(FUNDING_FILE))
     assert r.returncode == 0, r.stderr
     summary = json.loads(r.stdout)
     daemon_trades = (d.log_dir / "trades.csv").read_text().splitlines()
