@@ -21,16 +21,21 @@ from typing import Any
 import numpy as np
 import orjson
 
-from alphapulse.builder import build_engine
+from alphapulse.builder import build_engine, policy_cadence, policy_feature_set
 from alphapulse.config import Settings
-from alphapulse.domain import TIMEFRAME_MS, Candle
-from alphapulse.engine import DecisionPolicy, StepResult
-from alphapulse.features import FeatureSource, PrecomputedFeatures, StreamingFeatures, batch_market_features
+from alphapulse.domain import CASH_FLOW_SIDES, TIMEFRAME_MS, Candle
+from alphapulse.engine import Cadence, DecisionPolicy, StepResult
+from alphapulse.features import FeatureSet, FeatureSource, PrecomputedFeatures
+from alphapulse.funding import DEFAULT_FUNDING_RATE, FundingSchedule
 from alphapulse.market.validate import valid_mask
 from alphapulse.performance import FillRecord, summarize
 from alphapulse.store import OperatorFiles, RowIds, build_rows, iso_ms
 
 _NAME = re.compile(r"^(?P<base>[A-Z0-9]+)_(?P<quote>[A-Z0-9]+)(?:_[A-Z0-9]+)?-(?P<tf>\d+[mhd])(?:-[a-z]+)?$")
+
+
+#: What a summary says when no funding file was given.
+DEFAULT_FUNDING_SOURCE = f"default rate {DEFAULT_FUNDING_RATE} per 8 h (00/08/16 UTC)"
 
 
 class BacktestError(Exception):
@@ -89,6 +94,8 @@ class BacktestResult:
     final_equity: Decimal
     fees: Decimal
     realized_pnl: Decimal
+    funding: Decimal  # net funding booked (signed like trades.csv's pnl: negative = paid)
+    funding_source: str  # where the rates came from, stated in the summary
     metrics: dict[str, float]
     elapsed_s: float
     equity: np.ndarray = field(repr=False)
@@ -102,7 +109,8 @@ class BacktestResult:
             "from": iso_ms(self.start_ms), "to": iso_ms(self.end_ms),
             "initial_equity": str(self.initial_equity), "final_equity": str(self.final_equity),
             "pnl": str(self.final_equity - self.initial_equity), "fees": str(self.fees),
-            "realized_pnl": str(self.realized_pnl), "metrics": self.metrics,
+            "realized_pnl": str(self.realized_pnl), "funding": str(self.funding),
+            "funding_source": self.funding_source, "metrics": self.metrics,
             "candles_per_s": round(self.candles / self.elapsed_s, 1) if self.elapsed_s > 0 else None,
             "out_dir": str(self.out_dir) if self.out_dir else None,
         }
@@ -118,20 +126,35 @@ def run_backtest(
     out_dir: Path | None = None,
     action_meanings: tuple[str, ...] = (),
     streaming_features: bool = False,
+    funding: FundingSchedule | None = None,
+    funding_source: str | None = None,
+    feature_set: FeatureSet | None = None,
+    cadence: Cadence | None = None,
 ) -> BacktestResult:
     """Drive :class:`Engine` over ``cols`` (already selected and validated) and end flat.
 
-    ``streaming_features`` uses the daemon's streaming features instead of the batch matrix (identical to
-    1e-9; the batch form is faster).  With ``out_dir`` the daemon's operator files are written there, plus
+    The features are the policy's feature set (``feature_set`` overrides it) in its batch form;
+    ``streaming_features`` uses the daemon's streaming form instead (identical to 1e-9; the batch form is
+    faster).  ``funding`` books simulated funding (None: none; the CLI always passes a schedule, the default
+    rate when no file is given).  With ``out_dir`` the daemon's operator files are written there, plus
     ``equity.csv`` and ``summary.json``.
     """
     n = len(cols["ts"])
     if n == 0:
         raise BacktestError("no candles in the selected period")
     bar_ms = TIMEFRAME_MS[timeframe]
-    feats: FeatureSource = StreamingFeatures() if streaming_features else PrecomputedFeatures(
-        batch_market_features(cols["open"], cols["high"], cols["low"], cols["close"], cols["volume"]))
-    engine = build_engine(settings, policy, symbol=symbol, timeframe=timeframe, features=feats)
+    fs = feature_set if feature_set is not None else policy_feature_set(policy)
+    if fs.timeframe is not None and fs.timeframe != timeframe:
+        raise BacktestError(f"feature set {fs.name} is defined on {fs.timeframe} bars, the data is {timeframe}")
+    feats: FeatureSource = fs.streaming() if streaming_features else PrecomputedFeatures(
+        fs.batch(cols["open"], cols["high"], cols["low"], cols["close"], cols["volume"]))
+    try:
+        engine = build_engine(settings, policy, symbol=symbol, timeframe=timeframe, features=feats, feature_set=fs,
+                              cadence=cadence if cadence is not None else policy_cadence(policy), funding=funding)
+    except ValueError as e:
+        raise BacktestError(str(e)) from None
+    if funding_source is None:
+        funding_source = "none" if funding is None else DEFAULT_FUNDING_SOURCE
     files = OperatorFiles(out_dir, buffered=True) if out_dir is not None else None
     ids = RowIds()
     reasons: dict[str, str] = {}
@@ -146,6 +169,8 @@ def run_backtest(
         for order in res.orders:
             reasons[order.client_order_id] = order.reason
         for f in res.fills:
+            if f.side in CASH_FLOW_SIDES:  # funding: in the equity curve and the ledger, not a trade
+                continue
             fills.append(FillRecord(float(f.realized_pnl - f.fee), float(f.fee), float(f.qty * f.price),
                                     f.realized_pnl != 0))
         eq = pf.equity
@@ -180,7 +205,8 @@ def run_backtest(
 
     metrics = summarize(equity, position, fills, bar_ms)
     result = BacktestResult(symbol, timeframe, n, ts[0], last_close_ms, pf.initial_equity, pf.equity, pf.fees_paid,
-                            pf.realized_pnl, metrics, elapsed, equity, position, fills, out_dir)
+                            pf.realized_pnl, pf.funding, funding_source, metrics, elapsed, equity, position, fills,
+                            out_dir)
     if files is not None and out_dir is not None:
         files.close()
         (out_dir / "equity.csv").write_bytes(b"timestamp,equity,position,price\n" + b"".join(eq_lines))

@@ -9,13 +9,15 @@ chosen from the configuration (``ALPHAPULSE_FEED=replay|weex``, ``TRADING_MODE=p
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from alphapulse.domain import TradingState, timeframe_ms
-from alphapulse.engine import DecisionPolicy, Engine, EngineConfig
+from alphapulse.engine import Cadence, DecisionPolicy, Engine, EngineConfig
 from alphapulse.execution import Broker
 from alphapulse.execution.paper import PaperBroker
-from alphapulse.features import FeatureSource, StreamingFeatures
+from alphapulse.features import FeatureSet, FeatureSource, feature_set
+from alphapulse.funding import FundingSchedule
 from alphapulse.portfolio import Portfolio
 
 if TYPE_CHECKING:
@@ -32,6 +34,37 @@ def engine_config(settings: Settings, symbol: str | None = None, timeframe: str 
                         settings.risk)
 
 
+def policy_feature_set(policy: Any) -> FeatureSet:
+    """The feature set a policy reads: its model metadata's (``Policy``), a baseline's ``feature_set`` attribute,
+    else the default ``short_v1``."""
+    meta = getattr(policy, "meta", None)
+    if meta is not None and hasattr(meta, "feature_set"):
+        return meta.feature_set
+    return feature_set(getattr(policy, "feature_set", None))
+
+
+def policy_cadence(policy: Any) -> Cadence:
+    """The decision cadence a policy's model metadata asks for (every bar when it names none)."""
+    meta = getattr(policy, "meta", None)
+    if meta is not None and hasattr(meta, "decision_every_bars"):
+        return Cadence(meta.decision_every_bars, meta.decision_hour_utc)
+    return Cadence()
+
+
+def warmup_bars(policy: Any) -> int:
+    """Candles the policy's feature set needs before its first observation (the daemon's warm-up)."""
+    return policy_feature_set(policy).warmup_bars
+
+
+def funding_schedule(settings: Settings, path: str | Path | None = None) -> FundingSchedule | None:
+    """Simulated funding for a paper account: the rates in ``path`` (default ``feed.funding_file``), else the
+    default 0.01 %/8 h; ``None`` in live mode, where the exchange books the real funding (the WEEX broker)."""
+    if settings.mode == "live":
+        return None
+    p = path if path is not None else settings.funding_file
+    return FundingSchedule.from_file(p) if p else FundingSchedule()
+
+
 def paper_broker(settings: Settings) -> PaperBroker:
     """The simulated venue with the configured taker fee and slippage (the only cost model there is)."""
     return PaperBroker(settings.taker_fee, settings.slippage_bps)
@@ -46,20 +79,32 @@ def build_engine(
     features: FeatureSource | None = None,
     broker: Broker | None = None,
     persisted: PersistedState | None = None,
+    feature_set: FeatureSet | None = None,
+    cadence: Cadence | None = None,
+    funding: FundingSchedule | None = None,
 ) -> Engine:
     """An engine for any driver: a new account, or the one ``persisted`` by the store before a restart.
 
     ``broker`` defaults to the paper broker; a restored engine hands the broker back the orders that were
-    acknowledged but not yet filled, so a restart neither loses nor repeats them.
+    acknowledged but not yet filled, so a restart neither loses nor repeats them.  ``feature_set`` and
+    ``cadence`` default to the policy's (:func:`policy_feature_set`, :func:`policy_cadence`); ``features``
+    defaults to the set's streaming form (drivers with a whole history pass its batch form instead).
+    ``funding`` (see :func:`funding_schedule`) is refused with a live broker: the exchange books real funding.
     """
     cfg = engine_config(settings, symbol, timeframe)
     broker = broker if broker is not None else paper_broker(settings)
-    feats = features if features is not None else StreamingFeatures()
+    if funding is not None and not isinstance(broker, PaperBroker):
+        raise ValueError("simulated funding is for paper accounts only; a live exchange books its own")
+    fs = feature_set if feature_set is not None else policy_feature_set(policy)
+    feats = features if features is not None else fs.streaming()
+    cad = cadence if cadence is not None else policy_cadence(policy)
     if persisted is None:
-        return Engine(cfg, policy, broker, Portfolio.new(cfg.symbol, settings.initial_equity), features=feats)
+        return Engine(cfg, policy, broker, Portfolio.new(cfg.symbol, settings.initial_equity), features=feats,
+                      feature_set=fs, cadence=cad, funding=funding)
     broker.restore(persisted.open_orders)
     engine = Engine(cfg, policy, broker, Portfolio.restore(persisted.portfolio),
-                    TradingState(persisted.trading_state), feats, persisted.last_candle_ts)
+                    TradingState(persisted.trading_state), feats, persisted.last_candle_ts, feature_set=fs,
+                    cadence=cad, funding=funding)
     engine.state_reason = persisted.state_reason
     return engine
 
@@ -82,8 +127,11 @@ def build_broker(settings: Settings, client: WeexClient | None = None) -> Broker
                       margin_type=settings.margin_type)
 
 
-def build_feed(settings: Settings, start_after_ts: int | None, client: WeexClient | None = None) -> Feed:
-    """The candle source the configuration names (``feed.source`` / ``ALPHAPULSE_FEED``), not yet opened."""
+def build_feed(settings: Settings, start_after_ts: int | None, client: WeexClient | None = None,
+               warmup_bars: int | None = None) -> Feed:
+    """The candle source the configuration names (``feed.source`` / ``ALPHAPULSE_FEED``), not yet opened.
+
+    ``warmup_bars`` is the model's warm-up (:func:`warmup_bars`): the live feed prefetches that many bars."""
     if settings.feed_source == "replay":
         from alphapulse.market.replay import ReplayFeed, default_replay_file
 
@@ -94,5 +142,34 @@ def build_feed(settings: Settings, start_after_ts: int | None, client: WeexClien
     from alphapulse.features import WARMUP_BARS
 
     return WeexFeed(client or build_exchange_client(settings), settings.ws_url + "/public", settings.symbol,
-                    settings.timeframe, start_after_ts=start_after_ts, warmup_bars=WARMUP_BARS,
+                    settings.timeframe, start_after_ts=start_after_ts,
+                    warmup_bars=WARMUP_BARS if warmup_bars is None else warmup_bars,
                     silence_timeout_s=settings.stream_silence_s)
+
+
+def warmup_check(settings: Settings, policy: Any) -> tuple[bool, str]:
+    """Whether the configured feed can warm the model's features up, and a sentence saying so.
+
+    The replay feed warms up from its file (the first ``warmup_bars - 1`` valid candles are warm-up, nothing is
+    decided on them), so the file needs more than that many valid candles; the live WEEX feed prefetches the
+    warm-up over REST at start.  ``policy`` is a loaded :class:`~alphapulse.policy.Policy` or its ``ModelMeta``.
+    """
+    meta = getattr(policy, "meta", policy)
+    fs = meta.feature_set
+    need = fs.warmup_bars
+    head = f"warm-up: {need} {settings.timeframe} bars ({fs.name} features of model {meta.version})"
+    if settings.feed_source != "replay":
+        return True, f"{head}; the {settings.feed_source} feed fetches them at start"
+    from alphapulse.market.feed import FeedError
+    from alphapulse.market.replay import default_replay_file, load_candles
+    from alphapulse.market.validate import valid_mask
+
+    path = settings.replay_file or default_replay_file(settings.timeframe)
+    try:
+        have = int(valid_mask(load_candles(path), settings.bar_ms).sum())
+    except FeedError as e:
+        return False, f"{head}; replay file {path} cannot be read: {e}"
+    if have < need:
+        return False, (f"{head}; replay file {path} has only {have} valid candles, so the daemon would never "
+                       "decide: use a longer file")
+    return True, f"{head}; replay file {path} has {have} valid candles: enough ({have - need + 1} decidable)"

@@ -75,10 +75,16 @@ def cmd_check_config(args: argparse.Namespace) -> int:
         if meta.timeframe != s.timeframe:
             raise ConfigError("trading_params.yaml", "timeframe",
                               f"{s.timeframe} but model {meta.version} was built for {meta.timeframe}")
+        from alphapulse.builder import warmup_check
+
+        enough, warmup = warmup_check(s, meta)
+        if not enough:
+            raise ConfigError("config.yaml", "feed.replay_file", warmup)
     except ConfigError as e:
         return report_config_error(e)
     print(f"config ok: mode={s.mode} symbol={s.symbol} timeframe={s.timeframe} data_dir={s.data_dir} "
           f"log_dir={s.log_dir} control={s.control_host}:{s.control_port}")
+    print(warmup)
     return 0
 
 

@@ -119,6 +119,7 @@ SERVICE_SCHEMA: dict[str, Any] = {
         "source": (str, "replay", _choice("replay", "weex")),
         "replay_file": (str, "", None),
         "replay_speed": (str, "72000", _speed),
+        "funding_file": (str, "", None),
         "queue_size": (int, 1024, _range(1, 1_000_000)),
     },
     "exchange": {
@@ -158,6 +159,7 @@ TRADING_SCHEMA: dict[str, Any] = {
         "max_data_age_bars": (float, 2.0, _range(0, 1000, lo_open=True)),
         "flatten_on_halt": (bool, True, None),
         "rebalance_band_pct": (float, 10.0, _range(0, 100)),
+        "target_vol_pct": (float, 0.0, _range(0, 1000)),
     },
 }
 
@@ -284,6 +286,7 @@ class Settings:
     feed_source: str
     replay_file: Path | None  # None: the bundled replay
     replay_speed: float | None  # None: as fast as possible
+    funding_file: Path | None  # paper funding rates (timestamp,funding_rate); None: the default rate
     queue_size: int
     rest_url: str  # WEEX contract REST base URL
     ws_url: str  # WEEX contract WebSocket base URL
@@ -375,6 +378,7 @@ def load_settings(config_dir: Path | None = None, env: Mapping[str, str] | None 
         max_data_age_bars=r["max_data_age_bars"],
         flatten_on_halt=r["flatten_on_halt"],
         rebalance_band=r["rebalance_band_pct"] / 100.0,
+        target_vol=r["target_vol_pct"] / 100.0,
     )
     if risk.max_position_frac > risk.max_leverage:
         raise ConfigError(TRADING_FILE, "risk.max_position_pct",
@@ -394,6 +398,7 @@ def load_settings(config_dir: Path | None = None, env: Mapping[str, str] | None 
         feed_source=service["feed"]["source"],
         replay_file=Path(service["feed"]["replay_file"]).expanduser() if service["feed"]["replay_file"] else None,
         replay_speed=None if speed == "max" else float(speed),
+        funding_file=Path(service["feed"]["funding_file"]).expanduser() if service["feed"]["funding_file"] else None,
         queue_size=service["feed"]["queue_size"],
         rest_url=service["exchange"]["rest_url"].rstrip("/"),
         ws_url=service["exchange"]["ws_url"].rstrip("/"),
@@ -421,7 +426,8 @@ def load_settings(config_dir: Path | None = None, env: Mapping[str, str] | None 
 
 def check_paths(settings: Settings) -> None:
     """Fail early, as a config error, when a configured file is missing or a directory cannot be made."""
-    for key, path in (("feed.replay_file", settings.replay_file), ("model.path", settings.model_path)):
+    for key, path in (("feed.replay_file", settings.replay_file), ("model.path", settings.model_path),
+                      ("feed.funding_file", settings.funding_file)):
         if path is not None and not path.is_file():
             raise ConfigError(SERVICE_FILE, key, f"file not found: {path}")
     for key, d in (("paths.data_dir", settings.data_dir), ("paths.log_dir", settings.log_dir)):

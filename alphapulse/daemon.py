@@ -22,7 +22,14 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from alphapulse import __version__
-from alphapulse.builder import build_broker, build_engine, build_exchange_client, build_feed
+from alphapulse.builder import (
+    build_broker,
+    build_engine,
+    build_exchange_client,
+    build_feed,
+    funding_schedule,
+    policy_feature_set,
+)
 from alphapulse.config import ConfigError, Settings
 from alphapulse.control import start_control_server
 from alphapulse.domain import Candle, Fill, TradingState
@@ -30,7 +37,8 @@ from alphapulse.engine import Engine, StepResult
 from alphapulse.exchange.weex.broker import WeexBroker
 from alphapulse.exchange.weex.client import WeexClient
 from alphapulse.exchange.weex.errors import AuthError, ExchangeUnavailable, UnknownSymbolError, WeexError
-from alphapulse.features import WARMUP_BARS, StreamingFeatures
+from alphapulse.features import StreamingSource
+from alphapulse.funding import FundingError
 from alphapulse.log import get_logger, register_secrets
 from alphapulse.market.feed import Feed, FeedError
 from alphapulse.market.validate import CandleValidator
@@ -216,11 +224,20 @@ class Daemon:
         if any(added.values()):
             log.warning("operator files were behind the database (crash between commit and append); restored",
                         **added)
-        self.features = StreamingFeatures()
+        fs = policy_feature_set(self.policy)  # the model's feature set: its streaming form and warm-up
+        self.features: StreamingSource = fs.streaming()
         if s.mode == "live" or s.feed_source == "weex":
             self.client = build_exchange_client(s)
         broker = build_broker(s, self.client)
-        self.engine = build_engine(s, self.policy, features=self.features, broker=broker, persisted=persisted)
+        try:
+            funding = funding_schedule(s)  # paper: simulated funding; live: None, the exchange books it
+        except FundingError as e:
+            raise ConfigError("config.yaml", "feed.funding_file", str(e)) from None
+        try:
+            self.engine = build_engine(s, self.policy, features=self.features, broker=broker, persisted=persisted,
+                                       feature_set=fs, funding=funding)
+        except ValueError as e:  # vol targeting on a model whose features have no volatility
+            raise ConfigError("trading_params.yaml", "risk.target_vol_pct", str(e)) from None
         portfolio = self.engine.portfolio
         if isinstance(broker, WeexBroker):
             self.live = broker
@@ -230,7 +247,7 @@ class Daemon:
         last_ts = self.engine.last_candle_ts
         reason = self.engine.state_reason
 
-        self.feed = build_feed(s, last_ts, self.client)
+        self.feed = build_feed(s, last_ts, self.client, warmup_bars=fs.warmup_bars)
         try:
             await self.feed.open()
         except FeedError as e:
@@ -238,9 +255,9 @@ class Daemon:
                 raise ConfigError("config.yaml", "feed.replay_file", str(e)) from None
             raise StartupError(f"exchange feed: {e}") from None  # the network may come back: systemd retries
         if last_ts is not None:
-            self.features.warmup(self.feed.history(last_ts + 1, WARMUP_BARS))
-        elif s.feed_source == "weex":  # a live market has a past: warm up from it instead of waiting 49 bars
-            self.features.warmup(self.feed.history(self.feed.now_ms() or 0, WARMUP_BARS))
+            self.features.warmup(self.feed.history(last_ts + 1, fs.warmup_bars))
+        elif s.feed_source == "weex":  # a live market has a past: warm up from it instead of waiting for it
+            self.features.warmup(self.feed.history(self.feed.now_ms() or 0, fs.warmup_bars))
         self.validator = CandleValidator(s.bar_ms, last_ts)
 
         self._runner = await start_control_server(self, s.control_host, s.control_port,

@@ -163,6 +163,7 @@ class RiskLimits:
     max_data_age_bars: float = 2.0  # no trading on data older than this many bars
     flatten_on_halt: bool = True
     rebalance_band: float = 0.1  # same-side resizes smaller than this fraction of the max position are skipped
+    target_vol: float = 0.0  # annualised; > 0 scales positions by min(target_vol / realised vol, 1); 0 = off
 
 
 @dataclass(frozen=True, slots=True)

@@ -1,7 +1,25 @@
 """One step of the pipeline for one candle: the code the daemon, the backtester and training share.
 
-``Engine.step`` is synchronous and does no I/O: fills of pending orders at this candle's open, mark to
-market, the trading-state machine, features, policy, risk and order submission.  It returns a
+``Engine.step`` is synchronous and does no I/O: fills of pending orders at this candle's open, funding (paper
+accounts), mark to market, the trading-state machine, features, policy, risk and order submission.
+
+Three things come from the model (its metadata, through :mod:`alphapulse.builder`) and are honoured here, so
+every driver gets them the same way:
+
+* the **feature set** (``short_v1``, ``trend_v1``): the engine builds the set's observation from the market
+  vector its :class:`FeatureSource` returns;
+* the **decision cadence** (:class:`Cadence`): on a bar that is not a decision time the engine still fills,
+  books funding, marks, runs the state machine (daily loss, drawdown halt, flatten on halt) - but asks no
+  policy and records *no* decision, so ``ai_decisions.json`` stays one line per decision;
+* **volatility targeting** (``RiskLimits.target_vol``): the realised volatility is the feature set's own
+  volatility feature (``vol_30d``) after this candle - one definition, the one the policy sees.
+
+**Funding**: with a :class:`~alphapulse.funding.FundingSchedule` the engine books, for every funding time in
+``(open, close]`` of a candle, ``-funding_payment(position, close, rate)`` as a ``Side.FUNDING`` cash-flow fill
+through :meth:`book_fills` (the position is the one held during the bar, after this candle's open fills); a
+funding time in a hole of the data, ``(previous close, open]``, is paid on the position held through the hole
+(before this candle's fills) at this candle's open.  Only
+a paper account gets a schedule: a live exchange books its own funding (the WEEX broker reports it).  It returns a
 :class:`StepResult` that the driver persists (SQLite, operator files) *before* acting on it further, so
 a crash between candles loses nothing that was acknowledged.  Operator actions (emergency stop, flatten,
 maintenance, resume) are methods here too, so they follow the same rules in every driver.
@@ -15,8 +33,9 @@ from dataclasses import dataclass
 from decimal import Decimal
 from typing import Any, Protocol
 
-__all__ = ["DecisionPolicy", "Engine", "EngineConfig", "StateConflict", "StepResult"]
+__all__ = ["Cadence", "DecisionPolicy", "Engine", "EngineConfig", "StateConflict", "StepResult"]
 
+from alphapulse.costs import funding_payment
 from alphapulse.domain import (
     Candle,
     Decision,
@@ -32,7 +51,8 @@ from alphapulse.domain import (
     TradingState,
 )
 from alphapulse.execution import Broker
-from alphapulse.features import FeatureSource, StreamingFeatures, observation, position_fractions
+from alphapulse.features import FeatureSet, FeatureSource, feature_set, position_fractions
+from alphapulse.funding import FundingSchedule
 from alphapulse.portfolio import Portfolio
 from alphapulse.reconcile import Resolution
 from alphapulse.risk import ORDER_WINDOW_MS, check_order, next_state, resume_state, target_qty
@@ -43,12 +63,48 @@ class DecisionPolicy(Protocol):
 
 
 @dataclass(frozen=True)
+class Cadence:
+    """When the policy is asked: every ``every_bars`` bars, on the bars whose *close* is ``hour_utc`` o'clock
+    UTC plus a multiple of ``every_bars`` bars (``hour_utc`` None: multiples counted from the epoch).
+
+    ``Cadence()`` (every bar) is what every model without cadence metadata gets.  ``Cadence(24, 0)`` on 1h bars
+    decides on the candle that closes at 00:00 UTC, once a day.
+    """
+
+    every_bars: int = 1
+    hour_utc: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.every_bars < 1:
+            raise ValueError(f"decision_every_bars must be >= 1, got {self.every_bars}")
+        if self.hour_utc is not None and not 0 <= self.hour_utc < 24:
+            raise ValueError(f"decision_hour_utc must be in 0..23, got {self.hour_utc}")
+
+    @property
+    def every_bar(self) -> bool:
+        return self.every_bars == 1 and self.hour_utc is None
+
+    def is_decision_time(self, candle_ts: int, bar_ms: int) -> bool:
+        if self.every_bar:
+            return True
+        offset = 0 if self.hour_utc is None else self.hour_utc * 3_600_000
+        return (candle_ts + bar_ms - offset) % (self.every_bars * bar_ms) == 0
+
+
+EVERY_BAR = Cadence()
+
+
+@dataclass(frozen=True)
 class EngineConfig:
     symbol: str
     bar_ms: int
     lot_size: Decimal
     confidence_threshold: float
     limits: RiskLimits
+
+
+def _default_feature_set() -> FeatureSet:
+    return feature_set(None)
 
 
 class Engine:
@@ -61,13 +117,25 @@ class Engine:
         state: TradingState = TradingState.ACTIVE,
         features: FeatureSource | None = None,
         last_candle_ts: int | None = None,
+        *,
+        feature_set: FeatureSet | None = None,
+        cadence: Cadence = EVERY_BAR,
+        funding: FundingSchedule | None = None,
     ) -> None:
         self.cfg = cfg
         self.policy = policy
         self.broker = broker
         self.portfolio = portfolio
         self.state = state
-        self.features = features if features is not None else StreamingFeatures()
+        self.feature_set = feature_set if feature_set is not None else _default_feature_set()
+        self.features = features if features is not None else self.feature_set.streaming()
+        self.cadence = cadence
+        self.funding = funding
+        self._vol_index = self.feature_set.vol_index
+        if cfg.limits.target_vol > 0 and self._vol_index is None:
+            raise ValueError(f"volatility targeting (target_vol_pct) needs a feature set with a volatility feature; "
+                             f"{self.feature_set.name} has none")
+        self.realized_vol: float | None = None  # the feature set's volatility after the last candle
         self.last_candle_ts = last_candle_ts
         self.state_reason = ""
         self._order_times: deque[int] = deque(maxlen=max(1, cfg.limits.max_orders_per_minute))
@@ -128,13 +196,30 @@ class Engine:
         }
 
     # ---- the per-candle step ----------------------------------------------------------------
+    def is_decision_time(self, candle_ts: int) -> bool:
+        """True when the policy is asked at this candle's close (the model's cadence)."""
+        return self.cadence.is_decision_time(candle_ts, self.cfg.bar_ms)
+
     def step(self, candle: Candle, now_ms: int | None = None) -> StepResult:
         """Process one validated candle; ``now_ms`` is the driver's clock (None: the candle's close time)."""
         res, obs = self.observe(candle)
-        if obs is not None:
+        if obs is not None and self.cadence.is_decision_time(candle.ts, self.cfg.bar_ms):
             decision = self.policy.decide(obs, candle.ts, self.cfg.symbol)
             self.act(res, decision, candle, now_ms)
         return res
+
+    def book_funding(self, res: StepResult, t0: int, t1: int, price: Decimal) -> None:
+        """Book the funding events in ``(t0, t1]`` on the position held now, at ``price``."""
+        assert self.funding is not None
+        qty = self.portfolio.position.qty
+        if qty == 0 or t1 <= t0:
+            return
+        events = self.funding.events_between(t0, t1)
+        if events:
+            self.book_fills(res, [
+                Fill(f"funding-{e.ts}", self.cfg.symbol, Side.FUNDING, Decimal(0), price, Decimal(0), e.ts,
+                     -funding_payment(qty, price, e.rate))
+                for e in events])
 
     def observe(self, candle: Candle) -> tuple[StepResult, list[float] | None]:
         """First half of a step: fills at this candle's open, mark to market, state machine, features.
@@ -145,10 +230,17 @@ class Engine:
         cfg, pf = self.cfg, self.portfolio
         close_ms = candle.ts + cfg.bar_ms
         res = StepResult(candle.ts)
+        funding = self.funding
+        if funding is not None and self.last_candle_ts is not None:
+            # funding times in a hole of the data (none when bars are contiguous): the position held through
+            # the hole is the one before this candle's fills, valued at the first price after it
+            self.book_funding(res, self.last_candle_ts + cfg.bar_ms, candle.ts, Decimal(repr(candle.open)))
         fills = self.broker.on_candle(candle)
         if fills:
             self.book_fills(res, fills)
         self._price = Decimal(repr(candle.close))
+        if funding is not None:  # the position held during this bar pays the funding times inside it
+            self.book_funding(res, candle.ts, close_ms, self._price)
         rolled = pf.mark(self._price, close_ms)
         self.last_candle_ts = candle.ts
 
@@ -169,10 +261,12 @@ class Engine:
         market = self.features.update(candle)
         if market is None:
             return res, None
+        if self._vol_index is not None:
+            self.realized_vol = market[self._vol_index]
         if res.orders:  # a halt just queued a close; equity is unchanged until it fills
             equity = pf.equity
         pos_frac, upnl_frac = self.position_features(equity) if pf.position.qty else (0.0, 0.0)
-        return res, observation(market, pos_frac, upnl_frac)
+        return res, self.feature_set.observation(market, pos_frac, upnl_frac)
 
     def act(self, res: StepResult, decision: Decision, candle: Candle, now_ms: int | None = None) -> None:
         """Second half of a step: confidence threshold, risk checks and the order, recorded into ``res``."""
@@ -190,7 +284,7 @@ class Engine:
             allowed, reason = False, "order_pending"
         else:
             current = pf.position.qty
-            desired = target_qty(decision.target, pf.equity, price, cfg.limits, cfg.lot_size)
+            desired = target_qty(decision.target, pf.equity, price, cfg.limits, cfg.lot_size, self.realized_vol)
             verdict = check_order(
                 state=self.state, current_qty=current, desired_qty=desired, equity=pf.equity, price=price,
                 limits=cfg.limits, lot=cfg.lot_size, data_age_ms=now - close_ms, bar_ms=cfg.bar_ms,

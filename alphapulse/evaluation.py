@@ -1,8 +1,12 @@
 """Out-of-sample evaluation of a model against simple baselines, and model-file validation.
 
-``alphapulse evaluate`` runs the policy and the baselines (buy-and-hold, always flat, SMA crossover)
-through :func:`alphapulse.backtest.run_backtest` on the same candles, costs and limits, and reports the
-metrics of :mod:`alphapulse.performance` side by side.  ``--validate`` checks a model file and names every
+``alphapulse evaluate`` runs the policy and the baselines (buy-and-hold, always flat, SMA crossover and the
+volatility-targeted time-series momentum rule, TSMOM) through :func:`alphapulse.backtest.run_backtest` on the
+same evaluated bars, costs (fees, slippage, funding) and position size, and reports the metrics of
+:mod:`alphapulse.performance` side by side.  Each strategy runs on its own feature set (SMA on ``short_v1``,
+TSMOM on ``trend_v1``, the policy on its model's), warmed up on the candles *before* the evaluated period, so
+every row covers the same bars; a strategy whose warm-up the file cannot supply is reported as not run.
+``--validate`` checks a model file and names every
 problem it finds.
 """
 
@@ -18,11 +22,13 @@ from typing import Any
 import numpy as np
 import orjson
 
-from alphapulse.backtest import BacktestError, infer_market, parse_time, run_backtest, select
-from alphapulse.baselines import baselines
+from alphapulse.backtest import DEFAULT_FUNDING_SOURCE, BacktestError, infer_market, parse_time, run_backtest, select
+from alphapulse.baselines import TsMomentum, baselines, trend_baselines
+from alphapulse.builder import policy_cadence, policy_feature_set
 from alphapulse.config import ConfigError, Settings, load_settings, report_config_error
 from alphapulse.domain import TIMEFRAME_MS
-from alphapulse.features import FEATURE_NAMES, OBS_SIZE, WARMUP_BARS
+from alphapulse.engine import Cadence
+from alphapulse.funding import FundingError, FundingSchedule
 from alphapulse.market.feed import FeedError
 from alphapulse.market.replay import load_candles
 from alphapulse.performance import summarize
@@ -60,10 +66,21 @@ def _test_split(policy: Policy) -> tuple[int | None, int | None]:
         return None, None
 
 
+def _plain(settings: Settings) -> Settings:
+    """The baselines' settings: the daemon's costs and position size, but no halts and fixed-fraction sizing.
+
+    No daily-loss or drawdown halt, which would otherwise stop buy-and-hold at its first 12 % dip and flatter the
+    comparison; no engine vol targeting (TSMOM sizes itself, the others are the plain fixed-size strategies)."""
+    return dataclasses.replace(settings, risk=dataclasses.replace(
+        settings.risk, daily_loss_limit_frac=1.0, max_drawdown_frac=1.0, target_vol=0.0))
+
+
 def evaluate(policy: Policy, data: Path, settings: Settings, *, period: str = "all", quick: bool = False,
-             use_test_split: bool = False, start_ms: int | None = None, end_ms: int | None = None
-             ) -> dict[str, Any]:
-    """Run the policy and the baselines over the same candles; returns the JSON-ready result."""
+             use_test_split: bool = False, start_ms: int | None = None, end_ms: int | None = None,
+             funding: FundingSchedule | None = None, funding_source: str | None = None) -> dict[str, Any]:
+    """Run the policy and the baselines over the same candles; returns the JSON-ready result.
+
+    ``funding`` defaults to the default rate (:class:`FundingSchedule`), booked for every strategy alike."""
     try:
         cols = load_candles(data)
     except FeedError as e:
@@ -72,45 +89,77 @@ def evaluate(policy: Policy, data: Path, settings: Settings, *, period: str = "a
     if policy.meta.timeframe and timeframe != policy.meta.timeframe:
         raise EvaluationError(f"{data} holds {timeframe} candles but model {policy.meta.version} was trained on "
                               f"{policy.meta.timeframe}; pass a {policy.meta.timeframe} file")
+    if funding is None:
+        funding, funding_source = FundingSchedule(), DEFAULT_FUNDING_SOURCE
     bar_ms = TIMEFRAME_MS[timeframe]
-    cols = select(cols, None, None, bar_ms)
+    full = cols = select(cols, None, None, bar_ms)
+    warmup = policy_feature_set(policy).warmup_bars
     start, end = _test_split(policy) if use_test_split else (start_ms, end_ms)
     if start is not None or end is not None:
-        lo = -(2**62) if start is None else start - (WARMUP_BARS - 1) * bar_ms  # warm up before the period
+        lo = -(2**62) if start is None else start - (warmup - 1) * bar_ms  # warm up before the period
         keep = (cols["ts"] >= lo) & (cols["ts"] < (end if end is not None else 2**62))
-        if keep.sum() > WARMUP_BARS * 2 or not use_test_split:
+        if keep.sum() > warmup * 2 or not use_test_split:
             cols = {k: v[keep] for k, v in cols.items()}
     span = PERIODS[period]
     if span is not None and len(cols["ts"]):
-        cols = {k: v[cols["ts"] >= cols["ts"][-1] + bar_ms - span - (WARMUP_BARS - 1) * bar_ms]
+        cols = {k: v[cols["ts"] >= cols["ts"][-1] + bar_ms - span - (warmup - 1) * bar_ms]
                 for k, v in cols.items()}
     if quick:
-        cols = {k: v[-(QUICK_BARS + WARMUP_BARS - 1):] for k, v in cols.items()}
-    if len(cols["ts"]) <= WARMUP_BARS:
+        cols = {k: v[-(QUICK_BARS + warmup - 1):] for k, v in cols.items()}
+    if len(cols["ts"]) <= warmup:
         raise EvaluationError(f"{data}: only {len(cols['ts'])} valid candles in the period; need more than "
-                              f"{WARMUP_BARS}")
+                              f"{warmup}")
     strategies: dict[str, Any] = {}
-    first = WARMUP_BARS - 1  # the first bar with a decision: metrics cover the decided bars only
-    # The policy trades under the daemon's limits (that is what would happen); the baselines are the plain
-    # strategies: same candles, costs and position size, but no daily-loss or drawdown halt, which would
-    # otherwise stop buy-and-hold at its first 12 % dip and flatter the comparison.
-    plain = dataclasses.replace(settings, risk=dataclasses.replace(
-        settings.risk, daily_loss_limit_frac=1.0, max_drawdown_frac=1.0))
-    runs: dict[str, Any] = {"policy": policy, **baselines()}
+    first = warmup - 1  # the first bar with a decision: metrics cover the decided bars only
+    # Where the evaluated bars lie in the whole (valid) file: each baseline warms up on the candles before them.
+    first_i = int(np.searchsorted(full["ts"], cols["ts"][first]))
+    end_i = int(np.searchsorted(full["ts"], cols["ts"][-1], side="right"))
+    plain = _plain(settings)
+    tsmom_tv = settings.risk.target_vol if settings.risk.target_vol > 0 else 0.10
+    runs: dict[str, Any] = {"policy": policy, **baselines(),
+                            **trend_baselines(target_vol=tsmom_tv, max_position_frac=settings.risk.max_position_frac)}
     for name, strat in runs.items():
-        res = run_backtest(strat, cols, settings if name == "policy" else plain, symbol=symbol, timeframe=timeframe)
-        m = summarize(res.equity[first:], res.position[first:], res.fills, bar_ms)
-        strategies[name] = {k: m[k] for k in METRIC_KEYS} | {"final_equity": float(res.final_equity)}
+        if name == "policy":
+            res = run_backtest(strat, cols, settings, symbol=symbol, timeframe=timeframe, funding=funding,
+                               funding_source=funding_source)
+            skip = first
+        else:
+            fs = policy_feature_set(strat)
+            if fs.timeframe is not None and fs.timeframe != timeframe:
+                strategies[name] = {"skipped": f"needs {fs.timeframe} candles ({fs.name} features)"}
+                continue
+            lo = first_i - (fs.warmup_bars - 1)
+            if lo < 0:
+                strategies[name] = {"skipped": f"not enough history (needs {fs.warmup_bars} bars, "
+                                               f"{first_i + 1} up to the first evaluated bar; start later with "
+                                               "--from)"}
+                continue
+            cadence = policy_cadence(strat)
+            if isinstance(strat, TsMomentum):  # the rule decides once a day, so the engine asks it once a day
+                strat.reset()
+                cadence = Cadence(86_400_000 // bar_ms, strat.decision_hour_utc)
+            sub = {k: v[lo:end_i] for k, v in full.items()}
+            res = run_backtest(strat, sub, plain, symbol=symbol, timeframe=timeframe, funding=funding,
+                               funding_source=funding_source, cadence=cadence)
+            skip = fs.warmup_bars - 1
+        m = summarize(res.equity[skip:], res.position[skip:], res.fills, bar_ms)
+        strategies[name] = {k: m[k] for k in METRIC_KEYS} | {"final_equity": float(res.final_equity),
+                                                             "funding": float(res.funding)}
     return {
         "data": {"file": str(data), "symbol": symbol, "timeframe": timeframe,
                  "from": iso_ms(int(cols["ts"][first])), "to": iso_ms(int(cols["ts"][-1]) + bar_ms),
                  "candles": int(len(cols["ts"]) - first)},
         "model": {"path": str(policy.path), "version": policy.meta.version, "kind": policy.meta.kind,
-                  "training_data_range": policy.meta.training_data_range},
+                  "training_data_range": policy.meta.training_data_range,
+                  "feature_set": policy.meta.feature_set_name,
+                  "decision_every_bars": policy.meta.decision_every_bars,
+                  "decision_hour_utc": policy.meta.decision_hour_utc},
         "costs": {"taker_fee": float(settings.taker_fee), "slippage_bps": float(settings.slippage_bps),
                   "max_position_pct": settings.risk.max_position_frac * 100,
                   "confidence_threshold": settings.confidence_threshold,
-                  "policy_limits": "daemon's (daily loss, drawdown halt)", "baseline_limits": "no halts"},
+                  "funding": funding_source,
+                  "policy_limits": "daemon's (daily loss, drawdown halt)", "baseline_limits": "no halts",
+                  "tsmom_target_vol": tsmom_tv},
         "strategies": strategies,
     }
 
@@ -121,12 +170,16 @@ def format_table(result: dict[str, Any]) -> str:
              f"model {result['model']['version']}",
              f"costs: taker fee {result['costs']['taker_fee'] * 100:.3f}%, slippage {result['costs']['slippage_bps']}"
              f" bps; max position {result['costs']['max_position_pct']:.0f}% of equity; the policy trades under the "
-             "daemon's risk limits, the baselines without halts", ""]
-    head = f"{'strategy':<15}{'return':>9}{'sharpe':>8}{'sortino':>9}{'max dd':>8}{'calmar':>8}{'win':>7}" \
+             "daemon's risk limits, the baselines without halts",
+             f"funding: {result['costs']['funding']}", ""]
+    head = f"{'strategy':<17}{'return':>9}{'sharpe':>8}{'sortino':>9}{'max dd':>8}{'calmar':>8}{'win':>7}" \
            f"{'pf':>7}{'trades':>8}{'expo':>7}{'turn':>8}{'fees':>10}"
     lines += [head, "-" * len(head)]
     for name, m in result["strategies"].items():
-        lines.append(f"{name:<15}{m['total_return'] * 100:>8.2f}%{m['sharpe']:>8.2f}{m['sortino']:>9.2f}"
+        if "skipped" in m:
+            lines.append(f"{name:<17}{m['skipped']}")
+            continue
+        lines.append(f"{name:<17}{m['total_return'] * 100:>8.2f}%{m['sharpe']:>8.2f}{m['sortino']:>9.2f}"
                      f"{m['max_drawdown'] * 100:>7.2f}%{m['calmar']:>8.2f}{m['win_rate'] * 100:>6.1f}%"
                      f"{min(m['profit_factor'], 999):>7.2f}{m['trades']:>8.0f}{m['exposure'] * 100:>6.1f}%"
                      f"{m['turnover']:>8.2f}{m['fees']:>10.2f}")
@@ -162,7 +215,7 @@ def validate_model(path: Path) -> list[str]:
         problems.append(f"contract: {e.problem}")
         return problems
     rng = np.random.default_rng(0)
-    obs = rng.normal(0, 0.01, size=(64, OBS_SIZE)).astype(np.float32)
+    obs = rng.normal(0, 0.01, size=(64, meta.obs_size)).astype(np.float32)
     a, b = policy.predict_batch(obs), policy.predict_batch(obs)
     if not np.array_equal(a, b):
         problems.append("output is not deterministic: two runs on the same input differ")
@@ -171,14 +224,15 @@ def validate_model(path: Path) -> list[str]:
     one = policy.decide(obs[0].tolist(), 0, "CHECK")
     if not np.allclose(np.array(one.probabilities), a[0], atol=1e-6):
         problems.append("single-row and batch inference disagree")
-    if list(meta.feature_names) != list(FEATURE_NAMES):
-        problems.append("feature names differ from alphapulse.features.FEATURE_NAMES")
+    if list(meta.feature_names) != list(meta.feature_set.feature_names):
+        problems.append(f"feature names differ from feature set {meta.feature_set_name}'s")
     return problems
 
 
 def evaluate_main(argv: Sequence[str] | None = None, settings: Settings | None = None) -> int:
     p = argparse.ArgumentParser(prog="alphapulse evaluate",
-                                description="out-of-sample results of a model against buy-and-hold, flat and SMA")
+                                description="out-of-sample results of a model against buy-and-hold, flat, SMA "
+                                "and TSMOM")
     p.add_argument("--model", type=Path, help="ONNX model (default: the shipped model)")
     p.add_argument("--data", type=Path, help="candle file in the shared/data format (default: the model's test "
                    "split of the bundled candles)")
@@ -186,6 +240,8 @@ def evaluate_main(argv: Sequence[str] | None = None, settings: Settings | None =
     p.add_argument("--from", dest="start", help="first bar to evaluate (ISO date/time, UTC)")
     p.add_argument("--to", dest="end", help="end of the evaluated period, exclusive (ISO date/time, UTC)")
     p.add_argument("--quick", action="store_true", help=f"at most the last {QUICK_BARS} candles")
+    p.add_argument("--funding", type=Path, help="funding rates (timestamp,funding_rate csv[.gz]) booked for every "
+                   "strategy (default: 0.01 %% per 8 h at 00/08/16 UTC)")
     p.add_argument("--validate", action="store_true", help="check the model file and exit")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     args = p.parse_args(argv)
@@ -206,12 +262,15 @@ def evaluate_main(argv: Sequence[str] | None = None, settings: Settings | None =
         data = args.data or default_data_file(policy.meta.timeframe)
         start = parse_time(args.start, "--from") if args.start else None
         end = parse_time(args.end, "--to") if args.end else None
+        from alphapulse.backtest_cli import load_funding
+
+        funding, funding_source = load_funding(args.funding)
         result = evaluate(policy, data, settings, period=args.period, quick=args.quick,
                           use_test_split=args.data is None and start is None and end is None,
-                          start_ms=start, end_ms=end)
+                          start_ms=start, end_ms=end, funding=funding, funding_source=funding_source)
     except ConfigError as e:
         return report_config_error(e)
-    except (ModelError, EvaluationError, BacktestError) as e:
+    except (ModelError, EvaluationError, BacktestError, FundingError) as e:
         print(f"alphapulse evaluate: {e}", file=sys.stderr)
         return 1
     print(orjson.dumps(result).decode() if args.json else format_table(result))

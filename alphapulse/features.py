@@ -641,6 +641,8 @@ def observation_for(names: Sequence[str], market: Sequence[float], position_frac
     if len(market) != n_market:
         raise ValueError(f"expected {n_market} market features, got {len(market)}")
     head = market if type(market) is list else [float(x) for x in market]
+    if position_frac == 0.0 and unrealized_pnl_frac == 0.0:  # flat: nothing to clip
+        return [*head, 0.0, 0.0]
     return head + position_features(position_frac, unrealized_pnl_frac)
 
 
@@ -677,7 +679,8 @@ class FeatureSet:
     ``streaming()`` makes a fresh streaming instance; ``batch(open, high, low, close, volume)`` computes a
     whole history; ``warmup_bars`` candles give the first vector; ``feature_names`` is the model input
     order (market features then position features); ``timeframe`` is the bar length it is defined on
-    (``None``: any).
+    (``None``: any); ``vol_feature`` names the market feature that is the annualised realised volatility used
+    by volatility-targeted sizing (``None``: the set has none, so vol targeting cannot run on it).
     """
 
     name: str
@@ -686,6 +689,12 @@ class FeatureSet:
     streaming: Callable[[], StreamingSource]
     batch: BatchFn
     timeframe: str | None
+    vol_feature: str | None = None
+
+    @property
+    def vol_index(self) -> int | None:
+        """Index of :attr:`vol_feature` in the market vector (None when the set has no volatility feature)."""
+        return None if self.vol_feature is None else self.market_features.index(self.vol_feature)
 
     @property
     def feature_names(self) -> tuple[str, ...]:
@@ -703,7 +712,7 @@ FEATURE_SETS: dict[str, FeatureSet] = {
     FEATURE_SET_SHORT: FeatureSet(FEATURE_SET_SHORT, MARKET_FEATURES, WARMUP_BARS, StreamingFeatures,
                                   batch_market_features, None),
     FEATURE_SET_TREND: FeatureSet(FEATURE_SET_TREND, TREND_MARKET_FEATURES, TREND_WARMUP_BARS,
-                                  StreamingTrendFeatures, _batch_trend_ohlcv, "1h"),
+                                  StreamingTrendFeatures, _batch_trend_ohlcv, "1h", "vol_30d"),
 }
 #: The set of models whose metadata names none (the shipped PPO model predates the registry).
 DEFAULT_FEATURE_SET = FEATURE_SET_SHORT

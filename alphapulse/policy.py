@@ -15,6 +15,11 @@ Model contract (the hand-set baseline and a trained PPO export follow the same o
   ``alphapulse.action_targets``, ``alphapulse.action_meanings``, ``alphapulse.version``,
   ``alphapulse.kind``, ``alphapulse.timeframe``, ``alphapulse.training_data_range``,
   ``alphapulse.created``.
+* optional metadata: ``alphapulse.feature_set`` (a name in :data:`alphapulse.features.FEATURE_SETS`; absent:
+  ``short_v1``, the set every model before the registry was trained on), ``alphapulse.decision_every_bars``
+  (decide every N bars; absent: 1) and ``alphapulse.decision_hour_utc`` (the UTC hour at which a decision
+  bar *closes*; absent: any, i.e. every N bars counted from the epoch).  The engine reads all three, so the
+  daemon, the backtester and the training environment follow the same features and cadence.
 
 The confidence threshold is deliberately *not* applied here: the engine applies it, so the
 decision log can record both what the model wanted and why the engine held.
@@ -34,7 +39,7 @@ import numpy as np
 import onnxruntime as ort
 
 from alphapulse.domain import Decision, timeframe_ms
-from alphapulse.features import FEATURE_NAMES
+from alphapulse.features import DEFAULT_FEATURE_SET, FEATURE_SETS, FeatureSet, feature_set
 
 INPUT_NAME = "obs"
 OUTPUT_NAME = "probs"
@@ -52,6 +57,9 @@ REQUIRED_META_KEYS = (
     "alphapulse.training_data_range",
     "alphapulse.created",
 )
+META_FEATURE_SET = "alphapulse.feature_set"
+META_EVERY_BARS = "alphapulse.decision_every_bars"
+META_HOUR_UTC = "alphapulse.decision_hour_utc"
 _PARSED_KEYS = frozenset(REQUIRED_META_KEYS) - {"alphapulse.created"}
 #: A softmax row sums to 1 within float32 rounding; anything further off is not a probability output.
 _PROB_SUM_TOLERANCE = 1e-3
@@ -94,6 +102,24 @@ class ModelMeta:
     def created(self) -> str:
         return self.extra.get("alphapulse.created", "")
 
+    @property
+    def feature_set_name(self) -> str:
+        """The model's feature set (``short_v1`` when its metadata names none)."""
+        return self.extra.get(META_FEATURE_SET, DEFAULT_FEATURE_SET)
+
+    @property
+    def feature_set(self) -> FeatureSet:
+        return feature_set(self.feature_set_name)
+
+    @property
+    def decision_every_bars(self) -> int:
+        return int(self.extra.get(META_EVERY_BARS, "1"))
+
+    @property
+    def decision_hour_utc(self) -> int | None:
+        raw = self.extra.get(META_HOUR_UTC)
+        return None if raw is None or raw == "null" else int(raw)
+
 
 # The action space of every model: target positions as a fraction of the maximum position.
 ACTION_TARGETS: tuple[float, ...] = (-1.0, -0.5, 0.0, 0.5, 1.0)
@@ -101,13 +127,19 @@ ACTION_MEANINGS: tuple[str, ...] = ("short_full", "short_half", "flat", "long_ha
 
 
 def contract_metadata(*, kind: str, version: str, timeframe: str, training_data_range: str, created: str,
-                      extra: Mapping[str, Any] | None = None) -> dict[str, str]:
+                      extra: Mapping[str, Any] | None = None, feature_set_name: str | None = None,
+                      decision_every_bars: int | None = None, decision_hour_utc: int | None = None
+                      ) -> dict[str, str]:
     """The ``alphapulse.*`` metadata a model file must carry (what :func:`parse_model_meta` checks), plus
     provenance: ``extra`` keys get the ``alphapulse.`` prefix, non-string values are stored as JSON.
-    Both the baseline builder and the PPO exporter write their metadata through this one function."""
+    Both the baseline builder and the PPO exporter write their metadata through this one function.
+
+    ``feature_set_name`` (default: none written, i.e. ``short_v1``) sets the feature names and writes
+    ``alphapulse.feature_set``; ``decision_every_bars``/``decision_hour_utc`` write the decision cadence."""
+    names = feature_set(feature_set_name).feature_names
     meta = {
-        "alphapulse.feature_names": json.dumps(list(FEATURE_NAMES)),
-        "alphapulse.obs_size": str(len(FEATURE_NAMES)),
+        "alphapulse.feature_names": json.dumps(list(names)),
+        "alphapulse.obs_size": str(len(names)),
         "alphapulse.action_targets": json.dumps(list(ACTION_TARGETS)),
         "alphapulse.action_meanings": json.dumps(list(ACTION_MEANINGS)),
         "alphapulse.version": version,
@@ -116,6 +148,12 @@ def contract_metadata(*, kind: str, version: str, timeframe: str, training_data_
         "alphapulse.training_data_range": training_data_range,
         "alphapulse.created": created,
     }
+    if feature_set_name is not None:
+        meta[META_FEATURE_SET] = feature_set_name
+    if decision_every_bars is not None:
+        meta[META_EVERY_BARS] = str(decision_every_bars)
+    if decision_hour_utc is not None:
+        meta[META_HOUR_UTC] = str(decision_hour_utc)
     for key, value in (extra or {}).items():
         full = key if key.startswith("alphapulse.") else "alphapulse." + key
         if full in meta:
@@ -244,6 +282,18 @@ def parse_model_meta(path: str | Path, props: Mapping[str, str]) -> ModelMeta:
     version = props["alphapulse.version"]
     if not version.strip():
         raise ModelError(p, "metadata 'alphapulse.version' is empty")
+    fs_name = props.get(META_FEATURE_SET, DEFAULT_FEATURE_SET)
+    if fs_name not in FEATURE_SETS:
+        raise ModelError(p, f"metadata {META_FEATURE_SET!r} is {fs_name!r}, known: {sorted(FEATURE_SETS)}")
+    fs = FEATURE_SETS[fs_name]
+    if fs.timeframe is not None and fs.timeframe != timeframe:
+        raise ModelError(p, f"feature set {fs_name} is defined on {fs.timeframe} bars, the model on {timeframe}")
+    every = props.get(META_EVERY_BARS, "1")
+    if not every.isdigit() or int(every) < 1:
+        raise ModelError(p, f"metadata {META_EVERY_BARS!r} must be an integer >= 1, got {every!r}")
+    hour = props.get(META_HOUR_UTC)
+    if hour is not None and hour != "null" and not (hour.isdigit() and 0 <= int(hour) < 24):
+        raise ModelError(p, f"metadata {META_HOUR_UTC!r} must be an hour 0..23, got {hour!r}")
 
     return ModelMeta(
         version=version,
@@ -358,14 +408,18 @@ class Policy:
     def load(
         cls,
         path: str | Path,
-        expected_features: Sequence[str] = FEATURE_NAMES,
+        expected_features: Sequence[str] | None = None,
         expected_timeframe: str | None = None,
     ) -> Policy:
-        """Open ``path`` and refuse it (ModelError naming the difference) unless it fits this pipeline."""
+        """Open ``path`` and refuse it (ModelError naming the difference) unless it fits this pipeline.
+
+        ``expected_features`` defaults to the feature names of the set the model's metadata names (``short_v1``
+        when it names none): a model must list exactly the features that set produces, in its order."""
         p = Path(path)
         sess = _open_session(p)
         meta = parse_model_meta(p, sess.get_modelmeta().custom_metadata_map)
-        diff = describe_feature_mismatch(meta.feature_names, expected_features)
+        expected = meta.feature_set.feature_names if expected_features is None else expected_features
+        diff = describe_feature_mismatch(meta.feature_names, expected)
         if diff is not None:
             raise ModelError(p, f"feature mismatch: {diff}")
         if expected_timeframe is not None and meta.timeframe != expected_timeframe:

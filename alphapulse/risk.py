@@ -82,11 +82,34 @@ def resume_state(*, daily_loss: float, limits: RiskLimits) -> TradingState:
     return TradingState.REDUCE_ONLY if daily_loss >= limits.daily_loss_limit_frac else TradingState.ACTIVE
 
 
-def target_qty(target_frac: float, equity: Decimal, price: Decimal, limits: RiskLimits, lot: Decimal) -> Decimal:
-    """Signed quantity for a target position given as a fraction of the maximum position, rounded toward 0."""
+def vol_scale(limits: RiskLimits, realized_vol: float | None) -> float:
+    """The volatility-targeting factor ``min(target_vol / realized_vol, 1)`` (1 when targeting is off).
+
+    ``realized_vol`` is the annualised volatility the feature set computes from the same candles the policy
+    sees (``vol_30d`` of ``trend_v1``); without an estimate (None, NaN, 0) no position is taken.
+    """
+    tv = limits.target_vol
+    if tv <= 0:
+        return 1.0
+    if realized_vol is None or not realized_vol > 0.0:
+        return 0.0
+    return min(tv / realized_vol, 1.0)
+
+
+def target_qty(target_frac: float, equity: Decimal, price: Decimal, limits: RiskLimits, lot: Decimal,
+               realized_vol: float | None = None) -> Decimal:
+    """Signed quantity for a target position given as a fraction of the maximum position, rounded toward 0.
+
+    With ``limits.target_vol > 0`` the notional is ``target * min(target_vol / realized_vol, 1) * max position``
+    (see :func:`vol_scale`); :func:`check_order` still caps it.
+    """
     if equity <= 0 or price <= 0 or target_frac == 0:
         return ZERO
     frac = max(-1.0, min(1.0, target_frac))
+    if limits.target_vol > 0:
+        frac *= vol_scale(limits, realized_vol)
+        if frac == 0:
+            return ZERO
     lots = (_dec(abs(frac) * limits.max_position_frac) * equity / (price * lot)).to_integral_value(rounding=ROUND_DOWN)
     return (lots * lot).copy_sign(_dec(frac)) if lots else ZERO
 

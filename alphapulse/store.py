@@ -279,8 +279,12 @@ class Store:
         return out
 
     def last_cash_flow_ms(self, side: str) -> int | None:
-        """Time of the newest booked cash flow of a kind ('funding'): where to ask the exchange from."""
-        row = self._db.execute("SELECT MAX(ts_ms) FROM fills WHERE side=?", (side,)).fetchone()
+        """Time of the newest cash flow of a kind ('funding') the *exchange* reported: where to ask it from.
+
+        Only rows with an exchange id count: the paper account's simulated funding (no id) says nothing about what
+        the exchange has booked, so a paper store going live still asks the exchange from its own start."""
+        row = self._db.execute("SELECT MAX(ts_ms) FROM fills WHERE side=? AND trade_id IS NOT NULL",
+                               (side,)).fetchone()
         return None if row is None or row[0] is None else int(row[0])
 
     def get_meta(self, key: str) -> str | None:

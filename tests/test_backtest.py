@@ -18,6 +18,7 @@ from alphapulse.backtest import infer_market, run_backtest, select
 from alphapulse.baselines import ConstantTarget, SmaCrossover
 from alphapulse.config import load_settings
 from alphapulse.evaluation import METRIC_KEYS, evaluate, validate_model
+from alphapulse.funding import FundingSchedule
 from alphapulse.market.replay import load_candles
 from alphapulse.policy import Policy, default_model_path
 from tests.daemon_harness import BASELINE_MODEL, REPO, DaemonProc, clean_env, slice_bundled
@@ -158,7 +159,9 @@ def test_evaluate_json_has_every_strategy_and_metric(replay: Path) -> None:
     assert set(out["data"]) >= {"file", "symbol", "timeframe", "from", "to", "candles"}
     assert out["data"]["symbol"] == "BTCUSDT" and out["data"]["timeframe"] == "5m"
     assert out["data"]["candles"] == N - 48
-    assert set(out["strategies"]) == {"policy", "buy_and_hold", "flat", "sma_crossover"}
+    assert set(out["strategies"]) == {"policy", "buy_and_hold", "flat", "sma_crossover", "tsmom_vol_target"}
+    # TSMOM reads trend_v1, defined on 1h bars: on 5m candles it is reported, not run
+    assert out["strategies"].pop("tsmom_vol_target") == {"skipped": "needs 1h candles (trend_v1 features)"}
     for name, m in out["strategies"].items():
         assert set(METRIC_KEYS) <= set(m), name
         assert m["max_drawdown"] >= 0
@@ -176,9 +179,11 @@ def test_evaluate_matches_a_direct_backtest(replay: Path, settings) -> None:  # 
     # baselines are the plain strategies: the daemon's costs and position size, but no halts
     plain = dataclasses.replace(settings, risk=dataclasses.replace(settings.risk, daily_loss_limit_frac=1.0,
                                                                   max_drawdown_frac=1.0))
-    direct = run_backtest(ConstantTarget(1.0), cols, plain, symbol="BTCUSDT", timeframe="5m")
+    funding = FundingSchedule()  # evaluate books the default funding rate for every strategy
+    direct = run_backtest(ConstantTarget(1.0), cols, plain, symbol="BTCUSDT", timeframe="5m", funding=funding)
     assert out["strategies"]["buy_and_hold"]["final_equity"] == float(direct.final_equity)
-    halted = run_backtest(policy, cols, settings, symbol="BTCUSDT", timeframe="5m")
+    assert out["strategies"]["buy_and_hold"]["funding"] == float(direct.funding) < 0  # a long pays
+    halted = run_backtest(policy, cols, settings, symbol="BTCUSDT", timeframe="5m", funding=funding)
     assert out["strategies"]["policy"]["final_equity"] == float(halted.final_equity), "policy: daemon limits"
     assert out["strategies"]["buy_and_hold"]["fees"] == pytest.approx(float(direct.fees))
 

@@ -188,6 +188,8 @@ def test_explicit_env_mapping_is_the_only_environment(tmp_path: Path, monkeypatc
         ("trading_params.yaml", "initial_equity: -5\n", "initial_equity", "must be > 0"),
         ("trading_params.yaml", "risk:\n  max_orders_per_minute: 2.5\n", "risk.max_orders_per_minute",
          "must be an integer"),
+        ("trading_params.yaml", "risk:\n  target_vol_pct: -10\n", "risk.target_vol_pct", "must be >= 0, got -10"),
+        ("trading_params.yaml", "risk:\n  target_vol_pct: ten\n", "risk.target_vol_pct", "number"),
         ("config.yaml", "control:\n  port: [8080\n", "line ", "invalid YAML"),
         ("trading_params.yaml", "risk:\n  max_leverage: 3\n   daily: 1\n", "line ", "invalid YAML"),
     ],
@@ -282,6 +284,21 @@ def test_check_paths_missing_replay_file(tmp_path: Path) -> None:
     with pytest.raises(ConfigError) as ei:
         check_paths(s)
     assert ei.value.key == "feed.replay_file" and "file not found" in ei.value.problem
+
+
+def test_target_vol_and_funding_file_keys(tmp_path: Path) -> None:
+    """Vol targeting is off by default (today's fixed fraction); on, it is a fraction like the other limits.  The
+    paper funding file is optional, and a configured one must exist."""
+    assert load_settings(tmp_path, env={}).risk.target_vol == 0.0
+    assert load_settings(tmp_path, env={}).funding_file is None
+    _write(tmp_path, "trading_params.yaml", "risk:\n  target_vol_pct: 10\n")
+    _write(tmp_path, "config.yaml", f"feed:\n  funding_file: {tmp_path / 'rates.csv.gz'}\n")
+    s = load_settings(tmp_path, env={"ALPHAPULSE_DATA_DIR": str(tmp_path / "data"),
+                                     "ALPHAPULSE_LOG_DIR": str(tmp_path / "log")})
+    assert s.risk.target_vol == pytest.approx(0.10) and s.funding_file == tmp_path / "rates.csv.gz"
+    with pytest.raises(ConfigError) as ei:
+        check_paths(s)
+    assert ei.value.key == "feed.funding_file" and "file not found" in ei.value.problem
 
 
 def test_check_paths_creates_directories(tmp_path: Path) -> None:

@@ -88,7 +88,7 @@ def expected(logs: Path, start: int, end: int) -> dict[str, Any]:
         peak = max(peak, e)
         mdd = max(mdd, (peak - e) / peak)
     pnls = [Decimal(t["pnl"]) for t in trades]
-    closing = [Decimal(t["pnl"]) for t in trades if Decimal(t["realized_pnl"]) != 0]
+    closing = [Decimal(t["pnl"]) for t in trades if Decimal(t["realized_pnl"]) != 0 and t["side"] in ("buy", "sell")]
     confs = [d["confidence"] for d in inside]
     alerts = [a for a in read_jsonl(logs / "risk_alerts.json") if start <= ms(a["timestamp"]) < end]
     return {

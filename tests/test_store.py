@@ -106,3 +106,17 @@ def test_funding_and_adjustments_reconcile_in_trades_csv(tmp_path: Path) -> None
     restored = Portfolio.restore(pf.snapshot())
     assert (restored.funding, restored.adjustments, restored.cash) == (pf.funding, pf.adjustments, pf.cash)
     store.close()
+
+
+def test_paper_funding_does_not_move_where_live_funding_is_asked_from(tmp_path: Path) -> None:
+    """Simulated funding (paper, no exchange id) is in the ledger, but only the exchange's own rows tell a live
+    broker from when to ask the exchange for funding."""
+    store = Store(tmp_path)
+    pf = Portfolio.new(SYM, D("10000"))
+    paper = Fill("funding-28800000", SYM, Side.FUNDING, D(0), D("95000"), D(0), 28_800_000, D("-0.95"))
+    store.commit_step(_step(pf, fills=[paper]), _state(pf))
+    assert store.last_cash_flow_ms("funding") is None
+    live = Fill("funding-57600000", SYM, Side.FUNDING, D(0), D(0), D(0), 57_600_000, D("-0.5"), "f-57600000")
+    store.commit_step(_step(pf, fills=[live]), _state(pf))
+    assert store.last_cash_flow_ms("funding") == 57_600_000
+    store.close()

@@ -402,3 +402,28 @@ def test_training_config_rejects_typos(tmp_path: Path, repo_dir: Path) -> None:
     assert prod.pairs == ("BTC_USDT", "ETH_USDT", "SOL_USDT", "BNB_USDT") and prod.timeframe == "1h"
     assert prod.data_dir == (repo_dir / ".." / "shared" / "data").resolve()
     assert prod.ppo.n_envs == 8 and prod.ppo.learning_rate == 3e-4  # profile overrides merge into common
+
+
+def test_training_config_carries_features_cadence_and_reward_to_the_env(tmp_path: Path, repo_dir: Path) -> None:
+    """The trend options of training.yaml reach EnvConfig (which the exported metadata is written from); the
+    shipped defaults are today's: short_v1, every bar, log-return reward."""
+    quick = load_training_config("quick")
+    env = quick.env_config()
+    assert (env.feature_set, env.decision_every_bars, env.decision_hour_utc, env.reward) == \
+        ("short_v1", 1, None, "log_return")
+    text = (repo_dir / "config" / "training.yaml").read_text()
+    trend = tmp_path / "training.yaml"
+    trend.write_text(text.replace("feature_set: short_v1", "feature_set: trend_v1", 1)
+                     .replace("decision_every_bars: 1", "decision_every_bars: 24", 1)
+                     .replace("decision_hour_utc: null", "decision_hour_utc: 0", 1)
+                     .replace("kind: log_return", "kind: vol_scaled", 1))
+    env = load_training_config("quick", trend).env_config()
+    assert (env.feature_set, env.decision_every_bars, env.decision_hour_utc, env.reward, env.target_vol) == \
+        ("trend_v1", 24, 0, "vol_scaled", 0.10)
+    assert env.bars_per_episode == 336 * 24
+    for old, new, match in (("feature_set: short_v1", "feature_set: long_v9", "long_v9"),
+                            ("kind: log_return", "kind: sharpe", "reward must be one of"),
+                            ("decision_hour_utc: null", "decision_hour_utc: 24", "0..23")):
+        trend.write_text(text.replace(old, new, 1))
+        with pytest.raises(TrainingConfigError, match=match):
+            load_training_config("quick", trend)

@@ -11,8 +11,8 @@ Why it is shaped like this:
 * **Segments, not whole series.**  Long holes in the data (weeks on some pairs) are not bridged: a series is
   cut into contiguous runs wherever more than ``max_gap_bars`` bars are missing (short exchange outages are
   bridged, as the daemon's features bridge them), and each split's runs are separate segments.  Features are
-  computed *per segment* with :func:`alphapulse.features.batch_market_features`, so the first
-  :data:`~alphapulse.features.WARMUP_BARS` - 1 rows of every segment are warm-up and a validation segment never
+  computed *per segment* with the feature set's batch form (``short_v1`` unless ``feature_set`` names another), so
+  the set's first ``warmup_bars`` - 1 rows of every segment are warm-up and a validation segment never
   reads a training candle, even as feature history.  Segments too short for warm-up plus one episode are
   dropped (and counted, so a typo in a date does not silently train on nothing).
 """
@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 
 from alphapulse.domain import Candle, timeframe_ms
-from alphapulse.features import WARMUP_BARS, batch_market_features
+from alphapulse.features import FeatureSet, feature_set
 from alphapulse.market.feed import FeedError
 from alphapulse.market.replay import COLUMNS, load_candles
 from alphapulse.market.validate import valid_mask
@@ -112,7 +112,7 @@ class Segment:
     """A contiguous run of valid candles of one pair inside one split, with its market features.
 
     ``features[i]`` depends on candles ``<= i`` of this segment only (NaN for the warm-up rows
-    ``i < WARMUP_BARS - 1``), which is what makes the environment free of look-ahead.
+    ``i < warmup_bars - 1``), which is what makes the environment free of look-ahead.
     """
 
     pair: str
@@ -124,7 +124,9 @@ class Segment:
     low: np.ndarray
     close: np.ndarray
     volume: np.ndarray
-    features: np.ndarray  # (n, len(MARKET_FEATURES)) float64
+    features: np.ndarray  # (n, len(feature set's market features)) float64
+    feature_set_name: str = "short_v1"
+    warmup_bars: int = feature_set(None).warmup_bars
 
     def __len__(self) -> int:
         return int(self.ts.shape[0])
@@ -132,7 +134,7 @@ class Segment:
     @property
     def first_obs_index(self) -> int:
         """Index of the first bar with a complete feature vector."""
-        return WARMUP_BARS - 1
+        return self.warmup_bars - 1
 
     def candle(self, i: int) -> Candle:
         return Candle(int(self.ts[i]), float(self.open[i]), float(self.high[i]), float(self.low[i]),
@@ -203,16 +205,18 @@ def contiguous_runs(ts: np.ndarray, bar_ms: int, max_gap_bars: int) -> list[slic
     return [slice(int(a), int(b)) for a, b in zip(starts, ends, strict=True)]
 
 
-def make_segment(pair: str, split: str, cols: Columns) -> Segment:
-    """A segment from already-clean columns; computes its features on its own candles only."""
+def make_segment(pair: str, split: str, cols: Columns, fs: FeatureSet | None = None) -> Segment:
+    """A segment from already-clean columns; computes its features (``fs``, default ``short_v1``) on its own
+    candles only."""
+    fs = fs if fs is not None else feature_set(None)
     arrays = {k: np.ascontiguousarray(cols[k]) for k in COLUMNS}
-    feats = batch_market_features(arrays["open"], arrays["high"], arrays["low"], arrays["close"], arrays["volume"])
+    feats = fs.batch(arrays["open"], arrays["high"], arrays["low"], arrays["close"], arrays["volume"])
     return Segment(pair, pair_symbol(pair), split, arrays["ts"].astype(np.int64), arrays["open"], arrays["high"],
-                   arrays["low"], arrays["close"], arrays["volume"], feats)
+                   arrays["low"], arrays["close"], arrays["volume"], feats, fs.name, fs.warmup_bars)
 
 
 def segments_of(pair: str, cols: Columns, dates: SplitDates, bar_ms: int, max_gap_bars: int,
-                min_bars: int) -> tuple[dict[str, list[Segment]], dict[str, int]]:
+                min_bars: int, fs: FeatureSet | None = None) -> tuple[dict[str, list[Segment]], dict[str, int]]:
     """Split one pair's clean columns by time, then into contiguous runs; drop runs shorter than ``min_bars``."""
     out: dict[str, list[Segment]] = {s: [] for s in SPLITS}
     dropped = {s: 0 for s in SPLITS}
@@ -223,13 +227,13 @@ def segments_of(pair: str, cols: Columns, dates: SplitDates, bar_ms: int, max_ga
             if run.stop - run.start < min_bars:
                 dropped[split] += 1
                 continue
-            out[split].append(make_segment(pair, split, {k: sub[k][run] for k in COLUMNS}))
+            out[split].append(make_segment(pair, split, {k: sub[k][run] for k in COLUMNS}, fs))
     return out, dropped
 
 
-def min_segment_bars(episode_length: int) -> int:
-    """Warm-up plus one full episode: ``episode_length`` decisions, each needing the next candle."""
-    return WARMUP_BARS + episode_length
+def min_segment_bars(episode_length: int, warmup_bars: int | None = None) -> int:
+    """Warm-up plus one full episode: ``episode_length`` bars, each decision needing the next candle."""
+    return (feature_set(None).warmup_bars if warmup_bars is None else warmup_bars) + episode_length
 
 
 def load_dataset(
@@ -241,12 +245,14 @@ def load_dataset(
     episode_length: int,
     max_gap_bars: int = 12,
     file_pattern: str = "{pair}-{timeframe}.csv.gz",
+    feature_set_name: str | None = None,
 ) -> Dataset:
     """Load every pair, split by time and segment; :class:`DataError` if a file is missing or a split
     needed for training (train, validation) ends up empty."""
     bar_ms = timeframe_ms(timeframe)
     ds = Dataset(timeframe, dates)
-    min_bars = min_segment_bars(episode_length)
+    fs = feature_set(feature_set_name)
+    min_bars = min_segment_bars(episode_length, fs.warmup_bars)
     missing = [str(pair_file(data_dir, p, timeframe, file_pattern)) for p in pairs
                if not pair_file(data_dir, p, timeframe, file_pattern).is_file()]
     if missing:
@@ -257,7 +263,7 @@ def load_dataset(
         except FeedError as exc:
             raise DataError(str(exc)) from None
         ds.invalid_rows[pair] = invalid
-        segs, dropped = segments_of(pair, cols, dates, bar_ms, max_gap_bars, min_bars)
+        segs, dropped = segments_of(pair, cols, dates, bar_ms, max_gap_bars, min_bars, fs)
         for split in SPLITS:
             ds.segments[split].extend(segs[split])
             ds.dropped_short[split] += dropped[split]

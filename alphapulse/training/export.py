@@ -94,7 +94,8 @@ def actor_from_sb3(model: PPO, vecnorm: VecNormalize | None) -> ExportActor:
         mean, var = np.asarray(rms.mean), np.asarray(rms.var)
         clip, eps = float(vecnorm.clip_obs), float(vecnorm.epsilon)
     else:
-        mean, var, clip, eps = np.zeros(OBS_SIZE), np.ones(OBS_SIZE), float(np.finfo(np.float32).max), 0.0
+        n_obs = int(policy.observation_space.shape[0]) if policy.observation_space.shape else OBS_SIZE
+        mean, var, clip, eps = np.zeros(n_obs), np.ones(n_obs), float(np.finfo(np.float32).max), 0.0
     actor = ExportActor(policy.pi_features_extractor, policy.mlp_extractor.policy_net, policy.action_net,
                         mean, var, clip, eps)
     actor.eval()
@@ -124,10 +125,13 @@ def check_actor_matches_sb3(actor: ExportActor, model: PPO, vecnorm: VecNormaliz
 
 
 def onnx_bytes(actor: nn.Module) -> bytes:
-    """The actor as a serialized ONNX graph (no metadata): input ``obs`` [batch, 20], output ``probs``."""
+    """The actor as a serialized ONNX graph (no metadata): input ``obs`` [batch, n_obs], output ``probs``; the
+    width is the actor's normalisation vector's (its feature set's observation size)."""
     actor.eval()
     buf = io.BytesIO()
-    dummy = torch.zeros((1, OBS_SIZE), dtype=torch.float32)
+    mean = getattr(actor, "obs_mean", None)
+    n_obs = int(mean.shape[0]) if isinstance(mean, torch.Tensor) and mean.ndim == 1 else OBS_SIZE
+    dummy = torch.zeros((1, n_obs), dtype=torch.float32)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # "legacy TorchScript-based ONNX export" deprecation; see module docstring
         torch.onnx.export(
@@ -139,10 +143,14 @@ def onnx_bytes(actor: nn.Module) -> bytes:
 
 
 def contract_metadata(*, version: str, timeframe: str, training_data_range: str, created: str,
-                      extra: Mapping[str, Any] | None = None) -> dict[str, str]:
+                      extra: Mapping[str, Any] | None = None, feature_set_name: str | None = None,
+                      decision_every_bars: int | None = None, decision_hour_utc: int | None = None
+                      ) -> dict[str, str]:
     """The model contract's metadata for a PPO policy (:func:`alphapulse.policy.contract_metadata`)."""
     return policy_contract_metadata(kind="ppo", version=version, timeframe=timeframe,
-                                    training_data_range=training_data_range, created=created, extra=extra)
+                                    training_data_range=training_data_range, created=created, extra=extra,
+                                    feature_set_name=feature_set_name, decision_every_bars=decision_every_bars,
+                                    decision_hour_utc=decision_hour_utc)
 
 
 def with_metadata(model_bytes: bytes, metadata: Mapping[str, str], doc: str = "") -> onnx.ModelProto:
@@ -162,11 +170,12 @@ def onnx_probabilities(model_bytes: bytes, obs: np.ndarray) -> np.ndarray:
     return out
 
 
-def verify(model_bytes: bytes, actor: nn.Module, obs: np.ndarray, atol: float = DEFAULT_ATOL) -> float:
+def verify(model_bytes: bytes, actor: nn.Module, obs: np.ndarray, atol: float = DEFAULT_ATOL,
+           n_obs: int = OBS_SIZE) -> float:
     """onnx.checker (full) and |ORT - torch| <= ``atol`` on every row of ``obs``; returns the max difference."""
     obs = np.ascontiguousarray(obs, dtype=np.float32)
-    if obs.ndim != 2 or obs.shape[1] != OBS_SIZE or obs.shape[0] == 0:
-        raise ExportError(f"verification needs observations of shape [n>0, {OBS_SIZE}], got {list(obs.shape)}")
+    if obs.ndim != 2 or obs.shape[1] != n_obs or obs.shape[0] == 0:
+        raise ExportError(f"verification needs observations of shape [n>0, {n_obs}], got {list(obs.shape)}")
     if not np.all(np.isfinite(obs)):
         raise ExportError("verification observations contain non-finite values")
     try:
@@ -196,9 +205,10 @@ def export_policy(actor: nn.Module, sample_obs: np.ndarray, path: str | Path, me
                   *, atol: float = DEFAULT_ATOL, doc: str = "") -> ExportReport:
     """Export, check and atomically write the model; ExportError (and no file) if any check fails."""
     path = Path(path)
+    n_obs = int(metadata.get("alphapulse.obs_size", OBS_SIZE))
     model = with_metadata(onnx_bytes(actor), metadata, doc)
     data = model.SerializeToString(deterministic=True)
-    diff = verify(data, actor, sample_obs, atol)
+    diff = verify(data, actor, sample_obs, atol, n_obs)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:

@@ -111,16 +111,25 @@ class TrainingConfig:
     drawdown_penalty: float = 0.0
     turnover_penalty: float = 0.0
     ppo: PPOParams = field(default_factory=PPOParams)
+    feature_set: str = "short_v1"
+    decision_every_bars: int = 1
+    decision_hour_utc: int | None = None
+    reward: str = "log_return"
+    target_vol: float = 0.10
 
     def env_config(self, episode_length: int | None = -1) -> EnvConfig:
         return EnvConfig(self.timeframe, self.episode_length if episode_length == -1 else episode_length,
-                         self.drawdown_penalty, self.turnover_penalty)
+                         self.drawdown_penalty, self.turnover_penalty, self.feature_set, self.decision_every_bars,
+                         self.decision_hour_utc, self.reward, self.target_vol)
 
 
 _TOP_KEYS = {"data_dir", "pairs", "timeframe", "file_pattern", "max_gap_bars", "splits", "episode_length",
-             "total_timesteps", "seed", "trading_config_dir", "output_dir", "reward", "ppo"}
+             "total_timesteps", "seed", "trading_config_dir", "output_dir", "reward", "ppo", "features",
+             "cadence"}
 _SPLIT_KEYS = {"train_start", "validation_start", "test_start", "test_end"}
-_REWARD_KEYS = {"drawdown_penalty", "turnover_penalty"}
+_REWARD_KEYS = {"drawdown_penalty", "turnover_penalty", "kind", "target_vol"}
+_FEATURE_KEYS = {"feature_set"}
+_CADENCE_KEYS = {"decision_every_bars", "decision_hour_utc"}
 
 
 def _deep_merge(base: Mapping[str, Any], over: Mapping[str, Any]) -> dict[str, Any]:
@@ -188,7 +197,7 @@ def load_training_config(profile: str, path: Path = DEFAULT_CONFIG, root: Path =
     merged = _deep_merge(doc.get("common") or {}, profiles[profile] or {})
     sec = f"{path.name}:{profile}"
     raw = _check_keys(sec, merged, _TOP_KEYS)
-    missing = sorted(_TOP_KEYS - {"reward", "ppo", "file_pattern", "max_gap_bars"} - set(raw))
+    missing = sorted(_TOP_KEYS - {"reward", "ppo", "file_pattern", "max_gap_bars", "features", "cadence"} - set(raw))
     if missing:
         raise TrainingConfigError(f"{sec}: missing key(s) {missing}")
     timeframe = raw["timeframe"]
@@ -210,6 +219,21 @@ def load_training_config(profile: str, path: Path = DEFAULT_CONFIG, root: Path =
     except DataError as exc:
         raise TrainingConfigError(f"{sec}.splits: {exc}") from None
     reward = _check_keys(f"{sec}.reward", raw.get("reward") or {}, _REWARD_KEYS)
+    features = _check_keys(f"{sec}.features", raw.get("features") or {}, _FEATURE_KEYS)
+    cadence = _check_keys(f"{sec}.cadence", raw.get("cadence") or {}, _CADENCE_KEYS)
+    hour = cadence.get("decision_hour_utc")
+    extra_env = {
+        "feature_set": str(features.get("feature_set", "short_v1")),
+        "decision_every_bars": _number(f"{sec}.cadence", "decision_every_bars",
+                                       cadence.get("decision_every_bars", 1), int, 1),
+        "decision_hour_utc": None if hour is None else _number(f"{sec}.cadence", "decision_hour_utc", hour, int, 0),
+        "reward": str(reward.get("kind", "log_return")),
+        "target_vol": _number(f"{sec}.reward", "target_vol", reward.get("target_vol", 0.10), float, 0.0),
+    }
+    try:
+        EnvConfig(timeframe, 1, reward.get("drawdown_penalty", 0.0), 0.0, **extra_env)
+    except (KeyError, ValueError) as exc:
+        raise TrainingConfigError(f"{sec}: {exc}") from None
     return TrainingConfig(
         profile=profile,
         data_dir=_resolve(root, raw["data_dir"], f"{sec}.data_dir"),
@@ -226,6 +250,7 @@ def load_training_config(profile: str, path: Path = DEFAULT_CONFIG, root: Path =
         drawdown_penalty=_number(f"{sec}.reward", "drawdown_penalty", reward.get("drawdown_penalty", 0.0), float, 0.0),
         turnover_penalty=_number(f"{sec}.reward", "turnover_penalty", reward.get("turnover_penalty", 0.0), float, 0.0),
         ppo=_ppo_params(f"{sec}.ppo", raw.get("ppo") or {}),
+        **extra_env,
     )
 
 
@@ -444,8 +469,9 @@ def run_training(cfg: TrainingConfig, out: Path | None = None, *, progress: bool
     started = time.monotonic()
     seed_everything(cfg.seed)
     settings = trading_settings(cfg)
-    ds = load_dataset(cfg.data_dir, cfg.pairs, cfg.timeframe, cfg.dates, episode_length=cfg.episode_length,
-                      max_gap_bars=cfg.max_gap_bars, file_pattern=cfg.file_pattern)
+    ds = load_dataset(cfg.data_dir, cfg.pairs, cfg.timeframe, cfg.dates,
+                      episode_length=cfg.episode_length * cfg.decision_every_bars,
+                      max_gap_bars=cfg.max_gap_bars, file_pattern=cfg.file_pattern, feature_set_name=cfg.feature_set)
     for split in ("train", "validation", "test"):
         log(f"{split}: {len(ds.segments[split])} segments, {ds.bars(split)} bars, {ds.date_range(split)}"
             + (f" ({ds.dropped_short[split]} short runs dropped)" if ds.dropped_short[split] else ""))
@@ -467,6 +493,10 @@ def run_training(cfg: TrainingConfig, out: Path | None = None, *, progress: bool
     created = dt.datetime.now(dt.UTC)
     hyper = {**asdict(cfg.ppo), "total_timesteps": cfg.total_timesteps, "episode_length": cfg.episode_length,
              "drawdown_penalty": cfg.drawdown_penalty, "turnover_penalty": cfg.turnover_penalty,
+             **({} if cfg.reward == "log_return" else {"reward": cfg.reward, "target_vol": cfg.target_vol}),
+             **({} if cfg.feature_set == "short_v1" else {"feature_set": cfg.feature_set}),
+             **({} if cfg.env_config().cadence.every_bar else {"decision_every_bars": cfg.decision_every_bars,
+                                                               "decision_hour_utc": cfg.decision_hour_utc}),
              "algorithm": "PPO (stable-baselines3 MlpPolicy)", "obs_normalisation": "VecNormalize, baked into graph"}
     trading = {"taker_fee": str(settings.taker_fee), "slippage_bps": str(settings.slippage_bps),
                "lot_size": str(settings.lot_size), "initial_equity": str(settings.initial_equity),
@@ -494,7 +524,12 @@ def run_training(cfg: TrainingConfig, out: Path | None = None, *, progress: bool
         return contract_metadata(version=version, timeframe=cfg.timeframe,
                                  training_data_range=_describe_range(ds, cfg.pairs),
                                  created=created.strftime("%Y-%m-%dT%H:%M:%SZ"),
-                                 extra={**extra, "validation_metrics": validation})
+                                 extra={**extra, "validation_metrics": validation},
+                                 # short_v1 every bar: no keys, byte-identical metadata to models before them
+                                 feature_set_name=None if cfg.feature_set == "short_v1" else cfg.feature_set,
+                                 decision_every_bars=None if cfg.env_config().cadence.every_bar
+                                 else cfg.decision_every_bars,
+                                 decision_hour_utc=cfg.decision_hour_utc)
 
     # Validation as the daemon will trade it: the exported ONNX model through Policy, confidence threshold on.
     probe = path.with_name(f".{path.stem}.probe.onnx")
