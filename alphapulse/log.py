@@ -25,6 +25,7 @@ from __future__ import annotations
 import dataclasses
 import datetime as _dt
 import enum
+import inspect
 import logging
 import os
 import re
@@ -425,7 +426,11 @@ class Console:
     def __init__(self) -> None:
         self.journal = under_systemd()
         colors = _isatty(sys.stderr) and not os.environ.get("NO_COLOR")
-        self._renderer = structlog.dev.ConsoleRenderer(colors=colors, sort_keys=False, pad_event=30)
+        # structlog 26 renamed pad_event to pad_event_to (the old name warns); older releases know only the old one
+        pad = "pad_event_to" if "pad_event_to" in inspect.signature(structlog.dev.ConsoleRenderer).parameters \
+            else "pad_event"
+        pad_kw: dict[str, Any] = {pad: 30}
+        self._renderer = structlog.dev.ConsoleRenderer(colors=colors, sort_keys=False, **pad_kw)
 
     def render(self, event_dict: EventDict, exc_short: str | None) -> str:
         if self.journal:
