@@ -1,7 +1,7 @@
 """Shared fixtures: real candles and the repository paths the core tests need.
 
 Only real market data: the bundled BTCUSDT 5m perpetual file shipped in the package and the ETH
-crash slice committed under ``tests/data`` (see its README).  Nothing here reads ``/work/shared``,
+crash slice committed under ``tests/data`` (see its README).  Nothing here reads ``../shared/data``,
 so the suite runs on a user's machine as well as in CI.
 """
 
