@@ -234,3 +234,17 @@ def test_live_funding_is_booked_from_the_exchange(tmp_path: Path, fake: FakeProc
     assert funding and sum(funding) == D(st["total_funding"]) != 0
     assert sum(D(t["pnl"]) for t in trades) == D(st["balance"]["balance"]) - D(st["initial_balance"])
     assert not any(str(a["limit"]).startswith("reconciliation") for a in _alerts(d))
+
+
+def test_a_passing_5xx_on_leverage_does_not_fail_the_start(tmp_path: Path, fake: FakeProc) -> None:
+    """Setting leverage is safe to repeat: two 503s on it at start are ridden out, not an exit 1."""
+    fake.faults("error5xx=x2@POST/capi/v3/account/leverage")
+    d = live_daemon(tmp_path / "run", fake)
+    try:
+        d.start()
+        d.wait_ready(60)
+        assert d.metrics()["trading"]["mode"] == "live"
+        assert d.stop() == 0
+    finally:
+        d.close()
+    assert fake.state()["request_counts"]["POST /capi/v3/account/leverage"] == 3

@@ -23,7 +23,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from decimal import Decimal
 from typing import Protocol
@@ -174,8 +174,23 @@ class WeexBroker:
         if not any(i.symbol == self.symbol for i in infos):
             raise WeexError(-1121, f"symbol {self.symbol} is not listed on the exchange", 200, "exchangeInfo")
         with contextlib.suppress(InvalidOrderError):  # "no change needed" answers are not failures
-            await self.client.set_margin_type(self.symbol, self.margin_type)
-        await self.client.set_leverage(self.symbol, self.leverage, self.margin_type)
+            await self._settle(lambda: self.client.set_margin_type(self.symbol, self.margin_type))
+        await self._settle(lambda: self.client.set_leverage(self.symbol, self.leverage, self.margin_type))
+
+    async def _settle(self, call: Callable[[], Awaitable[object]], attempts: int = 5) -> None:
+        """A setting that is safe to send again (leverage, margin mode): retry a passing failure with back-off
+        instead of failing the start-up on one 5xx or 429 (found by the soak, whose faults start with it)."""
+        delay = self.poll_interval_s
+        for attempt in range(attempts):
+            try:
+                await call()
+                return
+            except (ExchangeUnavailable, RateLimitError) as e:
+                if attempt == attempts - 1:
+                    raise
+                log.warning("exchange setting failed; retrying", error=str(e), retry_in_s=delay)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 5.0)
 
     # ---- the engine's side (synchronous, inside a step) ----------------------------------------
     def _projected(self) -> Decimal:
