@@ -147,3 +147,17 @@ def book_check(daemon: DaemonProc, fake: FakeProc) -> Books:
     ex_qty = _net_position(st)
     return Books(len(client_orders), len(theirs), len(ours), duplicates, lost, phantom, ex_qty - D(snap["qty"]),
                  D(st["balance"]["balance"]) - D(snap["cash"]), D(snap["qty"]), ex_qty)
+
+
+def settle_and_stop(d: DaemonProc) -> dict[str, Any]:
+    """End a live run with books that can be compared: flatten and pause, let reconciliation book the funding
+    the exchange charged meanwhile, then stop.  (The fake's clock runs on after the daemon stops: a position
+    still open would keep paying funding the stopped daemon can never book.)  Returns the last metrics."""
+    token = d.token()
+    assert d.http("POST", "/maintenance_mode", token=token)[0] == 200
+    assert d.http("POST", "/flatten_positions", token=token)[0] == 200
+    m = d.wait_metric(lambda m: not m["portfolio"]["positions"] and m["trading"]["open_orders"] == 0, timeout=60)
+    runs = m["exchange"]["reconciliation"]["runs"]
+    m = d.wait_metric(lambda m: m["exchange"]["reconciliation"]["runs"] >= runs + 2, timeout=60)
+    assert d.stop() == 0
+    return m

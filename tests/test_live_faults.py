@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from tests.daemon_harness import DaemonProc
-from tests.live_harness import Books, FakeProc, book_check, live_daemon
+from tests.live_harness import Books, FakeProc, book_check, live_daemon, settle_and_stop
 
 
 def _assert_clean(books: Books) -> None:
@@ -59,7 +59,7 @@ def test_live_daemon_trades_through_the_fault(tmp_path: Path, name: str) -> None
         m = d.wait_metric(lambda m: m["portfolio"]["fills"] >= fills0 + 3 and m["trading"]["open_orders"] == 0,
                           timeout=60)  # and it goes on trading afterwards
         assert m["trading"]["state"] in ("ACTIVE", "REDUCE_ONLY"), m["trading"]
-        assert d.stop() == 0
+        settle_and_stop(d)
         books = book_check(d, fake)
     finally:
         d.close()
@@ -157,7 +157,7 @@ def test_soak_with_random_faults_over_2000_decisions(tmp_path: Path) -> None:
         fake.clear_faults()
         d.wait_metric(lambda m: m["trading"]["open_orders"] == 0, timeout=30)
         last = d.metrics()
-        assert d.stop() == 0
+        settle_and_stop(d)
         books = book_check(d, fake)
         st = fake.state()
     finally:
