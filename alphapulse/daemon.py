@@ -13,7 +13,6 @@ from __future__ import annotations
 import asyncio
 import gc
 import os
-import secrets
 import signal
 import time
 from collections import Counter
@@ -31,7 +30,7 @@ from alphapulse.builder import (
     policy_feature_set,
 )
 from alphapulse.config import ConfigError, Settings
-from alphapulse.control import start_control_server
+from alphapulse.control import ensure_control_token, start_control_server
 from alphapulse.domain import Candle, Fill, TradingState
 from alphapulse.engine import Engine, StepResult
 from alphapulse.exchange.weex.broker import WeexBroker
@@ -45,73 +44,12 @@ from alphapulse.market.validate import CandleValidator
 from alphapulse.metrics import LatencyHistogram
 from alphapulse.policy import ModelError, Policy, default_model_path
 from alphapulse.reconcile import AccountView, Resolution, reconcile
+from alphapulse.sdnotify import SystemdNotifier, watchdog_interval_s
 from alphapulse.store import OperatorFiles, Persisted, Store, iso_ms
 
 log = get_logger("alphapulse.daemon")
 
 _END = object()  # queue sentinel: the feed is exhausted
-
-
-class SystemdNotifier:
-    """sd_notify(3) over $NOTIFY_SOCKET; a no-op outside systemd. Datagrams never block."""
-
-    def __init__(self) -> None:
-        import socket
-
-        addr = os.environ.get("NOTIFY_SOCKET")
-        self._sock: socket.socket | None = None
-        self._addr: str | bytes | None = None
-        if addr:
-            self._addr = "\0" + addr[1:] if addr.startswith("@") else addr
-            self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
-            self._sock.setblocking(False)
-
-    @property
-    def enabled(self) -> bool:
-        return self._sock is not None
-
-    def notify(self, msg: str) -> bool:
-        if self._sock is None or self._addr is None:
-            return False
-        try:
-            self._sock.sendto(msg.encode(), self._addr)
-            return True
-        except OSError as e:
-            log.warning("sd_notify failed", error=str(e))
-            return False
-
-
-def watchdog_interval_s() -> float | None:
-    """Half of systemd's WatchdogSec (sd_watchdog_enabled semantics), or None when not supervised."""
-    usec = os.environ.get("WATCHDOG_USEC")
-    pid = os.environ.get("WATCHDOG_PID")
-    if not usec or (pid and pid.isdigit() and int(pid) != os.getpid()):
-        return None
-    try:
-        return max(0.05, int(usec) / 2e6)
-    except ValueError:
-        return None
-
-
-def ensure_control_token(settings: Settings) -> tuple[str, Path | None]:
-    """The configured token, or one created at first start in the state directory (mode 0600)."""
-    if settings.control_token:
-        return settings.control_token, None
-    path = settings.data_dir / "control_token"
-    try:
-        token = path.read_text().strip()
-        if token:
-            return token, path
-    except FileNotFoundError:
-        pass
-    token = secrets.token_urlsafe(32)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    try:
-        os.write(fd, (token + "\n").encode())
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    return token, path
 
 
 def rss_mb() -> float:

@@ -327,8 +327,9 @@ class DailyFile:
     number that another thread just closed and the kernel reused for a socket or the database.
     """
 
-    def __init__(self, directory: Path) -> None:
+    def __init__(self, directory: Path, prefix: str = FILE_PREFIX) -> None:
         self.directory = directory
+        self.prefix = prefix  # another process sharing the directory (the monitor) keeps its own files
         self.path: Path | None = None
         self.repaired_bytes = 0
         self.write_errors = 0
@@ -341,7 +342,7 @@ class DailyFile:
 
     def _open(self, day: str) -> None:
         """Switch to ``day``'s file (``YYYY-MM-DD``), repairing its tail. Caller holds the lock."""
-        path = self.directory / f"{FILE_PREFIX}{day[0:4]}{day[5:7]}{day[8:10]}{FILE_SUFFIX}"
+        path = self.directory / f"{self.prefix}{day[0:4]}{day[5:7]}{day[8:10]}{FILE_SUFFIX}"
         fd = os.open(path, os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o640)
         try:
             self.repaired_bytes += repair_tail(fd)
@@ -508,6 +509,7 @@ def configure_logging(
     level: str = "INFO",
     console: bool = True,
     json_file: bool = True,
+    file_prefix: str = FILE_PREFIX,
 ) -> None:
     """Set up (or redo) the outputs; safe to call again, e.g. with another ``log_dir`` in tests.
 
@@ -518,7 +520,7 @@ def configure_logging(
     min_level = _parse_level(level)
     with _config_lock:
         old_file = _file
-        _file = DailyFile(Path(log_dir)) if (json_file and log_dir is not None) else None
+        _file = DailyFile(Path(log_dir), file_prefix) if (json_file and log_dir is not None) else None
         if old_file is not None:
             old_file.close()
         _console = Console() if console else None
