@@ -221,6 +221,14 @@ def test_fire_after_and_clear_after_need_consecutive_samples() -> None:
     assert t is not None and t.kind == "resolved"
 
 
+def test_a_cpu_burst_of_one_or_two_scrapes_does_not_fire() -> None:
+    b = play([sample(T0, cpu=99.0), sample(T0 + 5, cpu=99.0), sample(T0 + 10, cpu=20.0), sample(T0 + 15, cpu=99.0)])
+    assert b.events == []
+    b.feed(sample(T0 + 20, cpu=99.0))
+    b.feed(sample(T0 + 25, cpu=99.0))
+    assert b.active() == {"cpu": "P2"}
+
+
 def test_no_data_keeps_the_alert_as_it_is() -> None:
     a = OpenAlert(1, "x", "P3", "open")
     st = Streak(breach=3, breaching=True)
@@ -323,8 +331,10 @@ def test_drawdown_fires_escalates_and_resolves() -> None:
 @pytest.mark.parametrize(("rule", "field"), [("cpu", "cpu"), ("memory", "mem"), ("disk", "disk")])
 def test_host_rules_fire_escalate_and_resolve(rule: str, field: str) -> None:
     b = Book()
-    for ts, v in ((T0, 82.0), (T0 + 5, 93.0), (T0 + 10, 77.0), (T0 + 15, 70.0)):
-        b.feed(sample(ts, **{field: v}))
+    # CPU must stay high for three scrapes before it fires; memory and disk fire at once
+    lead = [82.0, 85.0] if rule == "cpu" else []
+    for i, v in enumerate([*lead, 82.0, 93.0, 77.0, 70.0]):
+        b.feed(sample(T0 + 5 * i, **{field: v}))
     assert [e for e in b.events if e[1] == rule] == [("opened", rule, "P3"), ("escalated", rule, "P2"),
                                                      ("resolved", rule, "P2")]
 
@@ -427,10 +437,10 @@ def test_a_healthy_sample_raises_nothing() -> None:
 
 
 def test_rulebook_restored_from_open_alerts_does_not_count_a_spurious_redetection() -> None:
-    book = RuleBook(TH, [OpenAlert(4, "cpu", "P3", "acknowledged")])
-    ts = book.evaluate(rules.evaluate(sample(T0, cpu=85.0), None, None, None, TH))
+    book = RuleBook(TH, [OpenAlert(4, "memory", "P3", "acknowledged")])
+    ts = book.evaluate(rules.evaluate(sample(T0, mem=85.0), None, None, None, TH))
     assert ts == []
-    ts = book.evaluate(rules.evaluate(sample(T0 + 5, cpu=95.0), None, None, None, TH))
+    ts = book.evaluate(rules.evaluate(sample(T0 + 5, mem=95.0), None, None, None, TH))
     assert [(t.kind, t.alert_id, t.severity) for t in ts] == [("escalated", 4, "P2")]
 
 
