@@ -362,3 +362,33 @@ def test_an_emergency_stop_in_the_daemon_is_a_p1_until_trading_resumes(pair: tup
     assert status == 200, body
     body = mon.wait_alerts(lambda b: "emergency_stop" not in {a["rule"] for a in b["active_alerts"]}, 10)
     assert next(a for a in body["recent_alerts"] if a["id"] == alert["id"])["state"] == "resolved"
+
+
+@pytest.mark.slow
+def test_exchange_errors_of_a_live_daemon_raise_the_api_error_rate_alert(tmp_path: Path) -> None:
+    """The live daemon against the fake WEEX with 5xx injected: the monitor reads the client's error and request
+    counters from the daemon's /metrics and opens a P2 (resolution is shown on constructed figures in
+    test_monitor_rules.py: the one-minute rate window is too long to wait out here)."""
+    from tests.live_harness import FakeProc, live_daemon
+
+    fake = FakeProc(tmp_path / "fake", speed=2000.0)
+    daemon = live_daemon(tmp_path / "run", fake)
+    mon = MonitorProc(daemon)
+    try:
+        daemon.start()
+        daemon.wait_ready(60)
+        mon.start()
+        mon.wait_ready(20)
+        wait_seen_up(mon, 20)
+        snap = mon.http("GET", "/api/snapshot")[1]
+        client = snap["daemon"]["metrics"]["exchange"]["broker"]["client"]
+        assert client["requests"] > 0 and "errors" in client and client["latency_ms"]["count"] > 0
+        fake.faults("error5xx=0.6@/capi/v3/*")
+        body = mon.wait_alerts(lambda b: "api_error_rate" in {a["rule"] for a in b["active_alerts"]}, 30)
+        alert = next(a for a in body["active_alerts"] if a["rule"] == "api_error_rate")
+        assert alert["severity"] == "P2" and alert["value"] > 0.10 and alert["threshold"] == 0.10
+        fake.clear_faults()
+    finally:
+        mon.close()
+        daemon.close()
+        fake.stop()
