@@ -180,6 +180,21 @@ def test_snapshot_and_event_stream(down: MonitorProc) -> None:
     assert all(e["alerts"]["active_alerts"][0]["rule"] == "daemon_down" for e in events)
 
 
+def open_stream(port: int, timeout: float = 5.0) -> tuple[http.client.HTTPConnection, http.client.HTTPResponse]:
+    """A 200 /api/stream response, retrying while the monitor still counts just-closed streams (429)."""
+    end = time.monotonic() + timeout
+    while True:
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+        conn.request("GET", "/api/stream")
+        resp = conn.getresponse()
+        if resp.status == 200:
+            return conn, resp
+        resp.read()
+        conn.close()
+        assert resp.status == 429 and time.monotonic() < end, resp.status
+        time.sleep(0.1)
+
+
 def test_event_streams_are_bounded(down: MonitorProc) -> None:
     down.wait_ready(20)
     socks = []
@@ -193,23 +208,48 @@ def test_event_streams_are_bounded(down: MonitorProc) -> None:
         assert status == 429 and body["error"].startswith("too many"), body
         socks.pop().close()
         # a closed stream frees its place once the monitor next writes to it (the next scrape)
-        end = time.monotonic() + 5
-        while True:
-            conn = http.client.HTTPConnection("127.0.0.1", down.port, timeout=5)
-            conn.request("GET", "/api/stream")
-            got = conn.getresponse().status
-            conn.close()
-            if got == 200 or time.monotonic() > end:
-                break
-            time.sleep(0.1)
-        assert got == 200
+        conn, _ = open_stream(down.port)
+        conn.close()
     finally:
         for s in socks:
             s.close()
-    # the monitor still serves and stops cleanly with streams having been open
+    # the monitor still serves, and stops at once with a stream open (the stream ends, the server does not wait)
     assert down.http("GET", "/health")[0] == 200
+    held, resp = open_stream(down.port)  # once the monitor has noticed the closed ones (its next write)
+    assert resp.readline().startswith(b"retry:")
+    t0 = time.monotonic()
     down.signal(signal.SIGTERM)
     assert down.wait_exit(15) == 0, down.stderr()
+    assert time.monotonic() - t0 < 5
+    resp.read()  # the server ended the response: this returns instead of waiting for the timeout
+    held.close()
+
+
+def test_daemon_and_monitor_starting_together_agree_on_one_control_token(tmp_path: Path) -> None:
+    """Whoever starts first creates <data_dir>/control_token (0600); a racing second one reads it, never
+    overwrites it, so both accept the same bearer token."""
+    import threading
+
+    from alphapulse.config import load_settings
+    from alphapulse.control import ensure_control_token
+
+    settings = load_settings(None, env={"ALPHAPULSE_DATA_DIR": str(tmp_path)})
+    got: list[str] = []
+    barrier = threading.Barrier(8)
+
+    def worker() -> None:
+        barrier.wait()
+        got.append(ensure_control_token(settings)[0])
+
+    threads = [threading.Thread(target=worker) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    path = tmp_path / "control_token"
+    assert len(set(got)) == 1 and path.read_text().strip() == got[0]
+    assert path.stat().st_mode & 0o777 == 0o600
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["control_token"]  # no temporary file left behind
 
 
 def run_monitor(env: dict[str, str], cwd: Path) -> subprocess.CompletedProcess[str]:
@@ -327,6 +367,9 @@ def test_dead_daemon_raises_p1_within_two_intervals_and_its_restart_resolves_it(
     body = mon.wait_alerts(lambda b: "daemon_down" not in {a["rule"] for a in b["active_alerts"]}, 20)
     resolved = [a for a in body["recent_alerts"] if a["id"] == alert["id"]]
     assert resolved and resolved[0]["state"] == "resolved" and resolved[0]["resolved_at"] is not None
+    # and the restart itself is on record as a P4 notice
+    notice = next(a for a in body["recent_alerts"] if a["rule"] == "daemon_restarted")
+    assert notice["severity"] == "P4" and iso_s(notice["opened_at"]) > killed_at
     assert mon.proc is not None and mon.proc.poll() is None  # the monitor lived through it all
     # the daemon's log is readable through the monitor
     status, logs, _ = mon.http("GET", "/api/logs?level=info&lines=500")

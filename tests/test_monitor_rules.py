@@ -280,6 +280,19 @@ def test_daemon_unhealthy_is_p1_and_resolves() -> None:
     assert b.active() == {} and b.kinds("daemon_unhealthy") == ["opened", "resolved"]
 
 
+def test_daemon_restart_is_a_p4_notice_that_resolves_on_the_next_sample() -> None:
+    def s(ts: float, uptime: float) -> Sample:
+        return sample(ts, metrics=daemon_metrics(system__uptime_s=uptime))
+    b = play([s(T0, 500.0), s(T0 + 5, 505.0)])
+    assert b.events == []
+    b.feed(sample(T0 + 10, up=False))
+    b.feed(s(T0 + 15, 2.0))  # came back with a fresh uptime
+    assert b.active() == {"daemon_down": "P1", "daemon_restarted": "P4"}
+    b.feed(s(T0 + 20, 7.0))
+    assert "daemon_restarted" not in b.active()
+    assert b.kinds("daemon_restarted") == ["opened", "resolved"]
+
+
 def test_emergency_stop_is_p1_and_resolves_on_resume() -> None:
     stopped = daemon_metrics(trading__state="EMERGENCY_STOP", trading__state_reason="operator")
     b = play([sample(T0, metrics=stopped)])
@@ -428,7 +441,7 @@ def test_a_down_daemon_leaves_the_daemon_rules_as_they_were() -> None:
 def test_every_rule_is_evaluated_once_per_sample() -> None:
     checks = rules.evaluate(sample(T0), None, None, None, TH)
     assert [c.rule for c in checks] == list(rules.RULES)
-    assert len(set(rules.RULES)) == 14
+    assert len(set(rules.RULES)) == 15
 
 
 def test_a_healthy_sample_raises_nothing() -> None:

@@ -19,7 +19,7 @@ Two stages, both pure so every rule can be tested on constructed figures without
      is open (it records the worst seen), it resolves as a whole.
 
 Severities: P1 daemon down or unhealthy, emergency stop; P2 critical thresholds, API errors, stale data, a
-risk-limit breach; P3 warnings and low model confidence; P4 is reserved for notices.
+risk-limit breach; P3 warnings and low model confidence; P4 notices (the daemon restarted).
 """
 
 from __future__ import annotations
@@ -40,9 +40,9 @@ RATE_WINDOW_S = 60.0
 #: The model's mean confidence is measured over about this long (the daemon only reports its lifetime mean).
 CONFIDENCE_WINDOW_S = 3600.0
 
-RULES = ("daemon_down", "daemon_unhealthy", "emergency_stop", "risk_limit_breach", "daily_loss", "drawdown",
-         "cpu", "memory", "disk", "model_confidence", "api_error_rate", "inference_latency", "api_response_time",
-         "stale_data")
+RULES = ("daemon_down", "daemon_unhealthy", "daemon_restarted", "emergency_stop", "risk_limit_breach", "daily_loss",
+         "drawdown", "cpu", "memory", "disk", "model_confidence", "api_error_rate", "inference_latency",
+         "api_response_time", "stale_data")
 
 
 @dataclass(frozen=True)
@@ -199,6 +199,18 @@ def daemon_unhealthy(s: Sample) -> Check:
     msg = (f"trading daemon unhealthy (HTTP {s.health_status}): {problem or _get(s.health, 'status')}" if bad
            else "trading daemon healthy")
     return Check("daemon_unhealthy", 1.0 if bad else 0.0, (("P1", 1.0),), msg, clear_after=2)
+
+
+def daemon_restarted(s: Sample, prev: Sample | None) -> Check:
+    """P4 notice when the daemon's uptime went backwards since the previous sample with metrics (a restart,
+    planned or not, that may have happened between two scrapes); it resolves on the next sample."""
+    up_now = _num(_get(s.metrics, "system", "uptime_s"))
+    if up_now is None or prev is None:
+        return Check("daemon_restarted", None, (("P4", 1.0),))
+    restarted = _restarted(s, prev)
+    msg = (f"trading daemon restarted (up {up_now:.0f}s, pid {_get(s.metrics, 'system', 'pid')})" if restarted
+           else "trading daemon running")
+    return Check("daemon_restarted", 1.0 if restarted else 0.0, (("P4", 1.0),), msg)
 
 
 def emergency_stop(s: Sample) -> Check:
@@ -399,7 +411,8 @@ def evaluate(s: Sample, prev: Sample | None, rate_base: Sample | None, confidenc
              th: Thresholds) -> list[Check]:
     """Every rule's check on one sample, in :data:`RULES` order."""
     checks = [
-        daemon_down(s), daemon_unhealthy(s), emergency_stop(s), risk_limit_breach(s, prev),
+        daemon_down(s), daemon_unhealthy(s), daemon_restarted(s, prev), emergency_stop(s),
+        risk_limit_breach(s, prev),
         daily_loss(s, th), drawdown(s, th), cpu(s, th), memory(s, th), disk(s, th),
         model_confidence(s, confidence_base, th), api_error_rate(s, rate_base, th), inference_latency(s, th),
         api_response_time(s, th), stale_data(s, th),
