@@ -421,6 +421,8 @@ def test_stale_data_on_the_feed_clock() -> None:
     b.feed(s(T0, candle_ms + 300_000 * 2))  # the bar closed one bar ago: fresh
     assert b.active() == {}
     b.feed(s(T0 + 5, candle_ms + 300_000 * 4))  # closed three bars ago
+    assert b.active() == {}  # one stale scrape may be a pause between two candles
+    b.feed(s(T0 + 6, candle_ms + 300_000 * 4 + 1000))
     assert b.active() == {"stale_data": "P2"}
     b.feed(s(T0 + 10, candle_ms + 300_000 * 2))
     assert b.active() == {} and b.kinds("stale_data") == ["opened", "resolved"]

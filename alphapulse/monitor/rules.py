@@ -388,7 +388,8 @@ def _parse_iso_s(text: Any) -> float | None:
 def stale_data(s: Sample, th: Thresholds) -> Check:
     """P2 when the last candle the daemon processed is more than ``stale_data_bars`` bars old, measured on the
     feed's own clock (a paced replay's simulated time, the exchange-corrected clock live) or the wall clock.
-    A finished replay, a replay at maximum speed (no clock) or no candle yet: no data."""
+    A finished replay, a replay at maximum speed (no clock) or no candle yet: no data.  Fires on the second
+    stale scrape in a row."""
     levels = (("P2", th.stale_data_bars),)
     feed = _get(s.metrics, "market", "feed")
     last = _parse_iso_s(_get(s.metrics, "market", "last_candle", "time"))
@@ -404,7 +405,9 @@ def stale_data(s: Sample, th: Thresholds) -> Check:
         now = s.ts
     # a bar is known once it has closed: ts + one bar
     age_bars = max(0.0, (now - (last + bar_s)) / bar_s)
-    return Check("stale_data", round(age_bars, 3), levels, f"last candle is {age_bars:.1f} bar(s) old")
+    # two scrapes in a row: at a fast replay a pause of the daemon's loop between two candles is no outage
+    return Check("stale_data", round(age_bars, 3), levels, f"last candle is {age_bars:.1f} bar(s) old",
+                 fire_after=2)
 
 
 def evaluate(s: Sample, prev: Sample | None, rate_base: Sample | None, confidence_base: Sample | None,
