@@ -208,8 +208,9 @@ class Dispatcher:
                 continue
             if self._closing or ch.queued() + len(ch.held) >= self.cfg.queue_size:
                 ch.stats["dropped"] += 1
-                log.warning("alert_delivery_dropped", channel=ch.cfg.kind, alert_id=entry[1].get("id"),
-                            reason="closing" if self._closing else "queue full")
+                if ch.stats["dropped"] % 100 == 1:  # the first, then every 100th: a flood must not flood the log
+                    log.warning("alert_delivery_dropped", channel=ch.cfg.kind, alert_id=entry[1].get("id"),
+                                reason="closing" if self._closing else "queue full", dropped=ch.stats["dropped"])
                 continue
             if severity == "P1":
                 ch.urgent.append(entry)
