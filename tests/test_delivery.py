@@ -479,7 +479,7 @@ async def test_channel_filters_by_min_severity_and_events(receiver: Receiver) ->
 
 async def test_submit_never_blocks_even_when_the_receiver_hangs(receiver: Receiver) -> None:
     receiver.hang_s = 3.0
-    c = cfg(webhook(receiver), timeout_s=1, max_attempts=1, drain_timeout_s=0.5, rate_limit_per_minute=0)
+    c = cfg(webhook(receiver), timeout_s=5, max_attempts=1, drain_timeout_s=0.5, rate_limit_per_minute=0)
     d = await started(c)
     t0 = time.perf_counter()
     for i in range(200):
@@ -496,7 +496,34 @@ async def test_submit_never_blocks_even_when_the_receiver_hangs(receiver: Receiv
     await d.close()
     assert time.perf_counter() - t0 < 3.0  # drain bound 0.5 s (+ grace), not 200 hanging sends
     s = d.stats()["webhook"]
-    assert s["queued"] == 0 and s["sent"] + s["failed"] + s["dropped"] >= 1
+    # the hanging send and the 199 behind it: none lost without a count
+    assert (s["sent"], s["failed"], s["dropped"], s["queued"]) == (0, 0, 200, 0)
+
+
+async def test_close_cuts_a_back_off_short_for_one_last_try(receiver: Receiver) -> None:
+    receiver.fail_next = 1
+    d = await started(cfg(webhook(receiver), backoff_s=30, backoff_max_s=30, drain_timeout_s=5))
+    d.submit("opened", alert("cpu_pct", "P3"))
+    await wait_for(lambda: d.stats()["webhook"]["retried"] == 1)
+    t0 = time.perf_counter()
+    await d.close()
+    assert time.perf_counter() - t0 < 3.0  # not the 30 s back-off
+    assert len(receiver.requests) == 2 and d.stats()["webhook"]["sent"] == 1
+
+
+async def test_a_long_summary_is_capped_to_fit_telegram(receiver: Receiver) -> None:
+    clock = FakeClock(datetime(2026, 12, 1, 12, 0, tzinfo=UTC))
+    c = cfg({"telegram": {"enabled": True, "bot_token": TG_TOKEN, "chat_id": 42, "api_url": receiver.base}},
+            rate_limit_per_minute=1)
+    d = await started(c, clock)
+    for i in range(40):
+        d.submit("opened", alert(f"rule_{i:02d}", "P3", "x & <y> " * 40, id=i))
+    await wait_for(lambda: len(receiver.requests) == 1)
+    await d.close()
+    text = receiver.requests[0]["body"]["text"]
+    assert len(text) <= 4096
+    assert "[P3] 40 alert events (rate limit summary)" in text
+    assert text.rstrip().endswith("more") and "rule_00" in text and "rule_39" not in text
 
 
 async def test_submit_from_another_thread_and_after_close(receiver: Receiver) -> None:

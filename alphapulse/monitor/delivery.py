@@ -35,7 +35,7 @@ import asyncio
 import collections
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Awaitable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, Protocol
@@ -181,6 +181,7 @@ class Dispatcher:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._loop_thread: int | None = None
         self._closing = False
+        self._closing_event = asyncio.Event()  # binds to the loop at its first wait (Python >= 3.10)
         self._closed = False
         self._drain_deadline = float("inf")  # loop time
 
@@ -242,6 +243,7 @@ class Dispatcher:
             return
         self._closed = True
         self._closing = True
+        self._closing_event.set()
         loop = asyncio.get_running_loop()
         self._drain_deadline = loop.time() + self.cfg.drain_timeout_s
         for ch in self._channels:
@@ -282,7 +284,7 @@ class Dispatcher:
             while ch.urgent:
                 entry = ch.urgent.popleft()
                 ch.bucket.take(self.clock.monotonic())
-                await self._deliver(ch, ch.urgent_sender, [_Message([entry])])
+                await self._guarded(ch, self._deliver(ch, ch.urgent_sender, [_Message([entry])]))
             if self._closing:
                 return
             await ch.wake_urgent.wait()
@@ -292,7 +294,7 @@ class Dispatcher:
         while True:
             ch.wake.clear()
             self._absorb(ch)
-            await self._send_due(ch)
+            await self._guarded(ch, self._send_due(ch))
             if self._closing and not ch.inbox and not ch.pending:
                 return
             timeout = self.tick_s
@@ -302,6 +304,16 @@ class Dispatcher:
                 await asyncio.wait_for(ch.wake.wait(), timeout)
             except TimeoutError:
                 pass
+
+    async def _guarded(self, ch: _Channel, step: Awaitable[None]) -> None:
+        """Run one step of a lane; a bug in it is logged and costs that message, never the lane itself
+        (an alerting path that dies quietly is the worst way for it to fail)."""
+        try:
+            await step
+        except Exception:
+            ch.stats["failed"] += 1
+            log.exception("alert_delivery_lane_error", channel=ch.cfg.kind)
+            await asyncio.sleep(self.tick_s)
 
     def _absorb(self, ch: _Channel) -> None:
         """Release the held digest once the window is over, then move new alerts to held or waiting.
@@ -362,21 +374,30 @@ class Dispatcher:
         kind = notify_type(entries)
         ids = [al.get("id") for _, al in entries]
         loop = asyncio.get_running_loop()
-        for attempt in range(1, self.cfg.max_attempts + 1):
-            ok = await asyncio.to_thread(_send, sender, title, body, kind)
-            if ok:
-                ch.stats["sent"] += 1
-                log.info("alert_delivered", channel=ch.cfg.kind, alert_ids=ids, attempt=attempt)
-                return
-            if attempt == self.cfg.max_attempts:
-                break
-            delay = min(self.cfg.backoff_s * 2 ** (attempt - 1), self.cfg.backoff_max_s)
-            if self._closing and loop.time() + delay > self._drain_deadline:
-                break
-            ch.stats["retried"] += 1
-            log.warning("alert_delivery_retry", channel=ch.cfg.kind, alert_ids=ids, attempt=attempt,
-                        retry_in_s=delay)
-            await asyncio.sleep(delay)
+        attempt = 0
+        try:
+            for attempt in range(1, self.cfg.max_attempts + 1):
+                if await asyncio.to_thread(_send, sender, title, body, kind):
+                    ch.stats["sent"] += 1
+                    log.info("alert_delivered", channel=ch.cfg.kind, alert_ids=ids, attempt=attempt)
+                    return
+                if attempt == self.cfg.max_attempts:
+                    break
+                delay = min(self.cfg.backoff_s * 2 ** (attempt - 1), self.cfg.backoff_max_s)
+                if self._closing and loop.time() + delay > self._drain_deadline:
+                    break
+                ch.stats["retried"] += 1
+                log.warning("alert_delivery_retry", channel=ch.cfg.kind, alert_ids=ids, attempt=attempt,
+                            retry_in_s=delay)
+                # close() cuts a back-off short: the drain is the message's last chance, so it tries at once.
+                try:
+                    await asyncio.wait_for(self._closing_event.wait(), delay)
+                except TimeoutError:
+                    pass
+        except asyncio.CancelledError:  # close() ran out of time while this send hung
+            ch.stats["dropped"] += len(entries)
+            log.warning("alert_delivery_unsent_at_close", channel=ch.cfg.kind, alert_ids=ids)
+            raise
         ch.stats["failed"] += 1
         log.error("alert_delivery_failed", channel=ch.cfg.kind, target=ch.cfg.target, alert_ids=ids,
                   attempts=attempt)

@@ -13,8 +13,10 @@ from typing import Any
 
 from alphapulse.monitor.delivery_config import SEVERITIES
 
-#: Lines listed in a summary before "... and N more".
+#: Lines listed in a summary before "... and N more", and the most characters of its body: Telegram refuses
+#: a message over 4096 characters (after its HTML escaping), and nobody reads past a screen anyway.
 MAX_SUMMARY_LINES = 30
+MAX_SUMMARY_CHARS = 3000
 _MAX_MESSAGE = 300
 
 Entry = tuple[str, Mapping[str, Any]]  # (event, alert)
@@ -76,9 +78,16 @@ def format_summary(entries: Sequence[Entry], reason: str) -> tuple[str, str]:
     ordered = sorted(entries, key=lambda e: SEVERITIES.index(severity_of(e[1])))
     top = severity_of(ordered[0][1])
     title = f"[{top}] {len(entries)} alert events ({reason}) (AlphaPulse)"
-    lines = [summary_line(ev, al) for ev, al in ordered[:MAX_SUMMARY_LINES]]
-    if len(ordered) > MAX_SUMMARY_LINES:
-        lines.append(f"... and {len(ordered) - MAX_SUMMARY_LINES} more")
+    lines: list[str] = []
+    size = 0
+    for ev, al in ordered[:MAX_SUMMARY_LINES]:
+        line = summary_line(ev, al)
+        if size + len(line) + 1 > MAX_SUMMARY_CHARS - 40:  # room for the "... and N more" line
+            break
+        lines.append(line)
+        size += len(line) + 1
+    if len(lines) < len(ordered):
+        lines.append(f"... and {len(ordered) - len(lines)} more")
     return title, "\n".join(lines)
 
 
