@@ -45,6 +45,13 @@ WAIT_S = 5.0
 # ------------------------------------------------------------------------------------------------------------
 
 
+@pytest.fixture(autouse=True)
+def _no_proxy_for_loopback(monkeypatch: pytest.MonkeyPatch) -> None:
+    """apprise sends with requests, which honours HTTP(S)_PROXY: keep a CI proxy away from 127.0.0.1."""
+    monkeypatch.setenv("NO_PROXY", "127.0.0.1,localhost")
+    monkeypatch.setenv("no_proxy", "127.0.0.1,localhost")
+
+
 @dataclass
 class Receiver:
     """One aiohttp server on 127.0.0.1 playing a JSON webhook, a Slack webhook and the Telegram Bot API."""

@@ -414,6 +414,10 @@ def _send(plugin: Any, title: str, body: str, kind: str) -> bool:
 
 
 def build_dispatcher(cfg: DeliveryConfig, *, clock: Clock | None = None, tick_s: float = 1.0) -> Dispatcher:
-    """The dispatcher for ``cfg``, with its secrets registered for log redaction first."""
+    """The dispatcher for ``cfg``, with its secrets registered for log redaction first.
+
+    Start-up work, synchronous like :meth:`DeliveryConfig.from_mapping` (apprise builds its plugins; the
+    first use loads its plugin table, about half a second): call it before serving, not per alert.
+    """
     register_secrets(cfg.secrets())
     return Dispatcher(cfg, clock=clock, tick_s=tick_s)
