@@ -86,7 +86,9 @@ def test_page_loads_nothing_from_elsewhere_and_inserts_data_as_text_only() -> No
     assert "<script>" not in html and "style=" not in html  # no inline code: the CSP forbids it anyway
     for sink in ("innerHTML", "outerHTML", "insertAdjacentHTML", "document.write", "eval(", "new Function"):
         assert sink not in js, sink
-    assert set(re.findall(r"fetch\('([^']+)'", js)) == {"/api/snapshot"}
+    # The script talks to the monitor's API only.
+    paths = set(re.findall(r"['`](/[^'`\s]*)['`]", js))
+    assert paths and all(p.startswith("/api/") for p in paths), paths
     assert "new EventSource('/api/stream')" in js
     # Every element the script fills exists in the page.
     ids = set(re.findall(r'id="([^"]+)"', html))
@@ -132,7 +134,7 @@ class MonitorProc:
         return f"http://127.0.0.1:{self.port}"
 
     def start(self) -> MonitorProc:
-        self._out = open(self.out_path, "wb")
+        self._out = open(self.out_path, "ab")
         self.proc = subprocess.Popen([sys.executable, "-m", "alphapulse", "monitor"], env=self.env, cwd=self.root,
                                      stdin=subprocess.DEVNULL, stdout=self._out, stderr=self._out)
         return self
@@ -353,6 +355,8 @@ async def test_dashboard_live_against_a_real_daemon_and_monitor(tmp_path: Path) 
         await page.set_viewport(390, 844, mobile=True, scale=2)
         await page.evaluate("new Promise((r) => requestAnimationFrame(() => requestAnimationFrame(r)))")
         assert await page.evaluate("document.documentElement.scrollWidth") <= 390
+        assert await page.evaluate("(() => { const s = document.querySelector('#positions').parentElement;"
+                                   " return s.scrollWidth <= s.clientWidth; })()"), "positions wider than a phone"
         assert await page.evaluate("getComputedStyle(document.querySelector('.kpis')).gridTemplateColumns"
                                    ".split(' ').length") == 2
         phone = await page.screenshot(shots / "dashboard-phone.png")
@@ -360,7 +364,12 @@ async def test_dashboard_live_against_a_real_daemon_and_monitor(tmp_path: Path) 
             data = png.read_bytes()
             assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 20_000, (png, len(data))
 
-        # 7. Nothing left the machine, nothing failed, no script error.
+        # 7. Nothing left the machine, nothing failed, no script error; the monitor answers the page's
+        # neighbours with 4xx JSON, not a page or a traceback.
+        for method, path, status in (("POST", "/", 405), ("GET", "/dashboard.jsx", 404),
+                                     ("DELETE", "/dashboard.js", 405)):
+            async with session.request(method, f"{monitor.url}{path}") as resp:
+                assert resp.status == status and (await resp.json())["status"] == status, (method, path)
         origin = f"{monitor.url}/"
         outside = [u for u in page.requests if not (u.startswith(origin) or u.startswith("data:"))]
         assert not outside, outside
@@ -369,6 +378,22 @@ async def test_dashboard_live_against_a_real_daemon_and_monitor(tmp_path: Path) 
         assert not page.exceptions, page.exceptions
         assert not page.failed, page.failed
         assert token not in json.dumps(page.console)
+
+        # 8. The monitor restarts: the page notices, reconnects by itself and goes on, still without a reload;
+        # the acknowledgement (kept in the monitor's SQLite) is still shown.
+        monitor.stop()
+        await page.wait_for("document.getElementById('conn').dataset.state !== 'live'", 20,
+                            "the page noticing the monitor is gone")
+        count = await page.evaluate("Number(document.getElementById('updated').dataset.count)")
+        monitor.start()
+        await monitor.wait_up(session)
+        await page.wait_for("document.getElementById('conn').dataset.state === 'live' && "
+                            f"Number(document.getElementById('updated').dataset.count) > {count + 1}", 30,
+                            "the page live again after the monitor restarted")
+        assert await page.evaluate("window.__loadedOnce === true && performance.getEntriesByType('navigation')"
+                                   ".length === 1")
+        assert await page.evaluate(f"document.querySelector('#alerts-active li[data-alert-id=\"{ack_id}\"]')"
+                                   ".dataset.state") == "acknowledged"
         await page.close()
     finally:
         await session.close()

@@ -13,14 +13,16 @@
 (() => {
   const TOKEN_KEY = 'alphapulse.controlToken';
   const SPARK_POINTS = 240;
-  const STALE_AFTER_MS = 30000;
+  const HISTORY_URL = '/api/metrics?minutes=60&points=120'; // the sparkline's first hour, before live points
   const SEVERITY_ORDER = { P1: 1, P2: 2, P3: 3, P4: 4 };
+  // Rules whose value is only "1 = firing": their value and threshold say nothing to a person.
+  const YES_NO_RULES = new Set(['daemon_down', 'daemon_unhealthy', 'emergency_stop']);
 
   const view = {
     snapshot: null,   // the last snapshot rendered
     updates: 0,       // snapshots rendered since the page loaded
     receivedAt: 0,    // Date.now() of the last snapshot
-    equity: [],       // equity per distinct scrape, for the sparkline
+    equity: [],       // {t: ms, v: equity} per distinct scrape, oldest first, for the sparkline
     lastScrape: null,
     acking: new Set(), // alert ids with an acknowledge request in flight
     stream: null,
@@ -181,15 +183,32 @@
     bar('drawdown-usage-bar', risk.usage ? risk.usage.drawdown : null);
     if (isNum(p.equity) && scrapedAt && scrapedAt !== view.lastScrape) {
       view.lastScrape = scrapedAt;
-      view.equity.push(p.equity);
+      view.equity.push({ t: Date.parse(scrapedAt), v: p.equity });
       if (view.equity.length > SPARK_POINTS) view.equity.shift();
       spark();
     }
   }
 
+  /** The last hour of equity from the monitor's stored samples, placed before the points seen live. */
+  async function loadHistory() {
+    try {
+      const r = await fetch(HISTORY_URL, { cache: 'no-store' });
+      if (!r.ok) return;
+      const body = await r.json();
+      const first = view.equity.length ? view.equity[0].t : Infinity;
+      const older = (Array.isArray(body.samples) ? body.samples : [])
+        .map((x) => ({ t: Date.parse(x.ts), v: x.equity }))
+        .filter((x) => Number.isFinite(x.t) && isNum(x.v) && x.t < first);
+      view.equity = older.concat(view.equity).slice(-SPARK_POINTS);
+      spark();
+    } catch (e) {
+      // No history is fine: the sparkline fills from the live stream.
+    }
+  }
+
   function spark() {
     const svg = $('equity-spark');
-    const pts = view.equity;
+    const pts = view.equity.map((x) => x.v);
     while (svg.firstChild) svg.removeChild(svg.firstChild);
     if (pts.length < 2) return;
     const lo = Math.min(...pts), hi = Math.max(...pts), span = hi - lo || 1;
@@ -229,6 +248,9 @@
     }
   }
 
+  const LABELS = { symbol: 'Symbol', side: 'Side', qty: 'Qty', entry_price: 'Entry', mark_price: 'Mark',
+    notional: 'Notional', unrealized_pnl: 'Unrealized' };
+
   function renderPositions(m) {
     const body = $('positions-body');
     const positions = m && m.portfolio && Array.isArray(m.portfolio.positions) ? m.portfolio.positions : [];
@@ -239,6 +261,7 @@
       const cell = (field, raw, text, cls) => {
         const td = el('td', cls, text);
         td.dataset.field = field;
+        td.dataset.label = LABELS[field];
         td.dataset.value = raw === null || raw === undefined ? '' : String(raw);
         tr.appendChild(td);
       };
@@ -316,8 +339,10 @@
     body.appendChild(head);
     body.appendChild(el('div', 'msg', String(a.message ?? '')));
     const meta = [];
-    if (isNum(a.value)) meta.push(`value ${fmt(a.value, Math.abs(a.value) < 10 ? 3 : 1)}`);
-    if (isNum(a.threshold)) meta.push(`threshold ${fmt(a.threshold, Math.abs(a.threshold) < 10 ? 3 : 1)}`);
+    if (!YES_NO_RULES.has(a.rule)) {
+      if (isNum(a.value)) meta.push(`value ${fmt(a.value, Math.abs(a.value) < 10 ? 3 : 1)}`);
+      if (isNum(a.threshold)) meta.push(`threshold ${fmt(a.threshold, Math.abs(a.threshold) < 10 ? 3 : 1)}`);
+    }
     const when = a.state === 'resolved' ? a.resolved_at : a.state === 'acknowledged' ? a.acknowledged_at : a.opened_at;
     const metaEl = el('div', 'meta', meta.join(' · '));
     if (when) {
@@ -347,8 +372,12 @@
     }
     const upd = $('updated');
     if (upd.dataset.value) upd.textContent = ago(upd.dataset.value);
+    // Stale: no snapshot for three scrape intervals (and at least 15 s) although the stream is open.
     const conn = $('conn');
-    if (conn.dataset.state === 'live' && view.receivedAt && Date.now() - view.receivedAt > STALE_AFTER_MS) {
+    const interval = view.snapshot && view.snapshot.monitor && isNum(view.snapshot.monitor.scrape_interval_s)
+      ? view.snapshot.monitor.scrape_interval_s : 5;
+    if (conn.dataset.state === 'live' && view.receivedAt
+        && Date.now() - view.receivedAt > Math.max(15, 3 * interval) * 1000) {
       setConn('stale');
     }
   }
@@ -504,7 +533,7 @@
       await p;
     });
     setConn('connecting');
-    fetchSnapshot();
+    fetchSnapshot().then(loadHistory);
     connect();
     setInterval(tick, 1000);
   }
