@@ -257,15 +257,20 @@ def drawdown(s: Sample, th: Thresholds) -> Check:
     return Check("drawdown", round(dd * 100.0, 4), levels, f"drawdown {dd * 100:.2f}% from peak equity")
 
 
-def _host(rule: str, what: str, value: float | None, pair: tuple[float, float]) -> Check:
+#: CPU must stay high this many scrapes in a row (15 s at the shipped 5 s): a one-sample burst (a backtest, a
+#: package install) is normal on a trading host and would only teach people to ignore the alert.
+CPU_FIRE_AFTER = 3
+
+
+def _host(rule: str, what: str, value: float | None, pair: tuple[float, float], fire_after: int = 1) -> Check:
     levels = _pair_levels(pair)
     if value is None:
-        return Check(rule, None, levels)
-    return Check(rule, round(value, 2), levels, f"host {what} {value:.1f}%")
+        return Check(rule, None, levels, fire_after=fire_after)
+    return Check(rule, round(value, 2), levels, f"host {what} {value:.1f}%", fire_after=fire_after)
 
 
 def cpu(s: Sample, th: Thresholds) -> Check:
-    return _host("cpu", "CPU", s.cpu_pct, th.cpu_pct)
+    return _host("cpu", "CPU", s.cpu_pct, th.cpu_pct, fire_after=CPU_FIRE_AFTER)
 
 
 def memory(s: Sample, th: Thresholds) -> Check:
