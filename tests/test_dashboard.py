@@ -14,22 +14,18 @@ import configparser
 import fnmatch
 import json
 import re
-import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 from typing import Any
 
 import aiohttp
 import pytest
-import yaml
 from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 
 from alphapulse.monitor.dashboard import CONTENT_SECURITY_POLICY, ROUTES, register_dashboard
 from tests.cdp_browser import Chromium, Page
-from tests.daemon_harness import REPO, DaemonProc, free_port, slice_bundled
+from tests.daemon_harness import REPO, DaemonProc, MonitorProc, slice_bundled
 
 STATIC = REPO / "alphapulse" / "monitor" / "static"
 
@@ -112,61 +108,6 @@ def test_static_files_are_package_data() -> None:
 
 REPLAY_ROWS, REPLAY_START = 600, 20000  # ends long BTC with a loss on the day: every card has a non-zero figure
 REPLAY_SPEED = "20000"  # about 9 s for the 600 five-minute candles, so the page is watched while they arrive
-SCRAPE_S = 0.5
-
-
-class MonitorProc:
-    """``alphapulse monitor`` as a child process, sharing the daemon's configuration, data and log directories."""
-
-    def __init__(self, daemon: DaemonProc) -> None:
-        self.root = daemon.root
-        self.port = free_port()
-        monitoring = yaml.safe_load((REPO / "config" / "monitoring.yaml").read_text())
-        monitoring.update({"scrape_interval_s": SCRAPE_S, "scrape_timeout_s": SCRAPE_S})
-        (daemon.config_dir / "monitoring.yaml").write_text(yaml.safe_dump(monitoring))
-        self.env = {k: v for k, v in daemon.env.items() if k != "NOTIFY_SOCKET"}
-        self.env["ALPHAPULSE_MONITOR_PORT"] = str(self.port)
-        self.proc: subprocess.Popen[bytes] | None = None
-        self.out_path = self.root / "monitor-output.txt"
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    def start(self) -> MonitorProc:
-        self._out = open(self.out_path, "ab")
-        self.proc = subprocess.Popen([sys.executable, "-m", "alphapulse", "monitor"], env=self.env, cwd=self.root,
-                                     stdin=subprocess.DEVNULL, stdout=self._out, stderr=self._out)
-        return self
-
-    def output(self) -> str:
-        return self.out_path.read_text(errors="replace") if self.out_path.exists() else ""
-
-    async def wait_up(self, session: aiohttp.ClientSession, timeout: float = 30.0) -> None:
-        end = time.monotonic() + timeout
-        while time.monotonic() < end:
-            assert self.proc is not None
-            if self.proc.poll() is not None:
-                raise AssertionError(f"monitor exited with {self.proc.returncode}:\n{self.output()}")
-            try:
-                async with session.get(f"{self.url}/api/snapshot") as resp:
-                    if resp.status == 200:
-                        return
-            except aiohttp.ClientError:
-                pass
-            await asyncio.sleep(0.1)
-        raise AssertionError(f"monitor not answering within {timeout}s:\n{self.output()}")
-
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(15)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(10)
-        if hasattr(self, "_out"):
-            self._out.close()
 
 
 async def _get(session: aiohttp.ClientSession, url: str) -> Any:
@@ -252,7 +193,8 @@ async def _wait_page_has_caught_up(page: Page, candles: int, timeout: float = 30
 async def test_dashboard_live_against_a_real_daemon_and_monitor(tmp_path: Path) -> None:
     replay = slice_bundled(tmp_path / "replay.csv", REPLAY_ROWS, REPLAY_START)
     daemon = DaemonProc(tmp_path, replay_file=replay, speed=REPLAY_SPEED)
-    monitor = MonitorProc(daemon)
+    monitor = MonitorProc(daemon)  # scrapes every 0.5 s
+    mon_url = f"http://127.0.0.1:{monitor.port}"
     browser = Chromium(tmp_path)
     shots = tmp_path / "screenshots"
     shots.mkdir()
@@ -260,11 +202,11 @@ async def test_dashboard_live_against_a_real_daemon_and_monitor(tmp_path: Path) 
     try:
         # 1. The monitor first, with the daemon not started: the page must say so and show the P1 alert.
         monitor.start()
-        await monitor.wait_up(session)
+        await asyncio.to_thread(monitor.wait_ready, 30)
         await browser.start()
         page = await browser.page()
         await page.set_viewport(1280, 900)
-        await page.navigate(f"{monitor.url}/")
+        await page.navigate(f"{mon_url}/")
         await page.evaluate("window.__loadedOnce = true")  # gone if anything reloads the page
         await page.wait_for("document.getElementById('daemon-up').dataset.value === 'false'", what="daemon down")
         down_id = await page.wait_for(
@@ -305,7 +247,7 @@ async def test_dashboard_live_against_a_real_daemon_and_monitor(tmp_path: Path) 
         # Host figures: those of the monitor's snapshot the page rendered last.
         for _ in range(50):
             dom = await page.evaluate(DOM_VALUES)
-            snap = await _get(session, f"{monitor.url}/api/snapshot")
+            snap = await _get(session, f"{mon_url}/api/snapshot")
             if snap["daemon"]["scraped_at"] == dom["updated"]["value"]:
                 for key in ("cpu", "memory", "disk"):
                     _check(dom, f"{key}-pct", snap["host"][f"{key}_pct"])
@@ -331,13 +273,13 @@ async def test_dashboard_live_against_a_real_daemon_and_monitor(tmp_path: Path) 
                             "document.getElementById('token-message').textContent.includes('refused')",
                             what="the dialog asking again after a refused token")
         assert await page.evaluate("localStorage.length") == 0  # a refused token is not kept
-        alerts = await _get(session, f"{monitor.url}/api/alerts")
+        alerts = await _get(session, f"{mon_url}/api/alerts")
         assert {a["id"]: a["state"] for a in alerts["active_alerts"]}[int(ack_id)] == "open"
         await page.type_text(token)
         await page.click("#token-save")
         await page.wait_for(f"document.querySelector('#alerts-active li[data-alert-id=\"{ack_id}\"]')"
                             "?.dataset.state === 'acknowledged'", what="the alert acknowledged on the page")
-        alerts = await _get(session, f"{monitor.url}/api/alerts")
+        alerts = await _get(session, f"{mon_url}/api/alerts")
         acked = next(a for a in alerts["active_alerts"] if a["id"] == int(ack_id))
         assert acked["state"] == "acknowledged" and acked["acknowledged_at"], acked
         assert await page.evaluate(f"!document.querySelector('#alerts-active li[data-alert-id=\"{ack_id}\"] "
@@ -368,9 +310,9 @@ async def test_dashboard_live_against_a_real_daemon_and_monitor(tmp_path: Path) 
         # neighbours with 4xx JSON, not a page or a traceback.
         for method, path, status in (("POST", "/", 405), ("GET", "/dashboard.jsx", 404),
                                      ("DELETE", "/dashboard.js", 405)):
-            async with session.request(method, f"{monitor.url}{path}") as resp:
+            async with session.request(method, f"{mon_url}{path}") as resp:
                 assert resp.status == status and (await resp.json())["status"] == status, (method, path)
-        origin = f"{monitor.url}/"
+        origin = f"{mon_url}/"
         outside = [u for u in page.requests if not (u.startswith(origin) or u.startswith("data:"))]
         assert not outside, outside
         assert {u.split("?")[0] for u in page.requests} >= {origin, f"{origin}dashboard.js", f"{origin}dashboard.css",
@@ -381,12 +323,12 @@ async def test_dashboard_live_against_a_real_daemon_and_monitor(tmp_path: Path) 
 
         # 8. The monitor restarts: the page notices, reconnects by itself and goes on, still without a reload;
         # the acknowledgement (kept in the monitor's SQLite) is still shown.
-        monitor.stop()
+        assert monitor.stop() == 0, monitor.stderr()
         await page.wait_for("document.getElementById('conn').dataset.state !== 'live'", 20,
                             "the page noticing the monitor is gone")
         count = await page.evaluate("Number(document.getElementById('updated').dataset.count)")
         monitor.start()
-        await monitor.wait_up(session)
+        await asyncio.to_thread(monitor.wait_ready, 30)
         await page.wait_for("document.getElementById('conn').dataset.state === 'live' && "
                             f"Number(document.getElementById('updated').dataset.count) > {count + 1}", 30,
                             "the page live again after the monitor restarted")
@@ -398,7 +340,7 @@ async def test_dashboard_live_against_a_real_daemon_and_monitor(tmp_path: Path) 
     finally:
         await session.close()
         await browser.close()
-        monitor.stop()
-        daemon.stop()
+        monitor.close()
         daemon.close()
-    assert token not in monitor.output()
+    for out in monitor.root.glob("stderr-*.txt"):  # the token never reached the monitor's output
+        assert token not in out.read_text(errors="replace"), out
