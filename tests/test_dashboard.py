@@ -306,7 +306,26 @@ async def test_dashboard_live_against_a_real_daemon_and_monitor(tmp_path: Path) 
             data = png.read_bytes()
             assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 20_000, (png, len(data))
 
-        # 7. Nothing left the machine, nothing failed, no script error; the monitor answers the page's
+        # 7. Text from outside is shown as text: an emergency stop whose operator reason is full of markup. The
+        # page shows the state, the reason verbatim, the monitor's P1, and creates no element from it.
+        reason = '<img src="/x-injected" onerror="window.__xss = 1"><b id="injected">stop</b>'
+        status, answer, _ = await asyncio.to_thread(
+            daemon.http, "POST", "/emergency_stop", token=token, body=json.dumps({"reason": reason}).encode(),
+            headers={"Content-Type": "application/json"})
+        assert status == 200, answer
+        await page.set_viewport(1280, 900)
+        await page.wait_for("document.getElementById('trading-state').dataset.value === 'EMERGENCY_STOP'",
+                            what="the emergency stop on the page")
+        assert reason in await page.evaluate("document.getElementById('state-reason').textContent")
+        await page.wait_for("document.querySelector('#alerts-active li[data-rule=\"emergency_stop\"]')"
+                            "?.dataset.severity === 'P1'", what="the P1 emergency_stop alert on the page")
+        assert await page.evaluate("document.getElementById('trading-state-pill').className") == \
+            "pill state st-EMERGENCY_STOP"
+        assert await page.evaluate("!document.getElementById('injected') && !document.querySelector('main img')"
+                                   " && window.__xss === undefined")
+        await page.screenshot(shots / "dashboard-emergency-stop.png")
+
+        # 8. Nothing left the machine, nothing failed, no script error; the monitor answers the page's
         # neighbours with 4xx JSON, not a page or a traceback.
         for method, path, status in (("POST", "/", 405), ("GET", "/dashboard.jsx", 404),
                                      ("DELETE", "/dashboard.js", 405)):
@@ -315,13 +334,14 @@ async def test_dashboard_live_against_a_real_daemon_and_monitor(tmp_path: Path) 
         origin = f"{mon_url}/"
         outside = [u for u in page.requests if not (u.startswith(origin) or u.startswith("data:"))]
         assert not outside, outside
+        assert not [u for u in page.requests if "x-injected" in u]
         assert {u.split("?")[0] for u in page.requests} >= {origin, f"{origin}dashboard.js", f"{origin}dashboard.css",
                                                              f"{origin}api/snapshot", f"{origin}api/stream"}
         assert not page.exceptions, page.exceptions
         assert not page.failed, page.failed
         assert token not in json.dumps(page.console)
 
-        # 8. The monitor restarts: the page notices, reconnects by itself and goes on, still without a reload;
+        # 9. The monitor restarts: the page notices, reconnects by itself and goes on, still without a reload;
         # the acknowledgement (kept in the monitor's SQLite) is still shown.
         assert monitor.stop() == 0, monitor.stderr()
         await page.wait_for("document.getElementById('conn').dataset.state !== 'live'", 20,

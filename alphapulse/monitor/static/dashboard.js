@@ -222,7 +222,7 @@
   function renderTrading(m) {
     const t = m && m.trading ? m.trading : {};
     const st = put('trading-state', t.state ?? null, t.state || '—');
-    st.className = `state st-${t.state || 'none'}`;
+    st.className = `state st-${t.state || 'none'}${t.state && t.state.length > 8 ? ' long' : ''}`;
     $('state-reason').textContent = t.state_reason || '';
     put('trading-mode', t.mode ?? null, t.mode || '—');
     $('trading-symbol').textContent = t.symbol || '—';
