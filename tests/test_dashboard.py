@@ -166,7 +166,8 @@ def _compare_with_metrics(dom: dict[str, Any], m: dict[str, Any]) -> int:
     ]
     for key, expected, scale in checks:
         _check(dom, key, expected, scale)
-    assert dom["trading-state"]["value"] == dom["trading-state"]["text"] == t["state"]
+    assert dom["trading-state"]["value"] == t["state"]
+    assert dom["trading-state"]["text"] == t["state"].replace("_", " ")
     assert dom["trading-state-pill"]["value"] == t["state"]
     assert dom["trading-mode"]["value"] == t["mode"] == "paper"
     assert dom["last-candle"]["value"] == mk["last_candle"]["time"]
@@ -324,6 +325,10 @@ async def test_dashboard_live_against_a_real_daemon_and_monitor(tmp_path: Path) 
         assert await page.evaluate("!document.getElementById('injected') && !document.querySelector('main img')"
                                    " && window.__xss === undefined")
         await page.screenshot(shots / "dashboard-emergency-stop.png")
+        await page.set_viewport(390, 844, mobile=True, scale=2)
+        assert await page.evaluate("(() => { const e = document.getElementById('trading-state');"
+                                   " return e.scrollWidth <= e.parentElement.clientWidth; })()")
+        await page.screenshot(shots / "dashboard-emergency-stop-phone.png")
 
         # 8. Nothing left the machine, nothing failed, no script error; the monitor answers the page's
         # neighbours with 4xx JSON, not a page or a traceback.

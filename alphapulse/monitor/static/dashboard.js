@@ -71,6 +71,9 @@
     return `${duration(s)} ago`;
   }
 
+  /** "EMERGENCY_STOP" reads (and wraps on a phone) as "EMERGENCY STOP"; data-value keeps the API's name. */
+  function stateText(state) { return typeof state === 'string' && state ? state.replace(/_/g, ' ') : '—'; }
+
   function utc(iso) {
     const t = Date.parse(iso);
     if (!Number.isFinite(t)) return '—';
@@ -161,7 +164,7 @@
     banner.textContent = problem ? `Daemon: ${problem}` : '';
     banner.hidden = !problem;
     const state = m && m.trading ? m.trading.state : null;
-    const sp = put('trading-state-pill', state, state || '—');
+    const sp = put('trading-state-pill', state, stateText(state));
     sp.className = `pill state st-${state || 'none'}`;
   }
 
@@ -221,7 +224,7 @@
 
   function renderTrading(m) {
     const t = m && m.trading ? m.trading : {};
-    const st = put('trading-state', t.state ?? null, t.state || '—');
+    const st = put('trading-state', t.state ?? null, stateText(t.state));
     st.className = `state st-${t.state || 'none'}${t.state && t.state.length > 8 ? ' long' : ''}`;
     $('state-reason').textContent = t.state_reason || '';
     put('trading-mode', t.mode ?? null, t.mode || '—');
