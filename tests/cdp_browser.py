@@ -91,7 +91,8 @@ class Page:
         answer = await asyncio.wait_for(fut, timeout)
         if "error" in answer:
             raise CDPError(f"{method}: {answer['error']}")
-        return answer.get("result", {})  # type: ignore[no-any-return]
+        result: dict[str, Any] = answer.get("result", {})
+        return result
 
     async def evaluate(self, expression: str) -> Any:
         """Value of a JavaScript expression (awaited if it is a promise); a thrown error raises CDPError."""
@@ -136,10 +137,10 @@ class Page:
         await self.send("Input.insertText", text=text)
 
     async def press_enter(self) -> None:
-        for kind in ("keyDown", "keyUp"):
-            await self.send("Input.dispatchKeyEvent", type=kind, key="Enter", code="Enter",
-                            windowsVirtualKeyCode=13, nativeVirtualKeyCode=13,
-                            **({"text": "\r"} if kind == "keyDown" else {}))
+        key: dict[str, Any] = {"key": "Enter", "code": "Enter", "windowsVirtualKeyCode": 13,
+                               "nativeVirtualKeyCode": 13}
+        await self.send("Input.dispatchKeyEvent", type="keyDown", text="\r", **key)
+        await self.send("Input.dispatchKeyEvent", type="keyUp", **key)
 
     async def screenshot(self, path: Path, *, full_page: bool = True) -> Path:
         """Save a PNG of the page: with ``full_page`` the viewport grows to the content's height for the shot
