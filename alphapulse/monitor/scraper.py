@@ -98,4 +98,7 @@ class Scraper:
         self.scrapes += 1
         if not daemon["daemon_up"]:
             self.failures += 1
-        return Sample(ts=now, **daemon, **host)
+        return Sample(ts=now, daemon_up=daemon["daemon_up"], health_status=daemon.get("health_status"),
+                      health=daemon.get("health"), metrics=daemon.get("metrics"), error=daemon.get("error"),
+                      scrape_ms=daemon.get("scrape_ms"), cpu_pct=host["cpu_pct"], memory_pct=host["memory_pct"],
+                      disk_pct=host["disk_pct"])

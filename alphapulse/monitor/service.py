@@ -156,9 +156,10 @@ class Monitor:
                 code = 1
         self.notifier.notify("STOPPING=1")
         log.info("stopping")
-        for t in (*tasks, done_waiter, stop_waiter):
+        everything: list[asyncio.Task[Any]] = [*tasks, done_waiter, stop_waiter]
+        for t in everything:
             t.cancel()
-        await asyncio.gather(*tasks, done_waiter, stop_waiter, return_exceptions=True)
+        await asyncio.gather(*everything, return_exceptions=True)
         await self.shutdown()
         log.info("stopped", exit_code=code)
         return code
@@ -275,7 +276,7 @@ class Monitor:
             try:
                 sink.submit(event, alert)
             except Exception as e:  # a broken sink must not stop monitoring or the other sinks
-                log.error("alert sink failed", sink=type(sink).__name__, event=event, error=repr(e))
+                log.error("alert sink failed", sink=type(sink).__name__, alert_event=event, error=repr(e))
 
     def status_line(self) -> str:
         s = self.last

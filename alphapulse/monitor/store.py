@@ -14,7 +14,7 @@ from __future__ import annotations
 import sqlite3
 import threading
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -148,7 +148,8 @@ class MonitorStore:
             by_state = dict(db.execute("SELECT state, COUNT(*) FROM alerts GROUP BY state").fetchall())
             last_24h = db.execute("SELECT COUNT(*) FROM alerts WHERE opened_ms >= ?",
                                   (now_ms - 86_400_000,)).fetchone()[0]
-            resolved = db.execute("SELECT AVG(resolved_ms - opened_ms) FROM alerts WHERE state='resolved'").fetchone()[0]
+            resolved = db.execute("SELECT AVG(resolved_ms - opened_ms) FROM alerts "
+                                  "WHERE state='resolved'").fetchone()[0]
         by_severity = {s: 0 for s in SEVERITIES}
         by_rule: dict[str, int] = {}
         for r in active:
@@ -200,7 +201,3 @@ class MonitorStore:
                                  (older_than_ms,)).rowcount
             self._db.execute("PRAGMA wal_checkpoint(PASSIVE)")
         return {"samples": s, "alerts": a}
-
-
-def active_rules(rows: Iterable[dict[str, Any]]) -> set[str]:
-    return {r["rule"] for r in rows if r["state"] in ACTIVE}

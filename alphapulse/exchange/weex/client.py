@@ -49,6 +49,7 @@ from alphapulse.exchange.weex.errors import (
     raise_for_body,
 )
 from alphapulse.log import get_logger, register_secrets
+from alphapulse.metrics import LatencyHistogram
 
 log = get_logger(__name__)
 
@@ -467,6 +468,10 @@ class WeexClient:
         self.retries = 0
         self.rate_limited = 0
         self.time_syncs = 0
+        # for the monitor's API error-rate and response-time rules: every request sent that did not come back as
+        # a success (timeout, connection error, 5xx, 429, an error body), and how long each answer took
+        self.errors = 0
+        self.latency = LatencyHistogram()
 
     # -- lifecycle -------------------------------------------------------------------------
 
@@ -640,22 +645,29 @@ class WeexClient:
                 status = resp.status
                 retry_after = resp.headers.get("Retry-After")
         except TimeoutError as exc:
+            self._answered(t0, ok=False)
             log.debug("weex_request", method=method, path=path, status=None, weight=weight, attempt=attempt,
                       latency_ms=round((time.monotonic() - t0) * 1000, 1), error="timeout")
             raise ExchangeUnavailable(None, f"timeout after {self.timeout_s}s", None, endpoint) from exc
         except aiohttp.ClientError as exc:
+            self._answered(t0, ok=False)
             log.debug("weex_request", method=method, path=path, status=None, weight=weight, attempt=attempt,
                       latency_ms=round((time.monotonic() - t0) * 1000, 1), error=type(exc).__name__)
             raise ExchangeUnavailable(None, f"{type(exc).__name__}: {exc}", None, endpoint) from exc
         log.debug("weex_request", method=method, path=path, status=status, weight=weight, attempt=attempt,
                   latency_ms=round((time.monotonic() - t0) * 1000, 1))
         try:
-            body = orjson.loads(raw) if raw.strip() else None
-        except orjson.JSONDecodeError:
-            body = None
-            if 200 <= status < 300:
-                raise ExchangeUnavailable(None, f"unparseable body: {raw[:200]!r}", status, endpoint) from None
-        raise_for_body(status, body, endpoint, retry_after)
+            try:
+                body = orjson.loads(raw) if raw.strip() else None
+            except orjson.JSONDecodeError:
+                body = None
+                if 200 <= status < 300:
+                    raise ExchangeUnavailable(None, f"unparseable body: {raw[:200]!r}", status, endpoint) from None
+            raise_for_body(status, body, endpoint, retry_after)
+        except WeexError:
+            self._answered(t0, ok=False)
+            raise
+        self._answered(t0, ok=True)
         return body
 
     # -- market data -----------------------------------------------------------------------
@@ -856,8 +868,17 @@ class WeexClient:
                                                               ("startTime", start_ms)], signed=True, weight=5)
         return [Trade.parse(r) for r in _rows(data) if isinstance(r, dict)]
 
+    def _answered(self, t0: float, ok: bool) -> None:
+        self.latency.add((time.monotonic() - t0) * 1e6)
+        if not ok:
+            self.errors += 1
+
     def describe(self) -> dict[str, object]:
-        """JSON-able counters for /health."""
+        """JSON-able counters for /health and /metrics (the monitor's API error-rate and response-time rules)."""
+        lat = self.latency.summary()
         return {"rest_url": self.rest_url, "offset_ms": self.offset_ms, "requests": self.requests,
                 "retries": self.retries, "rate_limited": self.rate_limited, "time_syncs": self.time_syncs,
+                "errors": self.errors,
+                "latency_ms": {"count": lat["count"], "p50": round(lat["p50"] / 1000, 3),
+                               "p99": round(lat["p99"] / 1000, 3), "max": round(lat["max"] / 1000, 3)},
                 "weight_tokens": round(self._weights.tokens, 1), "limiter_waited_s": round(self._weights.waited_s, 3)}
