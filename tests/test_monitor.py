@@ -247,6 +247,32 @@ def test_a_taken_port_exits_1_with_one_line(tmp_path: Path) -> None:
     assert f"alphapulse monitor: cannot listen on 127.0.0.1:{port}" in r.stderr
 
 
+async def test_a_store_that_cannot_write_degrades_health_but_scraping_goes_on(tmp_path: Path) -> None:
+    """In process: SQLite refusing writes (as on a full disk) turns /health to 503 with the reason; scraping goes
+    on, the watchdog would keep pinging (a restart cannot free a disk), and the alert opens once writes work."""
+    from alphapulse.monitor.service import Monitor
+    from alphapulse.monitor.settings import load_monitor_settings
+
+    env = {"ALPHAPULSE_DATA_DIR": str(tmp_path / "d"), "ALPHAPULSE_CONTROL_PORT": str(free_port())}
+    mon = Monitor(load_monitor_settings(tmp_path, env=env))
+    mon.settings.daemon.data_dir.mkdir()
+    from alphapulse.monitor.store import MonitorStore
+
+    mon.store = MonitorStore(mon.settings.db_path)
+    try:
+        mon.store._db.execute("PRAGMA query_only=ON")  # every write now fails like a full disk would
+        assert await mon.scrape_once() == []
+        code, body = mon.health()
+        assert code == 503 and body["problem"].startswith("cannot record samples and alerts"), body
+        assert mon.stalled() is None and "daemon_down" not in mon.book.open
+        mon.store._db.execute("PRAGMA query_only=OFF")
+        changed = await mon.scrape_once()
+        assert [(k, a["rule"]) for k, a in changed] == [("opened", "daemon_down")]
+        assert mon.health()[0] == 200
+    finally:
+        await mon.shutdown()
+
+
 # ------------------------------------------------------------------------------- with a real daemon (slow)
 
 

@@ -491,3 +491,4 @@ def test_metrics_fixture_is_not_shared_between_tests() -> None:
     a = daemon_metrics(portfolio__drawdown=0.5)
     assert daemon_metrics()["portfolio"]["drawdown"] == 0.0 and a["portfolio"]["drawdown"] == 0.5
     assert copy.deepcopy(a) == a
+

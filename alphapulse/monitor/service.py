@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import signal
+import sqlite3
 import sys
 import time
 from collections import deque
@@ -88,12 +89,12 @@ class Monitor:
         self._lock = asyncio.Lock()  # one alert change at a time: a scrape's transitions or an acknowledgement
         self._runner: web.AppRunner | None = None
         self._daemon_was_up: bool | None = None
+        self.store_error: str | None = None  # why the last sample could not be recorded
 
     # ---- start / stop ------------------------------------------------------------------------------------------
     async def start(self) -> None:
         s = self.settings
         try:
-            s.daemon.data_dir.mkdir(parents=True, exist_ok=True)
             self.token, _ = await asyncio.to_thread(ensure_control_token, s.daemon)
             self.store = await asyncio.to_thread(MonitorStore, s.db_path)
             open_alerts = await asyncio.to_thread(self.store.open_alerts)
@@ -193,8 +194,15 @@ class Monitor:
     def scrape_age_s(self) -> float | None:
         return None if self.last_scrape_mono is None else time.monotonic() - self.last_scrape_mono
 
+    def problem(self) -> str | None:
+        """Why /health says 503: scrapes stopped, or samples cannot be recorded (a full disk).  Only the first
+        withholds the watchdog: a restart would not free the disk, and restarts would soon hit the start limit."""
+        if self.store_error is not None:
+            return f"cannot record samples and alerts: {self.store_error}"
+        return self.stalled()
+
     def stalled(self) -> str | None:
-        """Why the monitor itself is not working (scrapes stopped completing), or None."""
+        """Why the monitor's scrape loop is not working (no scrape completed for a while), or None."""
         limit = 3 * self.settings.scrape_interval_s + self.settings.scrape_timeout_s + 5
         age = self.scrape_age_s()
         if age is None:
@@ -233,8 +241,20 @@ class Monitor:
         async with self._lock:
             transitions = self.book.evaluate(checks)
             assert self.store is not None
-            changed = await asyncio.to_thread(self.store.record, int(sample.ts * 1000), series_of(sample, checks),
-                                              sample.daemon_up, transitions)
+            try:
+                changed = await asyncio.to_thread(self.store.record, int(sample.ts * 1000),
+                                                  series_of(sample, checks), sample.daemon_up, transitions)
+            except sqlite3.Error as e:
+                # A full disk or a locked file: keep scraping (and serving what is known); the transitions are
+                # found again on the next scrape, since the rules still see no alert where one should open.
+                changed = []
+                if self.store_error is None:
+                    log.error("cannot record the sample and its alerts", db=str(self.settings.db_path), error=str(e))
+                self.store_error = str(e)
+            else:
+                if self.store_error is not None:
+                    log.info("recording works again", db=str(self.settings.db_path))
+                self.store_error = None
             for _kind, alert in changed:
                 self.book.applied(alert)
         self.last = sample
@@ -339,7 +359,7 @@ class Monitor:
 
     def health(self) -> tuple[int, dict[str, Any]]:
         """The monitor's own health (200 while scrapes complete, whatever the daemon does) and what it sees."""
-        problem = self.stalled()
+        problem = self.problem()
         s = self.last
         body = {
             "status": "stalled" if problem else "ok",
