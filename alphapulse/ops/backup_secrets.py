@@ -1,0 +1,71 @@
+"""Secrets in the configuration files a backup copies: found by key name, left out, and merged back on restore.
+
+A backup without ``--include-secrets`` must not carry the exchange keys or tokens, yet should restore a working
+configuration: secret assignments in ``*.env`` files are commented out with a marker, and a restore puts the
+value of the file in place back on that line (:func:`merge_env`).  Secret YAML scalars are blanked (an empty
+``control.token`` makes the daemon use its ``control_token`` file).  Names count as secret by the log redactor's
+rule (:func:`alphapulse.log.is_secret_key`), the daemon's own credential variables, and any ``*_KEY``.
+"""
+
+from __future__ import annotations
+
+import re
+
+from alphapulse.config import SECRET_ENV
+from alphapulse.log import is_secret_key
+
+LEFT_OUT = "# left out of this backup (secret)"
+
+_ENV_LINE = re.compile(r"^(\s*(?:export\s+)?)([A-Za-z_][A-Za-z0-9_]*)(\s*=)(.*)$")
+_LEFT_OUT_LINE = re.compile(r"^# ([A-Za-z_][A-Za-z0-9_]*)= +" + re.escape(LEFT_OUT) + r"$")
+_YAML_LINE = re.compile(r"^(\s*)([A-Za-z0-9_\-]+)(\s*:\s*)(\S.*?)\s*$")
+_YAML_EMPTY = ('""', "''", "~", "null")
+
+
+def is_secret_env(name: str) -> bool:
+    """Exchange keys, tokens, passphrases and any ``*_KEY`` (the backup key itself, cloud keys)."""
+    return name in SECRET_ENV or name.upper().endswith("_KEY") or is_secret_key(name)
+
+
+def sanitize_env(text: str) -> tuple[str, list[str]]:
+    """An env file with every non-empty secret assignment commented out; returns (text, keys left out)."""
+    out, left = [], []
+    for line in text.splitlines(keepends=True):
+        m = _ENV_LINE.match(line.rstrip("\n"))
+        if m and is_secret_env(m.group(2)) and m.group(4).strip().strip("'\""):
+            left.append(m.group(2))
+            line = f"# {m.group(2)}=  {LEFT_OUT}\n"
+        out.append(line)
+    return "".join(out), left
+
+
+def merge_env(backed_up: str, current: str | None) -> str:
+    """The env file a restore writes: the backup's, with each secret it left out taken from the file in place."""
+    if current is None:
+        return backed_up
+    have: dict[str, str] = {}
+    for line in current.splitlines():
+        m = _ENV_LINE.match(line)
+        if m:
+            have[m.group(2)] = line
+    out = []
+    for line in backed_up.splitlines(keepends=True):
+        m = _LEFT_OUT_LINE.match(line.rstrip("\n"))
+        if m and m.group(1) in have:
+            line = have[m.group(1)] + "\n"
+        out.append(line)
+    return "".join(out)
+
+
+def sanitize_yaml(text: str) -> tuple[str, list[str]]:
+    """A YAML file with secret scalar values (``token: abc``) blanked, comments and layout kept."""
+    out, left = [], []
+    for line in text.splitlines(keepends=True):
+        m = _YAML_LINE.match(line.rstrip("\n"))
+        if m and is_secret_key(m.group(2)):
+            value = m.group(4).split(" #")[0].strip()
+            if value and value not in _YAML_EMPTY and not value.startswith(("#", "|", ">", "{", "[")):
+                left.append(m.group(2))
+                line = f'{m.group(1)}{m.group(2)}{m.group(3)}""  {LEFT_OUT}\n'
+        out.append(line)
+    return "".join(out), left
