@@ -51,7 +51,7 @@ from typing import IO, Any
 from alphapulse import __version__
 from alphapulse.config import ConfigError, Settings
 from alphapulse.ops.backup_crypto import KEY_ENV, BackupCryptoError, check_passphrase, decrypt_bytes, encrypt_file
-from alphapulse.ops.backup_secrets import merge_env, sanitize_env, sanitize_yaml
+from alphapulse.ops.backup_secrets import merge_env, merge_yaml, sanitize_env, sanitize_yaml
 from alphapulse.ops.inuse import databases_in_use
 
 COMPONENTS = ("config", "data", "models", "logs")
@@ -535,12 +535,14 @@ def _current_hash(p: Path) -> str | None:
 
 
 def _desired(f: dict[str, Any], data: bytes | None, target: Path) -> tuple[str, bytes | None]:
-    """(hash of what the restore writes, those bytes when they differ from the archive's: a merged env file)."""
+    """(hash of what the restore writes, those bytes when they differ from the archive's: a configuration file
+    whose left-out secrets are taken from the file in place)."""
     if "link" in f:
         return "link:" + f["link"], None
-    if f.get("kind") == "env" and data is not None:
+    if f.get("kind") in ("env", "yaml") and data is not None:
         cur = target.read_text(encoding="utf-8") if target.is_file() else None
-        merged = merge_env(data.decode("utf-8"), cur).encode("utf-8")
+        merge = merge_env if f["kind"] == "env" else merge_yaml
+        merged = merge(data.decode("utf-8"), cur).encode("utf-8")
         return hashlib.sha256(merged).hexdigest(), merged
     return str(f["sha256"]), None
 
@@ -548,7 +550,7 @@ def _desired(f: dict[str, Any], data: bytes | None, target: Path) -> tuple[str, 
 def plan_restore(bdir: Path, roots: Roots, components: Sequence[str] | None = None,
                  passphrase: str | None = None) -> tuple[RestorePlan, dict[str, bytes]]:
     """What a restore would do, after checking every archived file against its manifest hash.  Returns the plan
-    and the bytes to write for files whose content is not the archive's (env files with secrets merged)."""
+    and the bytes to write for files whose content is not the archive's (configuration with secrets merged)."""
     m = read_manifest(bdir)
     comps = list(components) if components else [c for c in m["components"]]
     bad = [c for c in comps if c not in m["components"]]
@@ -564,7 +566,7 @@ def plan_restore(bdir: Path, roots: Roots, components: Sequence[str] | None = No
     with _open_payload(bdir, m, passphrase) as tar:
         for ti in tar:
             f = files.get(ti.name)
-            if f is not None and f.get("kind") == "env" and (fo := tar.extractfile(ti)) is not None:
+            if f is not None and f.get("kind") in ("env", "yaml") and (fo := tar.extractfile(ti)) is not None:
                 small[ti.name] = fo.read()
     plan = RestorePlan(bdir.name, comps)
     protected = {lo["path"] for lo in m.get("left_out", []) if "keys" not in lo}  # secret files left out
@@ -593,12 +595,12 @@ def restore_backup(bdir: Path, roots: Roots, components: Sequence[str] | None = 
     busy = databases_in_use(roots.data_dir)
     who = "; ".join(f"{db.name} is open by pid {pid} ({cmd})" for db, pid, cmd in busy)
     if busy and not dry_run:
-        raise BackupError(f"restore refused: the daemon is running ({who}); stop it first "
+        raise BackupError(f"restore refused: the daemon (or another process) has the state open: {who}; stop it first "
                           "(systemctl stop alphapulse-trading) and run the restore again")
     plan, envs = plan_restore(bdir, roots, components, passphrase)
     if dry_run:
         if busy:
-            print(f"alphapulse backup: note: the daemon is running ({who}): the real restore will be refused until "
+            print(f"alphapulse backup: note: the state is in use ({who}): the real restore will be refused until "
                   "it stops, and its files change meanwhile", file=sys.stderr)
         return plan, None
     pre: Path | None = None

@@ -57,15 +57,54 @@ def merge_env(backed_up: str, current: str | None) -> str:
     return "".join(out)
 
 
+_YAML_KEY = re.compile(r"^(\s*)([A-Za-z0-9_\-]+)\s*:(?:\s|$)")
+
+
+def _yaml_paths(lines: list[str]) -> list[tuple[str, ...] | None]:
+    """The dotted path of the mapping key on each line (None for other lines), from indentation alone: enough
+    for the block-style configuration files the daemon reads, without a YAML round trip that drops comments."""
+    stack: list[tuple[int, str]] = []
+    out: list[tuple[str, ...] | None] = []
+    for line in lines:
+        m = _YAML_KEY.match(line)
+        if m is None:
+            out.append(None)
+            continue
+        indent = len(m.group(1))
+        while stack and stack[-1][0] >= indent:
+            stack.pop()
+        stack.append((indent, m.group(2)))
+        out.append(tuple(k for _, k in stack))
+    return out
+
+
 def sanitize_yaml(text: str) -> tuple[str, list[str]]:
-    """A YAML file with secret scalar values (``token: abc``) blanked, comments and layout kept."""
+    """A YAML file with secret scalar values (``token: abc``) blanked, comments and layout kept; returns the
+    text and the dotted keys left out."""
+    lines = text.splitlines(keepends=True)
     out, left = [], []
-    for line in text.splitlines(keepends=True):
+    for line, path in zip(lines, _yaml_paths(lines)):
         m = _YAML_LINE.match(line.rstrip("\n"))
-        if m and is_secret_key(m.group(2)):
+        if m and path and is_secret_key(m.group(2)):
             value = m.group(4).split(" #")[0].strip()
             if value and value not in _YAML_EMPTY and not value.startswith(("#", "|", ">", "{", "[")):
-                left.append(m.group(2))
+                left.append(".".join(path))
                 line = f'{m.group(1)}{m.group(2)}{m.group(3)}""  {LEFT_OUT}\n'
         out.append(line)
     return "".join(out), left
+
+
+def merge_yaml(backed_up: str, current: str | None) -> str:
+    """The YAML file a restore writes: the backup's, with each secret value it left out taken from the file in
+    place when that file has the same key (same dotted path)."""
+    if current is None:
+        return backed_up
+    cur_lines = current.splitlines(keepends=True)
+    have = {p: ln if ln.endswith("\n") else ln + "\n" for ln, p in zip(cur_lines, _yaml_paths(cur_lines)) if p}
+    lines = backed_up.splitlines(keepends=True)
+    out = []
+    for line, path in zip(lines, _yaml_paths(lines)):
+        if path and line.rstrip("\n").endswith(LEFT_OUT) and path in have and LEFT_OUT not in have[path]:
+            line = have[path]
+        out.append(line)
+    return "".join(out)

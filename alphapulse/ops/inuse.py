@@ -43,7 +43,7 @@ def _cmdline(pid: int) -> str:
         raw = Path(f"/proc/{pid}/cmdline").read_bytes()
     except OSError:
         return "?"
-    return " ".join(a.decode(errors="replace") for a in raw.split(b"\0") if a)[:200]
+    return " ".join(raw.decode(errors="replace").replace("\0", " ").split())[:200]  # one line, whatever argv holds
 
 
 def databases_in_use(data_dir: Path) -> list[tuple[Path, int, str]]:
