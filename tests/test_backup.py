@@ -383,6 +383,20 @@ def test_verify_detects_a_damaged_payload_and_a_tampered_file(state: Path) -> No
     assert tree(state) == before
 
 
+def test_a_manifest_naming_a_path_outside_the_state_is_refused(state: Path, tmp_path: Path) -> None:
+    env = env_for(state)
+    assert cli(env, "create", "--type", "logs").returncode == 0
+    name = only_backup(state)
+    mpath = state / "backups" / name / MANIFEST
+    m = json.loads(mpath.read_text())
+    m["files"][0]["path"] = "logs/../../escaped.txt"
+    mpath.write_text(json.dumps(m))
+    for args in (("verify", name), ("restore", "--backup-name", name)):
+        r = cli(env, *args)
+        assert r.returncode == 1 and "unsafe or foreign path: 'logs/../../escaped.txt'" in r.stderr, r.stderr
+    assert not (state / "escaped.txt").exists()
+
+
 # ------------------------------------------------------------------------------------------------- secrets
 
 

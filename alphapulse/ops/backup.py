@@ -356,6 +356,12 @@ def read_manifest(bdir: Path) -> dict[str, Any]:
         raise BackupError(f"{bdir.name}: unreadable manifest: {e}") from None
     if not isinstance(m, dict) or m.get("format") != FORMAT or not isinstance(m.get("files"), list):
         raise BackupError(f"{bdir.name}: not a format-{FORMAT} AlphaPulse backup manifest")
+    for f in m["files"]:  # a restore writes to paths built from these names: none may leave its directory
+        path = f.get("path") if isinstance(f, dict) else None
+        parts = path.split("/") if isinstance(path, str) else []
+        if (len(parts) < 2 or parts[0] not in COMPONENTS or f.get("component") != parts[0]
+                or any(p in ("", ".", "..") for p in parts) or "\0" in path):  # type: ignore[operator]
+            raise BackupError(f"{bdir.name}: manifest names an unsafe or foreign path: {path!r}")
     return m
 
 
