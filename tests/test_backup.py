@@ -233,6 +233,25 @@ def test_backup_taken_mid_trading_restores_into_an_empty_state_and_the_daemon_re
     decided = [json.loads(ln)["candle_time"] for ln in (new / "log" / "ai_decisions.json").read_text().splitlines()]
     assert len(decided) == len(want["decisions"]) and len(set(decided)) == len(decided)
 
+    # and it trades on from there exactly as an uninterrupted run over the same candles does
+    d.env["ALPHAPULSE_REPLAY_FILE"] = str(replay)
+    d.args = ("--exit-at-end",)
+    ref = DaemonProc(tmp_path / "ref", replay_file=replay, args=("--exit-at-end",))
+    try:
+        d.start()
+        assert d.wait_exit(timeout=240) == 0, d.stderr()
+        ref.start()
+        assert ref.wait_exit(timeout=240) == 0, ref.stderr()
+    finally:
+        d.close()
+        ref.close()
+    resumed, uninterrupted = db_contents(new / "data" / "alphapulse.db"), db_contents(ref.data_dir / "alphapulse.db")
+    assert resumed["decisions"][:len(want["decisions"])] == want["decisions"]
+    assert resumed["decisions"] == uninterrupted["decisions"]
+    assert resumed["fills"] == uninterrupted["fills"]
+    assert resumed["state"]["portfolio"] == uninterrupted["state"]["portfolio"]
+    assert (new / "log" / "trades.csv").read_text() == (ref.log_dir / "trades.csv").read_text()
+
 
 # ------------------------------------------------------------------------------------- restore and dry run
 
