@@ -577,6 +577,11 @@ def test_bad_input_gets_one_clear_line(state: Path) -> None:
     assert r.returncode == 2 and "not a backup name" in r.stderr
     r = cli(env_for(state), "create", "--type", "everything")
     assert r.returncode == 2
+    (state / "not-a-dir").write_text("")
+    r = cli(env_for(state, ALPHAPULSE_BACKUP_DIR=str(state / "not-a-dir" / "b")), "create", "--type", "logs")
+    assert r.returncode == 78 and r.stderr.startswith("alphapulse: config error: environment: ALPHAPULSE_BACKUP_DIR: "
+                                                      "cannot write backups to "), r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1
     for r in (cli(env_for(state, BACKUP_S3_ENABLED="maybe"), "create"), cli(env_for(state), "verify", "x")):
         assert "Traceback" not in r.stderr
 

@@ -285,7 +285,13 @@ def create_backup(roots: Roots, btype: str, *, include_secrets: bool = False, pa
         srcs, lo = _sources(roots, comp, include_secrets)
         plan += srcs
         left += lo
-    roots.backup_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    try:
+        roots.backup_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        if not os.access(roots.backup_dir, os.W_OK):
+            raise PermissionError(13, "not writable")
+    except OSError as e:
+        raise ConfigError("environment", BACKUP_DIR_ENV,
+                          f"cannot write backups to {roots.backup_dir}: {e.strerror or e}") from None
     now = time.time() if now is None else now
     bdir = _backup_name(btype, now, roots.backup_dir)
     staging = bdir / ".staging"
