@@ -328,6 +328,8 @@ def create_backup(roots: Roots, btype: str, *, include_secrets: bool = False, pa
             payload = bdir / PAYLOAD_ENC
             encrypt_file(plain, payload, passphrase)
             plain.unlink()
+        with open(payload, "rb") as fh:
+            os.fsync(fh.fileno())
         size = payload.stat().st_size
         digest = sha256_file(payload)  # read back from disk: what is recorded is what was written
         manifest = {
@@ -341,6 +343,10 @@ def create_backup(roots: Roots, btype: str, *, include_secrets: bool = False, pa
                         "model_path": str(roots.model_path) if roots.model_path else None},
             "files": files, "left_out": left, "databases": dbs,
         }
+        # verified before it counts: the archive read back, every file against its hash, each database checked
+        problems = verify_backup(bdir, passphrase, manifest)
+        if problems:
+            raise BackupError(f"the new backup fails verification, removed: {'; '.join(problems)}")
         _fsync_write(bdir / MANIFEST, json.dumps(manifest, indent=1).encode())
     except BaseException:
         shutil.rmtree(bdir, ignore_errors=True)
@@ -403,8 +409,9 @@ def _name_time(name: str) -> float | None:
 def latest_backup_time(backup_dir: Path) -> float | None:
     """Epoch seconds of the newest complete backup (manifest present, payload the recorded size), else None.
 
-    Creation reads every payload back and hashes it before the manifest is written, so a manifest is only there
-    for a backup verified at creation; the size check catches a payload truncated since.  ``verify`` hashes all."""
+    Creation verifies every backup (:func:`verify_backup`) before it writes the manifest, so a manifest is only
+    there for a backup verified at creation; the size check catches a payload truncated since (``verify`` rereads
+    everything, too slow for a health check)."""
     best: float | None = None
     for _p, m, problem in iter_backups(backup_dir):
         if m is not None and problem is None:
@@ -438,9 +445,10 @@ def _hash_stream(f: IO[bytes], out: IO[bytes] | None = None) -> str:
     return h.hexdigest()
 
 
-def verify_backup(bdir: Path, passphrase: str | None = None) -> list[str]:
-    """Every problem found: payload hash, each file's sha256 and presence, and each database's integrity."""
-    m = read_manifest(bdir)
+def verify_backup(bdir: Path, passphrase: str | None = None, manifest: dict[str, Any] | None = None) -> list[str]:
+    """Every problem found: payload hash, each file's sha256 and presence, and each database's integrity.
+    ``manifest``: check against this one instead of the directory's (a backup being created has none yet)."""
+    m = read_manifest(bdir) if manifest is None else manifest
     problems: list[str] = []
     try:
         tar = _open_payload(bdir, m, passphrase)
