@@ -447,6 +447,35 @@ def test_secrets_are_left_out_of_backups_by_default(state: Path, tmp_path: Path)
     assert load_settings(fresh / "config", env={}).control_token is None
 
 
+def test_secret_lines_are_found_by_name_and_merged_back_by_key() -> None:
+    from alphapulse.ops.backup_secrets import merge_env, merge_yaml, sanitize_env, sanitize_yaml
+
+    env = ('TRADING_MODE=live\nexport WEEX_API_KEY="k-123456"\nWEEX_PASSPHRASE=\nAWS_SECRET_ACCESS_KEY=aws-999\n'
+           "ALPHAPULSE_BACKUP_KEY=passphrase-long-1\n# WEEX_SECRET_KEY=old-key-777\nWEEX_REST_URL=https://x\n")
+    clean, keys = sanitize_env(env)
+    assert keys == ["WEEX_API_KEY", "AWS_SECRET_ACCESS_KEY", "ALPHAPULSE_BACKUP_KEY",  # an empty value is no secret
+                    "WEEX_SECRET_KEY (commented out)"]
+    for v in ("k-123456", "aws-999", "passphrase-long-1", "old-key-777"):
+        assert v not in clean
+    assert "TRADING_MODE=live\n" in clean and "WEEX_PASSPHRASE=\n" in clean and "WEEX_REST_URL=https://x\n" in clean
+    # merged with the file in place: its values return, lines it lacks stay commented out
+    merged = merge_env(clean, 'export WEEX_API_KEY="k-new"\nALPHAPULSE_BACKUP_KEY=other-passphrase\n')
+    assert 'export WEEX_API_KEY="k-new"\n' in merged and "ALPHAPULSE_BACKUP_KEY=other-passphrase\n" in merged
+    assert "# AWS_SECRET_ACCESS_KEY=  # left out of this backup (secret)\n" in merged
+    assert "# WEEX_SECRET_KEY=  # (an old, commented-out value was left out of this backup)\n" in \
+        merge_env(clean, "WEEX_SECRET_KEY=active-in-place\n"), "a commented line stays commented"
+    assert merge_env(clean, None) == clean
+
+    yml = "control:\n  host: 127.0.0.1\n  token: abc-secret-1  # set by ops\nfeed:\n  token: ''\nnotify:\n" \
+          "  webhook:\n    password: pw-secret-2\n"
+    clean, keys = sanitize_yaml(yml)
+    assert keys == ["control.token", "notify.webhook.password"]
+    assert "abc-secret-1" not in clean and "pw-secret-2" not in clean and "  token: ''\n" in clean
+    merged = merge_yaml(clean, "control:\n  token: in-place-3\nnotify:\n  webhook:\n    password: in-place-4\n")
+    assert "  token: in-place-3\n" in merged and "    password: in-place-4\n" in merged
+    assert merged.count("token:") == 2 and "host: 127.0.0.1" in merged
+
+
 def test_include_secrets_needs_a_key_and_encrypts(state: Path, tmp_path: Path) -> None:
     add_secrets(state)
     r = cli(env_for(state), "create", "--type", "full", "--include-secrets")

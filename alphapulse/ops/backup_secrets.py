@@ -27,14 +27,26 @@ def is_secret_env(name: str) -> bool:
     return name in SECRET_ENV or name.upper().endswith("_KEY") or is_secret_key(name)
 
 
+_COMMENTED = re.compile(r"^\s*#+\s*(?:export\s+)?([A-Za-z_][A-Za-z0-9_]*)\s*=(.*)$")
+COMMENTED_OUT = "# (an old, commented-out value was left out of this backup)"
+
+
 def sanitize_env(text: str) -> tuple[str, list[str]]:
-    """An env file with every non-empty secret assignment commented out; returns (text, keys left out)."""
+    """An env file with every non-empty secret assignment commented out; returns (text, keys left out).
+
+    A commented-out assignment of a secret (an old key kept "just in case") loses its value too, with a marker
+    that :func:`merge_env` does not turn back into an active line."""
     out, left = [], []
     for line in text.splitlines(keepends=True):
-        m = _ENV_LINE.match(line.rstrip("\n"))
+        bare = line.rstrip("\n")
+        m = _ENV_LINE.match(bare)
         if m and is_secret_env(m.group(2)) and m.group(4).strip().strip("'\""):
             left.append(m.group(2))
             line = f"# {m.group(2)}=  {LEFT_OUT}\n"
+        elif (c := _COMMENTED.match(bare)) and is_secret_env(c.group(1)) and c.group(2).strip().strip("'\"") \
+                and not bare.endswith(LEFT_OUT):
+            left.append(f"{c.group(1)} (commented out)")
+            line = f"# {c.group(1)}=  {COMMENTED_OUT}\n"
         out.append(line)
     return "".join(out), left
 
