@@ -758,3 +758,35 @@ def test_timers_follow_the_schedule() -> None:
             assert gaps == [7, 7] and all(e.startswith("Sun") for e in elapses[:3])
         else:
             assert all(s.tm_mday == 1 for s in stamps) and all(28 <= g <= 31 for g in gaps)
+
+
+def test_backup_runs_under_the_backup_units_seccomp_rules(traded_state: Path, tmp_path: Path, s3_server: Any) -> None:
+    """`alphapulse backup create` (SQLite, tar, AES-GCM, boto3 to the S3 server) and `prune` inside the unit's own
+    MemoryDenyWriteExecute=, RestrictAddressFamilies= and SystemCallFilter= rules, with the unit's environment."""
+    from tests.test_systemd_unit import environment, expand_specifiers, parse_unit, sandbox_config, sandboxed
+
+    _require_systemd_analyze()
+    unit = parse_unit((SYSTEMD / "alphapulse-backup@.service").read_text())
+    dirs = {"S": tmp_path / "state", "L": tmp_path / "logs", "E": tmp_path / "etc"}
+    shutil.copytree(traded_state / "data", dirs["S"] / "alphapulse")
+    shutil.copytree(traded_state / "log", dirs["L"] / "alphapulse")
+    shutil.copytree(traded_state / "config", dirs["E"] / "alphapulse")
+    _s3, s3env = s3_server
+    env = {**clean_env(), **{k: expand_specifiers(v, dirs) for k, v in environment(unit).items()}, **s3env,
+           "ALPHAPULSE_BACKUP_KEY": KEY, "PYTHONPATH": str(REPO)}
+    config = sandbox_config(unit)
+    for args in (["create", "--type", "full", "--include-secrets"], ["prune", "--type", "full", "--keep-daily", "7"]):
+        r = subprocess.run(sandboxed(config, [sys.executable, "-m", "alphapulse", "backup", *args]), env=env,
+                           capture_output=True, text=True, timeout=180, cwd=tmp_path)
+        assert r.returncode == 0, r.stderr
+        assert "Operation not permitted" not in r.stderr
+    backups = dirs["S"] / "alphapulse-backups"
+    (name,) = [p.name for p in backups.iterdir()]
+    r = cli({**env, "ALPHAPULSE_BACKUP_DIR": str(backups)}, "verify", name)
+    assert r.returncode == 0, r.stdout + r.stderr
+    # the rules are in force: without AF_INET the offsite copy cannot leave (and the local backup is kept)
+    unit["Service"]["RestrictAddressFamilies"] = ["AF_UNIX"]
+    r = subprocess.run(sandboxed(sandbox_config(unit), [sys.executable, "-m", "alphapulse", "backup", "create",
+                                                        "--type", "config"]),
+                       env=env, capture_output=True, text=True, timeout=180, cwd=tmp_path)
+    assert r.returncode == 1 and "offsite copy failed" in r.stderr, r.stderr
