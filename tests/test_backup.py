@@ -474,6 +474,10 @@ def test_secret_lines_are_found_by_name_and_merged_back_by_key() -> None:
     merged = merge_yaml(clean, "control:\n  token: in-place-3\nnotify:\n  webhook:\n    password: in-place-4\n")
     assert "  token: in-place-3\n" in merged and "    password: in-place-4\n" in merged
     assert merged.count("token:") == 2 and "host: 127.0.0.1" in merged
+    clean, keys = sanitize_yaml("auth:\n  private_key: |\n    -----BEGIN KEY-----\n    c2VjcmV0\n\n  api_key: [a, b]\n"
+                                "level: INFO\n")
+    assert keys == ["auth.private_key", "auth.api_key"]
+    assert "c2VjcmV0" not in clean and "BEGIN" not in clean and "[a, b]" not in clean and "level: INFO\n" in clean
 
 
 def test_include_secrets_needs_a_key_and_encrypts(state: Path, tmp_path: Path) -> None:

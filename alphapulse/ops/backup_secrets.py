@@ -95,13 +95,20 @@ def sanitize_yaml(text: str) -> tuple[str, list[str]]:
     text and the dotted keys left out."""
     lines = text.splitlines(keepends=True)
     out, left = [], []
+    skip_deeper: int | None = None  # the indent of a secret block scalar whose continuation lines are dropped
     for line, path in zip(lines, _yaml_paths(lines)):
+        if skip_deeper is not None:
+            if not line.strip() or len(line) - len(line.lstrip()) > skip_deeper:
+                continue
+            skip_deeper = None
         m = _YAML_LINE.match(line.rstrip("\n"))
         if m and path and is_secret_key(m.group(2)):
             value = m.group(4).split(" #")[0].strip()
-            if value and value not in _YAML_EMPTY and not value.startswith(("#", "|", ">", "{", "[")):
+            if value and value not in _YAML_EMPTY and not value.startswith("#"):
                 left.append(".".join(path))
                 line = f'{m.group(1)}{m.group(2)}{m.group(3)}""  {LEFT_OUT}\n'
+                if value.startswith(("|", ">")):  # a block scalar: its text is on the more-indented lines below
+                    skip_deeper = len(m.group(1))
         out.append(line)
     return "".join(out), left
 
@@ -116,7 +123,8 @@ def merge_yaml(backed_up: str, current: str | None) -> str:
     lines = backed_up.splitlines(keepends=True)
     out = []
     for line, path in zip(lines, _yaml_paths(lines)):
-        if path and line.rstrip("\n").endswith(LEFT_OUT) and path in have and LEFT_OUT not in have[path]:
+        if (path and line.rstrip("\n").endswith(LEFT_OUT) and path in have and LEFT_OUT not in have[path]
+                and not have[path].split(" #")[0].rstrip().endswith(("|", ">", "|-", ">-", ":"))):  # one-line only
             line = have[path]
         out.append(line)
     return "".join(out)
