@@ -356,6 +356,35 @@ def test_restore_of_chosen_components_leaves_the_others_alone(state: Path) -> No
     assert r.returncode == 2 and "has no data" in r.stderr
 
 
+def test_models_backup_keeps_the_versioned_store_with_its_pointer_and_the_configured_file(state: Path) -> None:
+    store = state / "data" / "models"
+    (store / "v1").mkdir(parents=True)
+    (store / "v2").mkdir()
+    (store / "v1" / "model.onnx").write_bytes(b"model one")
+    (store / "v2" / "model.onnx").write_bytes(b"model two")
+    (store / "active").symlink_to("v2")
+    configured = state / "elsewhere" / "custom.onnx"
+    configured.parent.mkdir()
+    configured.write_bytes(b"custom model")
+    env = env_for(state, ALPHAPULSE_MODEL_PATH=str(configured))
+    r = cli(env, "create", "--type", "models")
+    assert r.returncode == 0, r.stderr
+    name = only_backup(state)
+    paths = {f["path"] for f in read_manifest(state / "backups" / name)["files"]}
+    assert paths == {"models/store/active", "models/store/v1/model.onnx", "models/store/v2/model.onnx",
+                     "models/configured/custom.onnx"}
+    shutil.rmtree(store)
+    configured.write_bytes(b"overwritten by mistake")
+    r = cli(env, "restore", "--backup-name", name, "--dry-run")
+    assert r.returncode == 0
+    assert sorted(ln.split()[0] for ln in r.stdout.splitlines()[:-1]) == ["added"] * 3 + ["changed"]
+    r = cli(env, "restore", "--backup-name", name)
+    assert r.returncode == 0, r.stderr
+    assert os.readlink(store / "active") == "v2" and (store / "active" / "model.onnx").read_bytes() == b"model two"
+    assert (store / "v1" / "model.onnx").read_bytes() == b"model one"
+    assert configured.read_bytes() == b"custom model"
+
+
 # ------------------------------------------------------------------------------------------------- verify
 
 
