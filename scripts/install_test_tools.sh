@@ -10,40 +10,42 @@ set -u
 
 log() { printf 'install_test_tools: %s\n' "$*"; }
 
-# command package
-TOOLS="systemd-analyze:systemd logrotate:logrotate"
+# The tool's path: on PATH, or in /usr/sbin (logrotate lives there, outside a normal user's PATH).
+tool_path() {
+    command -v "$1" 2>/dev/null && return 0
+    [ -x "/usr/sbin/$1" ] && { echo "/usr/sbin/$1"; return 0; }
+    return 1
+}
 
-have() { command -v "$1" >/dev/null 2>&1 || [ -x "/usr/sbin/$1" ] || [ -x "/sbin/$1" ]; }
+version() { "$(tool_path "$1")" --version 2>&1 | head -n1; }
 
-missing=""
-for pair in $TOOLS; do
-    cmd=${pair%%:*}
-    pkg=${pair#*:}
-    if have "$cmd"; then
-        log "$cmd present"
-    else
-        missing="$missing $pkg"
+updated=no
+
+# ensure COMMAND DEBIAN-PACKAGE: install the package when the command is missing and we can.
+ensure() {
+    local cmd=$1 pkg=$2
+    if tool_path "$cmd" >/dev/null; then
+        log "$cmd present ($(version "$cmd"))"
+        return 0
     fi
-done
+    if [ "$(id -u)" -ne 0 ] || ! command -v apt-get >/dev/null 2>&1; then
+        log "$cmd missing and cannot install it (need root and apt-get); its tests will skip"
+        return 0
+    fi
+    export DEBIAN_FRONTEND=noninteractive
+    if [ "$updated" = no ]; then
+        apt-get update -qq >/dev/null 2>&1
+        updated=yes
+    fi
+    # Installing the "systemd" package into a container does not start or replace PID 1; it only adds
+    # the binaries (systemd-analyze among them) and unit files. "logrotate" adds its binary and a timer.
+    if apt-get install -y -qq --no-install-recommends "$pkg" >/dev/null 2>&1 && tool_path "$cmd" >/dev/null; then
+        log "installed Debian package $pkg ($(version "$cmd"))"
+    else
+        log "apt-get install $pkg failed; $cmd tests will skip (or fail under CI=true)"
+    fi
+}
 
-if [ -z "$missing" ]; then
-    exit 0
-fi
-
-if [ "$(id -u)" -ne 0 ] || ! command -v apt-get >/dev/null 2>&1; then
-    log "missing packages:$missing; cannot install them (need root and apt-get); their tests will skip"
-    exit 0
-fi
-
-export DEBIAN_FRONTEND=noninteractive
-# Installing the "systemd" package into a container does not start or replace PID 1; it only
-# adds the binaries (systemd-analyze among them) and unit files. "logrotate" adds its binary and
-# a daily timer that does nothing without systemd as PID 1.
-apt-get update -qq >/dev/null 2>&1
-# shellcheck disable=SC2086  # the package list is meant to split
-if apt-get install -y -qq --no-install-recommends $missing >/dev/null 2>&1; then
-    log "installed Debian packages:$missing"
-else
-    log "apt-get install$missing failed; their tests will skip (or fail under CI=true)"
-fi
+ensure systemd-analyze systemd
+ensure logrotate logrotate
 exit 0
