@@ -258,10 +258,12 @@ def test_missing_and_broken_model_fail(tmp_path: Path) -> None:
 def test_live_feed_freshness_from_metrics(tmp_path: Path) -> None:
     """A live feed's last candle against the wall clock, through a real HTTP /metrics."""
     candle = {"time": "2026-01-01T10:00:00.000Z", "close": 1.0}
+    payload: dict[str, Any] = {"market": {"last_candle": candle}, "trading": {"timeframe": "1h"},
+                               "system": {"uptime_s": 4000.0}}
 
     class Handler(_MonitorHandler):
         def do_GET(self) -> None:
-            body = json.dumps({"market": {"last_candle": candle}, "trading": {"timeframe": "1h"}}).encode()
+            body = json.dumps(payload).encode()
             self.send_response(200)
             self.send_header("Content-Type", "application/json")
             self.send_header("Content-Length", str(len(body)))
@@ -278,6 +280,12 @@ def test_live_feed_freshness_from_metrics(tmp_path: Path) -> None:
         assert health.check_feed(s, opts, now=lambda: closed + 5400).status == "degraded"
         r = health.check_feed(s, opts, now=lambda: closed + 3 * 3600)
         assert r.status == "failing" and "no trading" in r.detail
+        payload["market"]["last_candle"] = None  # no bar since start: fine right after a restart, not later
+        payload["system"]["uptime_s"] = 30.0
+        r = health.check_feed(s, opts)
+        assert r.status == "ok" and "has not closed yet" in r.detail
+        payload["system"]["uptime_s"] = 2 * 3600.0
+        assert health.check_feed(s, opts).status == "degraded"
     finally:
         server.shutdown()
         server.server_close()

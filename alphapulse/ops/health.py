@@ -187,7 +187,12 @@ def check_feed(s: Settings, opts: HealthOptions, now: Callable[[], float] = time
         return CheckResult("feed", OK, f"{where}; {market.get('candles_processed', 0)} candles processed "
                            "(replay clock, not wall time)")
     if not last:
-        return CheckResult("feed", DEGRADED, f"no {timeframe} candle processed since the daemon started")
+        uptime = float((metrics.get("system") or {}).get("uptime_s") or 0.0)
+        if uptime <= bar_s + min(bar_s / 2, 120.0):  # just (re)started: the first bar has not closed yet
+            return CheckResult("feed", OK, f"started {uptime:.0f} s ago; the first {timeframe} bar since start "
+                               "has not closed yet")
+        return CheckResult("feed", DEGRADED, f"no {timeframe} candle processed in the {uptime:.0f} s since the "
+                           "daemon started")
     lag = now() - (_parse_iso_ms(last["time"]) + bar_s)  # seconds since that bar closed
     limit_s = s.risk.max_data_age_bars * bar_s
     grace = min(bar_s / 2, 120.0)
