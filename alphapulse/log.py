@@ -10,7 +10,9 @@ Why it is built this way:
   :func:`configure_logging` cuts off the next time the file is opened (so every line stays valid JSON
   for ``jq`` and the log shipper).
 * The file name carries the UTC day and switches on the first record after midnight UTC, so no
-  external logrotate (with its copytruncate races) is needed.
+  renaming is needed; logrotate only enforces retention (``config/logrotate/alphapulse``).  Should
+  something move or remove the open file anyway, :func:`reopen_log_file` (the daemon's housekeeping,
+  every second) reopens it at its path.
 * Under systemd the console lines carry sd-daemon ``<N>`` priority prefixes, so journald stores the
   right priority and ``journalctl -p warning`` works; journald adds its own timestamps, so we do not.
 * One redaction processor feeds both outputs, so a secret cannot leak through one of them only:

@@ -10,6 +10,10 @@ The operator files (``trades.csv``, ``ai_decisions.json``, ``risk_alerts.json``,
 appended after the commit, one ``os.write`` per line on an ``O_APPEND`` descriptor, so a line is either
 whole or absent.  At start a torn tail is cut off and any record the database has but a file lacks
 (the process died between commit and append) is written again, so the files never miss a record.
+
+logrotate may rename them under the daemon (``config/logrotate/alphapulse``): :meth:`OperatorFiles.reopen_rotated`
+reopens a moved file within a second, and the start-up repair reads the last record from the newest rotated
+file (``name.1``, ``name.2.gz``, ...) when the current one is empty, so a rotation neither loses nor repeats lines.
 """
 
 from __future__ import annotations
