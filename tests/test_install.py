@@ -152,6 +152,17 @@ def test_an_interrupted_release_is_rebuilt(tmp_path: Path) -> None:
     assert not (partial / "junk").exists() and (partial / ".complete").exists()
 
 
+def test_another_service_user_reaches_unit_and_logrotate(tmp_path: Path) -> None:
+    root = tmp_path / "root"
+    r = run_install(root, "--version", "1.0-test", "--no-venv", "--user", "trader", "--group", "trading")
+    assert r.returncode == 0, r.stderr
+    assert "user trader does not exist (or not root): leaving file owners as they are" in r.stdout
+    unit = (root / "etc" / "systemd" / "system" / "alphapulse-trading.service").read_text()
+    assert "\nUser=trader\nGroup=trading\n" in unit and "User=alphapulse" not in unit
+    lr = (root / "etc" / "logrotate.d" / "alphapulse").read_text()
+    assert "su trader trading" in lr and "create 0640 trader trading" in lr
+
+
 @pytest.mark.parametrize(("args", "message"), [
     (("--user", "Bad User"), "install.sh: --user: not a valid user name: Bad User"),
     (("--version", "../x"), "install.sh: --version: use letters, digits and ._+- only: ../x"),
