@@ -25,6 +25,7 @@ from pathlib import Path
 
 import pytest
 
+from alphapulse.report import iter_trades, last_data_ms
 from tests.daemon_harness import REPO, DaemonProc, slice_bundled
 
 TEMPLATE = REPO / "config" / "logrotate" / "alphapulse"
@@ -140,6 +141,11 @@ def test_rotation_under_a_writing_daemon_loses_and_tears_nothing(tmp_path: Path)
         assert (gzip.decompress(p.read_bytes()) if p.suffix == ".gz" else p.read_bytes()).count(b"\n") > 0
     n_dec, n_fills = check_files_against_store(d)
     assert n_dec > 200 and n_fills > 0, (n_dec, n_fills)
+    # alphapulse report reads across the generations too: yesterday's lines are in name.1 after a rotation
+    db_ids = [str(r[0]) for r in db_rows(d.data_dir, "SELECT fill_id FROM fills ORDER BY fill_id")]
+    assert [t.fill_id for t in iter_trades(d.log_dir / "trades.csv")] == db_ids
+    first = db_rows(d.data_dir, "SELECT MIN(candle_ts), MAX(candle_ts) FROM decisions")[0]
+    assert last_data_ms(d.log_dir) == first[1]
 
     # rotated while stopped: the current files are empty, and a restart must not write history again
     logrotate(conf, state)
