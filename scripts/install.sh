@@ -238,8 +238,11 @@ if [ "$SYSTEMCTL" = auto ]; then
 fi
 if [ "$SYSTEMCTL" = yes ]; then
     systemctl daemon-reload
-    systemctl enable alphapulse-trading.service
-    say "enabled alphapulse-trading.service; start it with: systemctl start alphapulse-trading"
+    for unit in "$SRC"/systemd/alphapulse-*.service; do
+        [ -e "$unit" ] || continue
+        systemctl enable "$(basename "$unit")"
+        say "enabled $(basename "$unit"); start it with: systemctl start $(basename "$unit" .service)"
+    done
 else
     say "systemctl not run (--root, --no-systemctl or no systemd as PID 1)"
 fi

@@ -289,3 +289,25 @@ def test_live_feed_freshness_from_metrics(tmp_path: Path) -> None:
     finally:
         server.shutdown()
         server.server_close()
+
+
+def test_service_verdicts_from_systemctl(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """With systemd as PID 1 the answer of ``systemctl is-active`` decides.  systemd is not PID 1 here, so a
+    stand-in systemctl on PATH answers, and a directory stands in for /run/systemd/system."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    answer = tmp_path / "answer"
+    tool = bin_dir / "systemctl"
+    tool.write_text(f'#!/bin/sh\n[ "$1 $2" = "is-active alphapulse-trading" ] || exit 9\ncat {answer}\n')
+    tool.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}:{os.environ['PATH']}")
+    run_dir = tmp_path / "run-systemd-system"
+    run_dir.mkdir()
+    opts = health.HealthOptions()
+    for state, verdict in (("active", "ok"), ("activating", "degraded"), ("failed", "failing"),
+                           ("inactive", "failing")):
+        answer.write_text(state + "\n")
+        r = health.check_service(opts, systemd_dir=run_dir)
+        assert (r.status, r.detail) == (verdict, f"alphapulse-trading.service is {state}")
+    r = health.check_service(opts, systemd_dir=tmp_path / "absent")
+    assert r.status == "degraded" and r.detail.startswith("unknown: systemd is not running as PID 1")

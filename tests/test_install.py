@@ -317,7 +317,7 @@ def test_deploy_upgrades_and_rolls_back_a_broken_release(site: Site, tmp_path: P
     assert site.backups_log.read_text().splitlines() == ["releases/v1"]  # backed up before the switch
     processed = site.metrics()["market"]["candles_processed"]  # type: ignore[index]
 
-    bad = site.deploy(broken_checkout(tmp_path / "broken") / "scripts" / "deploy.sh", "v3-broken", timeout_s=20)
+    bad = site.deploy(broken_checkout(tmp_path / "broken") / "scripts" / "deploy.sh", "v3-broken", timeout_s=30)
     assert bad.returncode == 1, bad.stdout + bad.stderr
     assert "ROLLBACK: releases/v3-broken is not healthy; back to releases/v2" in bad.stdout
     assert "rolled back to releases/v2, healthy" in bad.stdout
