@@ -18,6 +18,7 @@
 #   --root DIR             the installation under DIR (tests)
 #   --version V            release name (default: install.sh's, from setup.cfg and git describe)
 #   --venv-from VENV       passed to install.sh (offline build on an existing venv's packages)
+#   --no-venv              passed to install.sh (releases without a venv: staging, and tests of this script)
 #   --health-timeout S     seconds for the new release to become healthy (default 120)
 #   --backup-cmd CMD       default: <current>/bin/alphapulse backup create --type full  (via the env wrapper)
 #   --restart-cmd CMD      default: systemctl restart alphapulse-trading
@@ -31,6 +32,7 @@ SRC=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 ROOT=""
 VERSION=""
 VENV_FROM=""
+NO_VENV=no
 HEALTH_TIMEOUT=120
 BACKUP_CMD=""
 RESTART_CMD=""
@@ -46,6 +48,7 @@ while [ $# -gt 0 ]; do
         --root) need_arg "$@"; ROOT=$2; shift 2 ;;
         --version) need_arg "$@"; VERSION=$2; shift 2 ;;
         --venv-from) need_arg "$@"; VENV_FROM=$2; shift 2 ;;
+        --no-venv) NO_VENV=yes; shift ;;
         --health-timeout) need_arg "$@"; HEALTH_TIMEOUT=$2; shift 2 ;;
         --backup-cmd) need_arg "$@"; BACKUP_CMD=$2; shift 2 ;;
         --restart-cmd) need_arg "$@"; RESTART_CMD=$2; shift 2 ;;
@@ -116,6 +119,7 @@ install_args=(--release-only)
 [ -z "$ROOT" ] || install_args+=(--root "$ROOT")
 [ -z "$VERSION" ] || install_args+=(--version "$VERSION")
 [ -z "$VENV_FROM" ] || install_args+=(--venv-from "$VENV_FROM")
+[ "$NO_VENV" = no ] || install_args+=(--no-venv)
 if ! RELEASE_PATH=$(bash "$SRC/scripts/install.sh" "${install_args[@]}"); then
     say "install of the new release failed: nothing changed, not upgrading"
     exit 1

@@ -345,6 +345,39 @@ def test_deploy_stops_before_changing_anything_when_the_backup_fails(site: Site)
     assert not (site.opt / "releases" / "v2").exists()
 
 
+def test_deploy_keeps_releases_and_reports_an_unhealthy_rollback(tmp_path: Path) -> None:
+    """deploy.sh's own logic with stand-in commands: old releases pruned to --keep (never current or previous),
+    and exit 2 when the release rolled back to is not healthy either."""
+    root = tmp_path / "root"
+    opt = root / "opt" / "alphapulse-rl"
+    assert run_install(root, "--version", "v1", "--no-venv").returncode == 0
+    restarts = tmp_path / "restarts"
+
+    def deploy(version: str, health: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(["bash", str(DEPLOY), "--root", str(root), "--version", version, "--no-venv",
+                               "--keep", "2", "--health-timeout", "1", "--backup-cmd", "true",
+                               "--restart-cmd", f'readlink "$DEPLOY_OPT/current" >> {restarts}',
+                               "--health-cmd", health], capture_output=True, text=True, timeout=120)
+
+    outs = []
+    for i, (prev, v) in enumerate((("v1", "v2"), ("v2", "v3"), ("v3", "v4"))):
+        t = time.time() - 100 + i  # releases age in the order they were made, whatever the clock's resolution
+        os.utime(opt / "releases" / prev, (t, t))
+        r = deploy(v, "true")
+        assert r.returncode == 0, r.stdout + r.stderr
+        outs.append(r.stdout)
+    assert sorted(p.name for p in (opt / "releases").iterdir()) == ["v3", "v4"]
+    assert "removed" not in outs[0]  # v1 is the previous release then: kept
+    assert "removed old release releases/v1" in outs[1] and "removed old release releases/v2" in outs[2]
+
+    # v5 never gets healthy, and neither does v4 after the rollback (the health command fails everywhere)
+    r = deploy("v5", "exit 1")
+    assert r.returncode == 2, r.stdout
+    assert "rolled back to releases/v4 but it is not healthy either" in r.stdout
+    assert os.readlink(opt / "current") == "releases/v4"
+    assert restarts.read_text().splitlines()[-2:] == ["releases/v5", "releases/v4"]
+
+
 def test_deploy_without_an_installation_says_so(tmp_path: Path) -> None:
     r = subprocess.run(["bash", str(DEPLOY), "--root", str(tmp_path)], capture_output=True, text=True, timeout=60)
     assert r.returncode == 1

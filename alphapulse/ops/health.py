@@ -392,7 +392,11 @@ def _settings(config_dir: Path | None) -> Settings:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="alphapulse health", description=__doc__.split("\n\n")[0] if __doc__ else "")
+    p = argparse.ArgumentParser(
+        prog="alphapulse health",
+        description="Is the trading service fit to trade? Checks the service, control API, monitor, feed, model, "
+                    "store, disk, clock and backup with the daemon's own configuration.",
+        epilog="Exit status: 0 healthy, 1 degraded, 2 failing, 78 invalid configuration.")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     p.add_argument("--timeout", type=float, default=3.0, help="seconds each network check may take (default 3)")
     p.add_argument("--unit", default=UNIT, help=f"systemd unit of the daemon (default {UNIT})")
