@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import gzip
 import html
 import json
 import math
@@ -43,7 +44,7 @@ from datetime import UTC, date, datetime, timedelta
 from decimal import Decimal, InvalidOperation
 from itertools import pairwise
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
 from alphapulse.performance import (
     RATIO_CAP,
@@ -56,6 +57,7 @@ from alphapulse.performance import (
     total_return,
     trade_stats,
 )
+from alphapulse.store import rotated_chain
 
 PROG = "alphapulse report"
 TRADES_FILE = "trades.csv"
@@ -199,11 +201,23 @@ class PeriodData:
         return bool(self.trades or self.alerts or self.confidences)
 
 
+def _streams(path: Path) -> Iterator[TextIO]:
+    """``path``'s logrotate generations oldest first (``name.N.gz`` ... ``name.1``), then ``path`` itself, open
+    as text: after a rotation yesterday's records are in ``name.1``, and a report must still see them."""
+    for p in reversed(list(rotated_chain(path))):
+        if not p.exists():
+            continue
+        if p.suffix == ".gz":
+            with gzip.open(p, "rt", encoding="utf-8", errors="replace", newline="") as f:
+                yield f
+        else:
+            with p.open("r", encoding="utf-8", errors="replace", newline="") as f:
+                yield f
+
+
 def _lines(path: Path) -> Iterator[str]:
-    """Lines of a possibly huge, possibly being-appended file, one at a time."""
-    if not path.exists():
-        return
-    with path.open("r", encoding="utf-8", errors="replace") as f:
+    """Lines of a possibly huge, possibly being-appended file (and its rotated generations), one at a time."""
+    for f in _streams(path):
         yield from f
 
 
@@ -216,9 +230,7 @@ def _dec(text: str) -> Decimal:
 
 def iter_trades(path: Path, skipped: Counter[str] | None = None) -> Iterator[TradeRow]:
     """Every well-formed fill of ``trades.csv``; a torn or foreign line is counted and skipped."""
-    if not path.exists():
-        return
-    with path.open("r", encoding="utf-8", errors="replace", newline="") as f:
+    for f in _streams(path):
         for row in csv.reader(f):
             if not row or row[0] == "timestamp":
                 continue
