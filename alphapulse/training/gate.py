@@ -177,9 +177,10 @@ class DailySamples:
         return DailySamples(*(getattr(self, f)[mask] for f in self.__dataclass_fields__))
 
     def window(self, start_ms: int | None, end_ms: int) -> DailySamples:
-        """Rows whose decision is at or after ``start_ms`` and whose whole outcome window ends by ``end_ms``."""
+        """Rows whose decision is at or after ``start_ms`` and whose whole outcome window ends before ``end_ms``
+        (strictly: the exit fill at the open of the bar starting at ``end_ms`` already belongs to the next split)."""
         lo = -(2**62) if start_ms is None else start_ms
-        return self.where((self.ts >= lo) & (self.end_ts <= end_ms))
+        return self.where((self.ts >= lo) & (self.end_ts < end_ms))
 
     @staticmethod
     def concat(parts: Sequence[DailySamples]) -> DailySamples:
