@@ -20,6 +20,7 @@ import dataclasses
 import gzip
 import json
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -64,7 +65,8 @@ walk_forward:
     strong: {{kl_weight: 0.5, epochs: 60}}
   selection: {{rule: best_mean_validation_sharpe_within_limits, ship: median_validation_seed}}
   folds:
-    - {{name: q, train_start: "2025-03-01", validation_start: "2025-06-20", test_start: "2025-07-15", test_end: "2025-09-01"}}
+    - {{name: q, train_start: "2025-03-01", validation_start: "2025-06-20", test_start: "2025-07-15",
+       test_end: "2025-09-01"}}
 """
 
 
@@ -135,36 +137,35 @@ def test_a_fold_model_does_not_depend_on_candles_after_its_validation_start(tmp_
     altered.mkdir()
     rng = np.random.default_rng(1)
     for pair in spec.pairs:
-        src = REPO / "data" / "quick" / f"{pair}-1h.csv.gz"
-        with gzip.open(src, "rt") as fh:
-            lines = fh.read().splitlines()
-        out = [lines[0]]
-        for line in lines[1:]:
-            ts, *vals = line.split(",")
-            if int(ts) >= fold.validation_start:
-                k = float(np.exp(rng.normal(0, 0.05)))
-                vals = [f"{float(v) * k:.8f}" for v in vals[:4]] + vals[4:]
-            out.append(",".join([ts, *vals]))
-        with gzip.open(altered / src.name, "wt") as fh:
-            fh.write("\n".join(out) + "\n")
+        _rewrite(REPO / "data" / "quick" / f"{pair}-1h.csv.gz", altered, lambda ts: float(np.exp(rng.normal(0, 0.05)))
+                 if ts >= fold.validation_start else 1.0)
     _CACHE.clear()
     spec2 = load_walk_forward(quick_config(tmp_path, altered, "wf2.yaml"))
     _actor, b = train_fold_model(spec2, spec2.folds[0], "weak", 0, tmp_path / "b" / "m.onnx")
     assert a["model_sha256"] == b["model_sha256"] and a["training_days"] == b["training_days"]
-    # ... while the same change *before* validation_start does change it (the test can fail)
+    # ... while a change *before* validation_start (the last 10 days x 1.3) does change it (the test can fail)
     shutil.rmtree(altered)
     altered.mkdir()
     for pair in spec.pairs:
-        src = REPO / "data" / "quick" / f"{pair}-1h.csv.gz"
-        with gzip.open(src, "rt") as fh:
-            lines = fh.read().splitlines()
-        out = [lines[0]] + [",".join([ln.split(",")[0], *(f"{float(v) * (1.3 if int(ln.split(',')[0]) >= fold.validation_start - 10 * DAY else 1):.8f}" for v in ln.split(",")[1:5]), ln.split(",")[5]]) for ln in lines[1:]]
-        with gzip.open(altered / src.name, "wt") as fh:
-            fh.write("\n".join(out) + "\n")
+        _rewrite(REPO / "data" / "quick" / f"{pair}-1h.csv.gz", altered, lambda ts: 1.3
+                 if ts >= fold.validation_start - 10 * DAY else 1.0)
     _CACHE.clear()
     spec3 = load_walk_forward(quick_config(tmp_path, altered, "wf3.yaml"))
     _actor, c = train_fold_model(spec3, spec3.folds[0], "weak", 0, tmp_path / "c" / "m.onnx")
     assert c["model_sha256"] != a["model_sha256"]
+
+
+def _rewrite(src: Path, out_dir: Path, factor: Callable[[int], float]) -> None:
+    """Copy a candle file with each row's prices multiplied by ``factor(ts)`` (volume unchanged)."""
+    with gzip.open(src, "rt") as fh:
+        lines = fh.read().splitlines()
+    out = [lines[0]]
+    for line in lines[1:]:
+        ts, *vals = line.split(",")
+        k = factor(int(ts))
+        out.append(",".join([ts, *(f"{float(v) * k:.8f}" for v in vals[:4]), *vals[4:]]))
+    with gzip.open(out_dir / src.name, "wt") as fh:
+        fh.write("\n".join(out) + "\n")
 
 
 # ---- the model ----------------------------------------------------------------------------------------------
@@ -288,3 +289,35 @@ def test_gate_params_in_config_are_complete() -> None:
     spec = load_walk_forward()
     for params in spec.configurations.values():
         assert dataclasses.asdict(params)["max_position_frac"] == 0.5
+
+
+def test_production_profile_retrains_the_pinned_run_byte_for_byte(tmp_path: Path,
+                                                                 capsys: pytest.CaptureFixture[str]) -> None:
+    """`alphapulse train --config production` with ``algorithm: gated_rule``: the pinned (fold, configuration,
+    seed) of the walk-forward, the same bytes as that run's model."""
+    from alphapulse.training.train import train_main
+
+    cfg = quick_config(tmp_path)
+    cfg.write_text(cfg.read_text() + "\nprofiles:\n  production:\n    algorithm: gated_rule\n"
+                   "    gate: {fold: q, configuration: strong, seed: 1}\n")
+    out = tmp_path / "ship" / "model.onnx"
+    assert train_main(["--config", "production", "--config-file", str(cfg), "--out", str(out)]) == 0
+    assert "configuration strong, seed 1" in capsys.readouterr().out
+    _CACHE.clear()
+    spec = load_walk_forward(cfg)
+    _a, info = train_fold_model(spec, spec.folds[0], "strong", 1, tmp_path / "wf" / "gate-q-strong-s1.onnx")
+    assert out.read_bytes() == (tmp_path / "wf" / "gate-q-strong-s1.onnx").read_bytes()
+    assert not list(out.parent.glob(".*"))  # no build leftovers next to the shipped file
+    cfg.write_text(cfg.read_text().replace("seed: 1}", "seed: -1}"))
+    assert train_main(["--config", "production", "--config-file", str(cfg), "--out", str(out)]) == 2
+    assert "gate.seed" in capsys.readouterr().err
+
+
+def test_configured_production_profile_pins_a_walk_forward_run() -> None:
+    from alphapulse.training.walkforward import gated_profile
+
+    gate = gated_profile("production")
+    assert gate is not None
+    spec = load_walk_forward()
+    assert gate["fold"] == spec.production_fold and gate["configuration"] in spec.configurations
+    assert gate["seed"] in spec.seeds

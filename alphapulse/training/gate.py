@@ -250,7 +250,7 @@ def train_gate(train: DailySamples, params: GateParams, seed: int, cost: float) 
         expected = (p * rewards).sum(dim=1).mean()
         kl = (p * (logp - log_prior)).sum(dim=1).mean()
         loss = -expected + params.kl_weight * kl
-        loss.backward()  # type: ignore[no-untyped-call]
+        loss.backward()
         opt.step()
     gate.eval()
     actor = GatedRuleActor(gate, params)

@@ -62,7 +62,7 @@ from alphapulse.training.export import (
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_CONFIG = REPO_ROOT / "config" / "training.yaml"
-PROFILES = ("quick", "production")
+PROFILES = ("quick", "production", "ppo_1h")
 #: Observations from random-action rollouts on the training data added to the export check, so that
 #: position and PnL features are exercised even if the trained policy never leaves "flat" on validation.
 RANDOM_CHECK_STEPS = 512
@@ -573,6 +573,20 @@ def train_main(argv: list[str] | None = None) -> int:
         from alphapulse.training.walkforward import sweep_main
 
         return sweep_main(args_in)
+    from alphapulse.training.walkforward import WalkForwardError, gated_profile, production_main
+
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--config", default="quick")
+    pre.add_argument("--config-file", type=Path, default=DEFAULT_CONFIG)
+    pre.add_argument("--out", type=Path)
+    known, _rest = pre.parse_known_args(args_in)
+    try:
+        gate = gated_profile(known.config, known.config_file)
+    except WalkForwardError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    if gate is not None:  # the rule-gated policy (the shipped model): pinned fold, configuration and seed
+        return production_main(gate, known.config_file, known.out)
     ap = argparse.ArgumentParser(prog="alphapulse train", description=__doc__.splitlines()[0])
     ap.add_argument("--config", default="quick", help="profile in the training config: quick | production")
     ap.add_argument("--config-file", type=Path, default=DEFAULT_CONFIG, help="training config YAML")

@@ -565,7 +565,8 @@ def validation_score(run: Mapping[str, Any]) -> float:
 
 def within_limits(run: Mapping[str, Any], settings: Settings, period: str = "validation") -> bool:
     """No evaluated pair reached the drawdown limit or the daily-loss limit."""
-    return all(m["max_drawdown"] <= settings.risk.max_drawdown_frac and m["worst_day"] < settings.risk.daily_loss_limit_frac
+    r = settings.risk
+    return all(m["max_drawdown"] <= r.max_drawdown_frac and m["worst_day"] < r.daily_loss_limit_frac
                for m in run[period].values() if "skipped" not in m)
 
 
@@ -672,8 +673,8 @@ def _f(x: float, pct: bool = False) -> str:
 
 def markdown_table(table: Mapping[str, Any]) -> str:
     """The README table: every test pair-fold, then the summary and the bar."""
-    lines = ["| test fold | pair | market (B&H return) | policy Sharpe (mean ± s.e., seeds) | policy max DD / worst day "
-             "| TSMOM rule | buy & hold | SMA 12/48 | flat |",
+    lines = ["| test fold | pair | market (B&H return) | policy Sharpe (mean ± s.e., seeds) "
+             "| policy max DD / worst day | TSMOM rule | buy & hold | SMA 12/48 | flat |",
              "|---|---|---|---|---|---|---|---|---|"]
     for r in table["rows"]:
         lines.append(
@@ -739,7 +740,8 @@ def _names(arg: str | None, known: Iterable[str], what: str) -> list[str]:
 def sweep_main(argv: Sequence[str] | None = None, *, default_backend: str = "ray") -> int:
     """``alphapulse train --sweep`` / ``--walk-forward``: seeds x folds x configurations, one table."""
     ap = argparse.ArgumentParser(prog="alphapulse train --sweep",
-                                 description="walk-forward runs of the rule-gated policy: seeds x folds x configurations")
+                                 description="walk-forward runs of the rule-gated policy: seeds x folds x "
+                                             "configurations")
     ap.add_argument("--sweep", action="store_true", help="(the mode flag; backend ray unless --backend)")
     ap.add_argument("--walk-forward", action="store_true", help="(the mode flag; backend process unless --backend)")
     ap.add_argument("--config-file", type=Path, default=DEFAULT_CONFIG, help="training config with walk_forward")
@@ -796,3 +798,56 @@ def sweep_main(argv: Sequence[str] | None = None, *, default_backend: str = "ray
 
 __all__ = ["Fold", "Job", "WalkForwardError", "WalkForwardSpec", "build_table", "load_walk_forward", "run_job",
            "run_jobs", "select_configuration", "ship_seed", "sweep_main", "train_fold_model"]
+
+
+# --------------------------------------------------------------------------------------------
+# The shipped model: a training.yaml profile with ``algorithm: gated_rule``
+# --------------------------------------------------------------------------------------------
+
+SHIPPED_MODEL = REPO_ROOT / "alphapulse" / "models" / "gated_rule_1h.onnx"
+
+
+def gated_profile(profile: str, path: Path = DEFAULT_CONFIG) -> dict[str, Any] | None:
+    """``profiles.<profile>`` when it names ``algorithm: gated_rule`` (with ``gate: {fold, configuration, seed}``),
+    else None (a PPO profile, for :mod:`alphapulse.training.train`)."""
+    try:
+        doc = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except (OSError, yaml.YAMLError):
+        return None  # train_main reports the unreadable file itself
+    prof = (doc.get("profiles") or {}).get(profile) if isinstance(doc, dict) else None
+    if not isinstance(prof, dict) or prof.get("algorithm") != "gated_rule":
+        return None
+    sec = f"{path.name}:profiles.{profile}"
+    _mapping(sec, prof, {"algorithm", "gate"})
+    gate = _mapping(f"{sec}.gate", prof.get("gate"), {"fold", "configuration", "seed"})
+    if set(gate) != {"fold", "configuration", "seed"}:
+        raise WalkForwardError(f"{sec}.gate: needs fold, configuration and seed")
+    return gate
+
+
+def production_main(gate: Mapping[str, Any], path: Path, out: Path | None) -> int:
+    """Train the pinned (fold, configuration, seed) on its fold's training days and export it (default: the
+    package's shipped model path); the same library versions give the same bytes as the walk-forward run."""
+    try:
+        spec = load_walk_forward(path)
+        fold = spec.fold(str(gate["fold"]))
+        conf = str(gate["configuration"])
+        if conf not in spec.configurations:
+            raise WalkForwardError(f"gate.configuration: unknown {conf!r} (known: {list(spec.configurations)})")
+        seed = gate["seed"]
+        if not isinstance(seed, int) or seed < 0:
+            raise WalkForwardError(f"gate.seed: must be an integer >= 0, got {seed!r}")
+        target = out or SHIPPED_MODEL
+        name = model_name(fold.name, conf, seed)
+        tmp = target.parent / f".{name}.build" / f"{name}.onnx"
+        _actor, info = train_fold_model(spec, fold, conf, seed, tmp)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(tmp, target)
+        tmp.parent.rmdir()
+    except (WalkForwardError, DataError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(f"fold {fold.name} ({fold.describe()['train']} training days: {info['training_days']}), configuration "
+          f"{conf}, seed {seed}; gate share on training days (k=0, 1/2, 1): {info['train_gate_share']}")
+    print(f"wrote {target} sha256 {info['model_sha256']}")
+    return 0
