@@ -126,10 +126,13 @@ def check_actor_matches_sb3(actor: ExportActor, model: PPO, vecnorm: VecNormaliz
 
 def onnx_bytes(actor: nn.Module, n_obs: int | None = None) -> bytes:
     """The actor as a serialized ONNX graph (no metadata): input ``obs`` [batch, n_obs], output ``probs``; the
-    width is ``n_obs``, else the actor's normalisation vector's (its feature set's observation size)."""
+    width is ``n_obs``, else the actor's ``obs_size`` attribute, else its normalisation vector's (its feature set's
+    observation size)."""
     actor.eval()
     buf = io.BytesIO()
     mean = getattr(actor, "obs_mean", None)
+    if n_obs is None:
+        n_obs = getattr(actor, "obs_size", None)
     if n_obs is None:
         n_obs = int(mean.shape[0]) if isinstance(mean, torch.Tensor) and mean.ndim == 1 else OBS_SIZE
     dummy = torch.zeros((1, n_obs), dtype=torch.float32)
@@ -207,7 +210,7 @@ def export_policy(actor: nn.Module, sample_obs: np.ndarray, path: str | Path, me
     """Export, check and atomically write the model; ExportError (and no file) if any check fails."""
     path = Path(path)
     n_obs = int(metadata.get("alphapulse.obs_size", OBS_SIZE))
-    model = with_metadata(onnx_bytes(actor, n_obs), metadata, doc)
+    model = with_metadata(onnx_bytes(actor), metadata, doc)
     data = model.SerializeToString(deterministic=True)
     diff = verify(data, actor, sample_obs, atol, n_obs)
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -117,6 +117,7 @@ class GatedRuleActor(nn.Module):
     def __init__(self, gate: GateNet, params: GateParams) -> None:
         super().__init__()
         self.gate = gate
+        self.obs_size = len(TREND_FEATURE_NAMES)  # the exporter's input width
         self.tv_over_max = float(params.target_vol / params.max_position_frac)
         self.register_buffer("scales", torch.tensor(GATE_SCALES, dtype=torch.float32))
         self.register_buffer("grid_index", torch.arange(len(GRID_TARGETS), dtype=torch.float32))
