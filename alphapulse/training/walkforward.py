@@ -612,6 +612,7 @@ def build_table(spec: WalkForwardSpec, runs: Sequence[Mapping[str, Any]], base: 
                   if any(r["fold"] == f.name for r in runs)}
     base_by = {(b["fold"], b["pair"]): b for b in base}
     rows: list[dict[str, Any]] = []
+    skipped = [{"fold": b["fold"], "pair": b["pair"], "reason": b["skipped"]} for b in base if "skipped" in b]
     for f in spec.folds:
         if f.name not in selections:
             continue
@@ -637,7 +638,7 @@ def build_table(spec: WalkForwardSpec, runs: Sequence[Mapping[str, Any]], base: 
                 row[f"{name}_max_drawdown"] = m.get("max_drawdown", float("nan"))
                 row[f"{name}_worst_day"] = m.get("worst_day", float("nan"))
             rows.append(row)
-    return {"selections": selections, "rows": rows, "summary": summarize_rows(rows, settings)}
+    return {"selections": selections, "rows": rows, "skipped": skipped, "summary": summarize_rows(rows, settings)}
 
 
 def summarize_rows(rows: Sequence[Mapping[str, Any]], settings: Settings) -> dict[str, Any]:
@@ -697,9 +698,12 @@ def markdown_table(table: Mapping[str, Any]) -> str:
               "Bar (issue 9 part 9): " + "; ".join(f"{k.replace('_', ' ')}: {'yes' if v else 'NO'}"
                                                    for k, v in s["bar"].items())
               + f". **{'Meets the bar' if s['meets_bar'] else 'Does not meet the bar'}.**", "",
-              "Selection per fold (validation only): " + "; ".join(
+              "Selection per fold (mean validation Sharpe of the chosen configuration): " + "; ".join(
                   f"{k}: {v['configuration']} ({_f(v['validation_sharpe'])}"
                   f"{'' if v['within_limits'] else ', outside limits'})" for k, v in table["selections"].items())]
+    if table.get("skipped"):
+        lines += ["", "Not evaluated (data): " + "; ".join(f"{s['fold']} {s['pair']}: {s['reason']}"
+                                                           for s in table["skipped"])]
     return "\n".join(lines) + "\n"
 
 
@@ -709,6 +713,7 @@ def write_outputs(out_dir: Path, spec: WalkForwardSpec, runs: Sequence[Mapping[s
     table.md (the README table)."""
     table = build_table(spec, runs, base)
     out_dir.mkdir(parents=True, exist_ok=True)
+    runs = [dict(r, model=os.path.relpath(r["model"], out_dir)) if os.path.isabs(r["model"]) else r for r in runs]
     doc = {"runs": list(runs), "baselines": list(base), **table,
            "folds": {f.name: f.describe() for f in spec.folds}, "seeds": list(spec.seeds),
            "configurations": {k: dataclasses.asdict(v) for k, v in spec.configurations.items()},
