@@ -16,7 +16,7 @@ import os
 import signal
 import time
 from collections import Counter
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -117,7 +117,7 @@ class Daemon:
         self.client: WeexClient | None = None
         self.live: WeexBroker | None = None
         self.reconcile_stats: Counter[str] = Counter()
-        self._foreign_seen: set[str] = set()  # foreign open orders already reported
+        self._foreign_seen: frozenset[str] = frozenset()  # foreign open orders already reported
         self.last_reconcile_wall: float | None = None
         self.latency = LatencyHistogram()  # candle in -> order acked and committed
         self.inference = LatencyHistogram()
@@ -131,13 +131,14 @@ class Daemon:
         self._queue: asyncio.Queue[Any] = asyncio.Queue(maxsize=settings.queue_size)
         self.token = ""
         self.token_path: Path | None = None
+        # built in start() after the broker: a live start's first reconciliation reports STATUS before it exists
+        self.feed: Feed | None = None
         # created in start()
         self.store: Store
         self.files: OperatorFiles
         self.engine: Engine
         self.policy: Policy
         self.model_source = "bundled"  # where the policy's file came from: config | store | bundled
-        self.feed: Feed
         self.validator: CandleValidator
         self._runner: Any = None
         self._reload_task: asyncio.Task[None] | None = None
@@ -193,23 +194,23 @@ class Daemon:
         last_ts = self.engine.last_candle_ts
         reason = self.engine.state_reason
 
-        self.feed = build_feed(s, last_ts, self.client, warmup_bars=fs.warmup_bars)
+        self.feed = feed = build_feed(s, last_ts, self.client, warmup_bars=fs.warmup_bars)
         try:
-            await self.feed.open()
+            await feed.open()
         except FeedError as e:
             if s.feed_source == "replay":
                 raise ConfigError("config.yaml", "feed.replay_file", str(e)) from None
             raise StartupError(f"exchange feed: {e}") from None  # the network may come back: systemd retries
         if last_ts is not None:
-            self.features.warmup(self.feed.history(last_ts + 1, fs.warmup_bars))
+            self.features.warmup(feed.history(last_ts + 1, fs.warmup_bars))
         elif s.feed_source == "weex":  # a live market has a past: warm up from it instead of waiting for it
-            self.features.warmup(self.feed.history(self.feed.now_ms() or 0, fs.warmup_bars))
+            self.features.warmup(feed.history(feed.now_ms() or 0, fs.warmup_bars))
         self.validator = CandleValidator(s.bar_ms, last_ts)
 
         self._runner = await start_control_server(self, s.control_host, s.control_port,
                                                   fault_injection=s.fault_injection)
         log.info("daemon started", version=__version__, mode=s.mode, symbol=s.symbol, timeframe=s.timeframe,
-                 model=self.policy.meta.version, model_source=self.model_source, feed=self.feed.describe(),
+                 model=self.policy.meta.version, model_source=self.model_source, feed=feed.describe(),
                  resumed_after=iso_ms(last_ts) if last_ts is not None else None,
                  state=self.engine.state.value, equity=str(portfolio.equity),
                  control=f"http://{s.control_host}:{s.control_port}")
@@ -269,13 +270,8 @@ class Daemon:
         pf = self.engine.portfolio
         ours = AccountView(pf.symbol, pf.position.qty, pf.position.entry_price, pf.cash)
         resolution = reconcile(ours, theirs, broker.order_ids(), qty_tolerance=self.settings.lot_size / 2,
-                               halt_on_position=not expected_difference)
-        # a foreign order that is still there was reported (and halted on) already: say it once
-        foreign = {m.exchange for m in resolution.mismatches if m.kind == "foreign_order"}
-        resolution = replace(resolution, mismatches=tuple(
-            m for m in resolution.mismatches if m.kind != "foreign_order" or m.exchange not in self._foreign_seen),
-            halt=resolution.halt and (resolution.adopt_position is not None or bool(foreign - self._foreign_seen)))
-        self._foreign_seen = foreign
+                               halt_on_position=not expected_difference, reported_foreign=self._foreign_seen)
+        self._foreign_seen = resolution.foreign_orders
         self.reconcile_stats["runs"] += 1
         self.last_reconcile_wall = time.time()
         if not resolution.clean:
@@ -319,7 +315,7 @@ class Daemon:
         comp = self.components["feed"]
         comp.progress()
         v = self.validator
-        async for candle in self.feed.candles():
+        async for candle in self._open_feed().candles():
             self.candles_in += 1
             reason = v.check(candle)
             if reason is not None:
@@ -341,6 +337,7 @@ class Daemon:
         q = self._queue
         perf = time.perf_counter_ns
         observer = self.step_observer
+        feed = self._open_feed()
         while True:
             item = await q.get()
             if self.wedged.is_set():
@@ -352,7 +349,7 @@ class Daemon:
                     self.stop_event.set()
                 continue
             t0 = perf()
-            res = self.engine.step(item, self.feed.now_ms())
+            res = self.engine.step(item, feed.now_ms())
             t1 = perf()
             persisted = self._commit(res)
             t2 = perf()
@@ -490,7 +487,13 @@ class Daemon:
         pf = self.engine.portfolio
         return (f"{self.settings.mode} {self.engine.state.value} equity={pf.equity:.2f} "
                 f"pos={pf.position.qty} candles={self.candles_processed}"
-                + (" feed=finished" if getattr(self, "feed", None) is not None and self.feed.finished else ""))
+                + (" feed=finished" if self.feed is not None and self.feed.finished else ""))
+
+    def _open_feed(self) -> Feed:
+        """The feed start() built: everything but :meth:`status_line` runs after that, so None here is a bug."""
+        if self.feed is None:
+            raise RuntimeError("the feed is used before start() built it")
+        return self.feed
 
     def notify_status(self) -> None:
         self.notifier.notify(f"STATUS={self.status_line()}")
@@ -735,7 +738,7 @@ class Daemon:
                        "candles_in": self.candles_in, "candles_processed": self.candles_processed,
                        "rejected_candles": sum(self.rejected.values()),
                        "rejected_by_reason": dict(self.rejected), "gaps": self.validator.gaps,
-                       "feed": self.feed.describe()},
+                       "feed": self._open_feed().describe()},
             "exchange": None if self.live is None else {
                 "broker": self.live.describe(),
                 "reconciliation": {"runs": self.reconcile_stats["runs"],
@@ -755,7 +758,7 @@ class Daemon:
     def degraded(self) -> str | None:
         """Why the daemon cannot trade safely although every task is alive (a silent market-data stream):
         /health says 503, the watchdog keeps pinging (a restart would not bring the stream back sooner)."""
-        info = self.feed.describe()
+        info = self._open_feed().describe()
         if info.get("stalled"):
             return (f"market data stream silent for {info.get('last_message_age_s')}s; bars come from REST polling "
                     "while it reconnects, and a bar that arrives late is too stale to trade on")
@@ -764,9 +767,10 @@ class Daemon:
     def health(self) -> tuple[int, dict[str, Any]]:
         problem = self.health_problem() or self.degraded()
         comps = {n: {"state": c.state, "last_progress_age_s": round(c.age_s(), 3)} for n, c in self.components.items()}
-        comps["feed"]["finished"] = self.feed.finished
+        finished = self._open_feed().finished
+        comps["feed"]["finished"] = finished
         body = {
-            "status": "stalled" if problem else ("finished" if self.feed.finished else "ok"),
+            "status": "stalled" if problem else ("finished" if finished else "ok"),
             "problem": problem,
             "mode": self.settings.mode,
             "trading_state": self.engine.state.value,
