@@ -311,3 +311,18 @@ def test_service_verdicts_from_systemctl(tmp_path: Path, monkeypatch: pytest.Mon
         assert (r.status, r.detail) == (verdict, f"alphapulse-trading.service is {state}")
     r = health.check_service(opts, systemd_dir=tmp_path / "absent")
     assert r.status == "degraded" and r.detail.startswith("unknown: systemd is not running as PID 1")
+
+
+def test_model_check_judges_the_model_the_daemon_loads_from_the_store(tmp_path: Path) -> None:
+    """With a promoted model (model.path empty) the daemon trades the store's active version, not the bundled
+    one; the check must look at that file, or a healthy service fails and deploy.sh rolls every upgrade back."""
+    from alphapulse.model_cli import model_main
+
+    s = dataclasses.replace(_settings(tmp_path), timeframe="5m")
+    assert health.check_model(s).status == "failing"  # nothing promoted: the bundled 1h model, a 5m daemon
+    assert model_main(["promote", str(REPO / "alphapulse" / "models" / "baseline_momentum.onnx")], s) == 0
+    r = health.check_model(s)
+    assert r.status == "ok" and str(s.data_dir / "models") in r.detail, r
+    (s.data_dir / "models" / "active.json").write_text('{"active": "gone", "previous": null}')
+    r = health.check_model(s)
+    assert r.status == "failing" and "active.json" in r.detail, r

@@ -205,10 +205,18 @@ def check_feed(s: Settings, opts: HealthOptions, now: Callable[[], float] = time
 
 
 def check_model(s: Settings) -> CheckResult:
-    """The configured model file exists, its metadata passes the contract, and its timeframe is the daemon's."""
-    from alphapulse.policy import ModelError, default_model_path, read_model_meta
+    """The model file the daemon loads exists, its metadata passes the contract, and its timeframe is the daemon's.
 
-    path = s.model_path or default_model_path()
+    The file is chosen as the daemon chooses it (:func:`alphapulse.model_store.resolve_model`): ``model.path``,
+    else the model store's active version, else the bundled model; judging the bundled one while the daemon
+    trades a promoted model would fail a healthy service (and make deploy.sh roll back every upgrade)."""
+    from alphapulse.model_store import resolve_model
+    from alphapulse.policy import ModelError, read_model_meta
+
+    try:
+        path, _source = resolve_model(s)
+    except ConfigError as e:  # a damaged active.json: the daemon would refuse to start
+        return CheckResult("model", FAILING, str(e))
     if not path.is_file():
         return CheckResult("model", FAILING, f"model file missing: {path}")
     try:
