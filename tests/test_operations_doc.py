@@ -136,20 +136,29 @@ def lines_equal(*want: str) -> Check:
     return check
 
 
-def health_table(out: str) -> None:
-    """Every check but ``service`` is ok: there is no systemd as PID 1 here to ask about the unit."""
-    rows = {m.group(1): m.group(2) for m in re.finditer(r"^(\w+)\s+(OK|DEGRADED|FAILING)\s", out, re.M)}
-    assert set(rows) == {"service", "control", "monitor", "feed", "model", "store", "disk", "clock", "backup"}, out
-    bad = {k: v for k, v in rows.items() if v != "OK" and k != "service"}
-    assert not bad, f"checks not ok: {bad}\n{out}"
+def health_table(trading_state: str | None = None, control: str = "OK") -> Check:
+    """Every check but ``service`` is ok (there is no systemd as PID 1 here to ask about the unit); with
+    ``trading_state``, ``control`` is ``control`` and says that trading state."""
+    def check(out: str) -> None:
+        rows = {m.group(1): (m.group(2), m.group(3))
+                for m in re.finditer(r"^(\w+)\s+(OK|DEGRADED|FAILING)\s+(.*)$", out, re.M)}
+        assert set(rows) == {"service", "control", "monitor", "feed", "model", "store", "disk", "clock", "backup"}, out
+        if trading_state is not None:
+            status, detail = rows.pop("control")
+            assert status == control and f"trading state {trading_state}" in detail, out
+        bad = {k: v for k, v in rows.items() if v[0] != "OK" and k != "service"}
+        assert not bad, f"checks not ok: {bad}\n{out}"
+    return check
 
 
 def state(name: str) -> Check:
     return as_json(lambda v: v.get("ok") is True and v.get("state") == name, f"state {name}")
 
 
-HEALTH = Expect(frozenset({0, 1, 2}), health_table,
+HEALTH = Expect(frozenset({0, 1, 2}), health_table(),
                 reason="1 or 2 only from the service check: systemctl cannot answer without systemd as PID 1")
+STOPPED_HEALTH = Expect(frozenset({1, 2}), health_table("EMERGENCY_STOP", "DEGRADED"))
+MAINTENANCE_HEALTH = Expect(frozenset({0, 1, 2}), health_table("MAINTENANCE"))  # planned: not a fault
 ANY_OK = Expect()
 
 EXPECT: dict[str, Expect] = {
@@ -192,7 +201,7 @@ EXPECT: dict[str, Expect] = {
     # alerts
     "curl -s -X POST -H \"Authorization: Bearer $(cat /var/lib/alphapulse/control_token)\" "
     "\"http://127.0.0.1:8081/api/alerts/$(curl -s http://127.0.0.1:8081/api/alerts | jq '.active_alerts[0].id')"
-    "/acknowledge\" | jq '{id, state}'":
+    "/acknowledge\" | jq '.alert | {id, rule, state}'":
         Expect(check=as_json(lambda v: isinstance(v["id"], int) and v["state"] == "acknowledged", "acknowledged")),
     "curl -s http://127.0.0.1:8080/health | jq '{status, problem, trading_state}'":
         Expect(check=as_json(lambda v: v["status"] == "ok" and v["problem"] is None, "healthy")),
@@ -275,11 +284,18 @@ EXPECT: dict[str, Expect] = {
         Expect(check=lines_equal("401")),
     # backups, incidents
     "alphapulse backup create --type data": Expect(check=matches(r"^created alphapulse-data-")),
-    "alphapulse backup restore --backup-name \"$(latest_backup)\" --components config --dry-run":
+    "alphapulse backup restore --backup-name \"$(latest_backup config)\" --components config --dry-run":
         Expect(check=has("dry run:", "(config)")),
     "curl -s http://127.0.0.1:8081/api/alerts | jq '.active_alerts[] | {id, rule, severity, message, opened_at}'":
         ANY_OK,
     "tail -n 20 /var/log/alphapulse/incidents.log": Expect(check=has("RESUME")),
+}
+
+#: (line, its n-th occurrence in the document, from 1) -> what that occurrence must do instead of EXPECT[line]:
+#: the same command answers differently in another trading state.
+AT: dict[tuple[str, int], Expect] = {
+    ("alphapulse health", 2): STOPPED_HEALTH,  # recovery after the emergency stop, before resume_trading
+    ("alphapulse health", 4): MAINTENANCE_HEALTH,  # after the maintenance window's restart, before resume_trading
 }
 
 
@@ -312,6 +328,8 @@ def test_every_documented_command_is_known_and_every_known_one_documented() -> N
     unknown = sorted(runnable - set(EXPECT))
     assert not unknown, "commands in docs/OPERATIONS.md that the test does not know:\n" + "\n".join(unknown)
     stale = sorted(set(EXPECT) - runnable)
+    occurrences = [ln.text for ln in doc_lines() if ln.kind == "sh"]
+    stale += [f"{t} (occurrence {n})" for t, n in AT if occurrences.count(t) < n]
     assert not stale, "commands the test expects that docs/OPERATIONS.md no longer has:\n" + "\n".join(stale)
 
 
@@ -447,9 +465,18 @@ def played(site: Site, line: str) -> bool:
         if words[1] in ("stop", "restart") and p.proc is not None and p.proc.poll() is None:
             assert p.stop(30) == 0, f"{unit} did not stop cleanly:\n{p.stderr()[-2000:]}"
         if words[1] in ("start", "restart"):
+            drain(p)  # an old READY=1 still queued on the notify socket must not pass for the new process's
             p.start()
             p.wait_ready(90)
     return True
+
+
+def drain(*procs: DaemonProc) -> None:
+    """Read what the processes sent to their notify sockets (systemd would): unread, the datagrams fill the
+    socket's buffer and the services' sd_notify calls start failing."""
+    for p in procs:
+        if p.sock is not None:
+            p.poll_messages(0)
 
 
 def help_covers(site: Site, setup: str, line: str) -> None:
@@ -495,8 +522,10 @@ def test_the_operations_manual_runs_as_written(tmp_path: Path) -> None:
         assert r.returncode == 0, r.stderr
 
         seen: set[str] = set()
+        count: dict[str, int] = {}
         for ln in lines:
             where = f"docs/OPERATIONS.md:{ln.lineno}: {ln.text}"
+            drain(d, m)
             if ln.kind == "sh env":
                 continue
             if ln.kind == "sh root":
@@ -515,7 +544,8 @@ def test_the_operations_manual_runs_as_written(tmp_path: Path) -> None:
                 if shlex.split(ln.text)[1] == "train":
                     stand_in_for_training(site, ln.text)
                 continue
-            exp = EXPECT.get(ln.text)
+            count[ln.text] = count.get(ln.text, 0) + 1
+            exp = AT.get((ln.text, count[ln.text])) or EXPECT.get(ln.text)
             assert exp is not None, f"{where}: a command the test does not know"
             deadline = time.monotonic() + exp.retry_s
             while True:
