@@ -3,6 +3,8 @@
 #   systemd-analyze  (Debian package "systemd")    for tests/test_systemd_unit.py and tests/test_install.py
 #   logrotate        (Debian package "logrotate")  for tests/test_logrotate.py
 #   chromium         (Debian package "chromium")   for tests/test_dashboard.py (headless, driven over DevTools)
+#   curl, jq, sqlite3, ps  (Debian packages "curl", "jq", "sqlite3", "procps")  for tests/test_operations_doc.py
+#                    (the operations manual's commands use them as an operator would)
 #
 # Idempotent, quiet and non-interactive. It always exits 0: on a machine where it cannot
 # install (not root, no apt-get) the tests skip with a reason, except under CI=true where
@@ -51,4 +53,8 @@ ensure() {
 ensure systemd-analyze systemd
 ensure logrotate logrotate
 ensure chromium chromium
+ensure curl curl
+ensure jq jq
+ensure sqlite3 sqlite3
+ensure ps procps
 exit 0

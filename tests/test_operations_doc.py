@@ -26,6 +26,7 @@ import json
 import os
 import re
 import shlex
+import shutil
 import signal
 import subprocess
 import sys
@@ -500,8 +501,33 @@ def stand_in_for_training(site: Site, line: str) -> None:
     onnx.save(model, str(out))
 
 
+#: What the documented commands call besides alphapulse (scripts/install_test_tools.sh installs the missing ones).
+TOOLS = ("bash", "curl", "jq", "sqlite3", "ps", "free", "awk", "timeout", "du", "df")
+
+
+def require_tools() -> None:
+    missing = [t for t in TOOLS if shutil.which(t) is None]
+    if missing:
+        msg = f"the manual's commands need {', '.join(missing)} (scripts/install_test_tools.sh installs them)"
+        if os.environ.get("CI") == "true":
+            pytest.fail(msg)
+        pytest.skip(msg)
+
+
+def store_count(data_dir: Path, table: str) -> int:
+    """Rows of a store table, read-only (the daemon is stopped when this is called)."""
+    import sqlite3
+
+    con = sqlite3.connect(f"{(data_dir / 'alphapulse.db').as_uri()}?mode=ro", uri=True)
+    try:
+        return int(con.execute(f"SELECT count(*) FROM {table}").fetchone()[0])
+    finally:
+        con.close()
+
+
 @pytest.mark.slow
 def test_the_operations_manual_runs_as_written(tmp_path: Path) -> None:
+    require_tools()
     lines = doc_lines()
     setup = "\n".join(ln.text for ln in lines if ln.kind == "sh env")
     site = make_site(tmp_path)
@@ -538,15 +564,20 @@ def test_the_operations_manual_runs_as_written(tmp_path: Path) -> None:
                 r = site.bash(setup, f"timeout 2 {ln.text}", timeout=30)
                 assert r.returncode == 124, f"{where}: exited {r.returncode} before Ctrl-C\n{r.stderr}"
                 assert r.stdout.strip(), f"{where}: printed nothing"
+                site.log.append(f"followed 2 s   {ln.text}")
                 continue
             if ln.kind in ("sh long", "sh live"):
                 help_covers(site, setup, ln.text)
                 if shlex.split(ln.text)[1] == "train":
                     stand_in_for_training(site, ln.text)
+                site.log.append(f"--help covers  {ln.text}")
                 continue
             count[ln.text] = count.get(ln.text, 0) + 1
             exp = AT.get((ln.text, count[ln.text])) or EXPECT.get(ln.text)
             assert exp is not None, f"{where}: a command the test does not know"
+            restore = "backup restore" in ln.text and "--dry-run" not in ln.text
+            if restore:  # the daemon is stopped: how far the store got, to see the restore rewind it
+                decisions_before = store_count(site.data_dir, "decisions")
             deadline = time.monotonic() + exp.retry_s
             while True:
                 r = site.bash(setup, ln.text)
@@ -561,6 +592,10 @@ def test_the_operations_manual_runs_as_written(tmp_path: Path) -> None:
                         continue
                     raise AssertionError(f"{where}\n{e}\n--- stdout\n{r.stdout[-3000:]}\n--- stderr\n"
                                          f"{r.stderr[-3000:]}\n--- daemon\n{d.stderr()[-1500:]}") from e
+            if restore:
+                restored = store_count(site.data_dir, "decisions")
+                assert 0 < restored < decisions_before, f"{where}: the store was not rewound to the backup " \
+                                                        f"({decisions_before} decisions before, {restored} after)"
             seen.add(ln.text)
             site.log.append(f"ran {r.returncode}   {ln.text}")
 
