@@ -10,7 +10,8 @@
 #   /opt/alphapulse-rl/bin/alphapulse            the CLI with the service's environment (alphapulse health ...)
 #   /etc/alphapulse/{config,trading_params,monitoring}.yaml   0644, only when absent (never overwritten)
 #   /etc/alphapulse/alphapulse.env               0600, only when absent (it holds the exchange keys)
-#   /etc/systemd/system/alphapulse-*.service     0644, always refreshed (units are code)
+#   /etc/systemd/system/alphapulse-*.{service,timer}  0644, always refreshed (units are code); the backup
+#                                                timers are installed, not enabled (docs/OPERATIONS.md)
 #   /etc/logrotate.d/alphapulse                  0644, from config/logrotate/alphapulse
 #   /var/lib/alphapulse (0700), /var/log/alphapulse (0750), owned by the service user
 # Re-running is safe: an existing release of the same version is kept, files the operator owns are kept.
@@ -192,7 +193,7 @@ fi
 [ "$(id -u)" -ne 0 ] || chown root:root "$ROOT$ETC/alphapulse.env"
 
 # ---- units and logrotate -------------------------------------------------------------------------------
-for unit in "$SRC"/systemd/alphapulse-*.service; do
+for unit in "$SRC"/systemd/alphapulse-*.service "$SRC"/systemd/alphapulse-*.timer; do
     [ -e "$unit" ] || continue
     sed -e "s|^User=alphapulse$|User=$SVC_USER|" -e "s|^Group=alphapulse$|Group=$SVC_GROUP|" "$unit" \
         >"$ROOT$UNITS/$(basename "$unit").tmp"

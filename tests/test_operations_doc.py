@@ -364,6 +364,40 @@ def test_the_environment_block_names_what_install_sh_and_the_units_use() -> None
         assert "EnvironmentFile=-/etc/alphapulse/alphapulse.env" in (SYSTEMD / f"{unit}.service").read_text()
 
 
+def test_a_fresh_install_has_every_unit_path_and_program_the_document_uses(tmp_path: Path) -> None:
+    """scripts/install.sh into a throwaway root: the units the root blocks name are installed (timers too), each
+    unit runs the release's own alphapulse (what install.sh builds and deploy.sh switches), and the directories
+    and files the commands read exist."""
+    root = tmp_path / "root"
+    r = subprocess.run(["bash", str(REPO / "scripts" / "install.sh"), "--root", str(root), "--no-venv",
+                        "--no-systemctl", "--no-create-user", "--version", "doc-test"],
+                       capture_output=True, text=True, timeout=120, env=clean_env())
+    assert r.returncode == 0, r.stderr
+    units = root / "etc" / "systemd" / "system"
+    installed = sorted(p.name for p in units.iterdir())
+    for ln in doc_lines():
+        if ln.kind != "sh root":
+            continue
+        for name in unit_names(ln.text):
+            cands = {name, f"{name}.service"}
+            m = re.fullmatch(r"(alphapulse-[\w-]+)@([^.]+)(\.service)?", name)
+            if m and m.group(2) != "*":
+                cands.add(f"{m.group(1)}@.service")
+            assert any(fnmatch.fnmatch(f, c) for f in installed for c in cands), \
+                f"docs/OPERATIONS.md:{ln.lineno}: {name} is not installed by install.sh ({installed})"
+    for unit in installed:
+        for line in (units / unit).read_text().splitlines():
+            if line.startswith(("ExecStart=", "ExecStartPost=", "ExecStartPre=", "ExecReload=")):
+                program = line.split("=", 1)[1].split()[0].lstrip("-+!@:")
+                assert program == "/opt/alphapulse-rl/current/venv/bin/alphapulse", f"{unit}: {line}"
+    for path in ("/opt/alphapulse-rl/bin/alphapulse", "/etc/alphapulse/alphapulse.env", "/etc/alphapulse/config.yaml",
+                 "/etc/alphapulse/monitoring.yaml", "/etc/logrotate.d/alphapulse", "/var/lib/alphapulse",
+                 "/var/log/alphapulse"):
+        assert (root / path.lstrip("/")).exists(), f"install.sh made no {path}"
+    wrapper = (root / "opt/alphapulse-rl/bin/alphapulse").read_text()
+    assert ". /etc/alphapulse/alphapulse.env" in wrapper  # the CLI reads ALPHAPULSE_BACKUP_DIR as the timers do
+
+
 def test_the_parser_refuses_an_unknown_block_kind_and_continuations() -> None:
     assert [ln.text for ln in doc_lines("```sh\necho a\n# c\n\necho b\n```\n```text\nx\n```\n")] == ["echo a",
                                                                                                   "echo b"]

@@ -32,7 +32,7 @@ from tests.test_systemd_unit import (
 UNIT_NAME = "alphapulse-monitor.service"
 UNIT_PATH = REPO / "systemd" / UNIT_NAME
 TRADING_PATH = REPO / "systemd" / "alphapulse-trading.service"
-SHIPPED_EXEC_START = "/opt/alphapulse/.venv/bin/alphapulse monitor"
+SHIPPED_EXEC_START = "/opt/alphapulse-rl/current/venv/bin/alphapulse monitor"
 
 
 @pytest.fixture(scope="module")
