@@ -107,7 +107,8 @@ def test_shipped_monitoring_yaml_matches_the_built_in_defaults(tmp_path: Path) -
     assert s.thresholds == Thresholds()
     assert (s.scrape_interval_s, s.scrape_timeout_s, s.retention_days, s.port) == (5.0, 2.0, 14.0, 8081)
     assert s.daemon_url == "http://127.0.0.1:8080" and s.db_path == tmp_path / "monitor.db"
-    assert s.delivery == {}
+    assert s.delivery["webhook"]["enabled"] is False  # the raw section, passed through
+    assert s.delivery_config.channels == ()  # validated by alphapulse.monitor.delivery_config: all off
 
 
 def _config_dir(tmp_path: Path, doc: Any) -> Path:
@@ -148,10 +149,14 @@ def test_monitor_port_comes_from_the_environment_and_is_checked(tmp_path: Path) 
         load_monitor_settings(d, env={"ALPHAPULSE_MONITOR_PORT": "70000"})
 
 
-def test_delivery_section_passes_through_opaque(tmp_path: Path) -> None:
-    d = _config_dir(tmp_path, {"delivery": {"urls": ["mailto://ops@example.invalid"], "min_severity": "P2"}})
-    assert load_monitor_settings(d, env={}).delivery == {"urls": ["mailto://ops@example.invalid"],
-                                                          "min_severity": "P2"}
+def test_delivery_section_is_passed_on_and_validated_by_its_owner(tmp_path: Path) -> None:
+    hook = {"webhook": {"enabled": True, "url": "http://127.0.0.1:9/hook", "min_severity": "P2"}}
+    s = load_monitor_settings(_config_dir(tmp_path, {"delivery": hook}), env={})
+    assert s.delivery == hook
+    assert [(c.kind, c.min_severity) for c in s.delivery_config.channels] == [("webhook", "P2")]
+    with pytest.raises(ConfigError) as e:
+        load_monitor_settings(_config_dir(tmp_path, {"delivery": {"webhook": {"enabled": True}}}), env={})
+    assert e.value.key == "delivery.webhook.url" and e.value.source.endswith("monitoring.yaml")
 
 
 def test_daemon_accepts_the_monitor_port_variable(tmp_path: Path) -> None:
