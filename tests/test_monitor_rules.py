@@ -445,6 +445,26 @@ def test_a_down_daemon_leaves_the_daemon_rules_as_they_were() -> None:
     assert b.active() == {"drawdown": "P3", "daemon_down": "P1"}
 
 
+@pytest.mark.parametrize("odd", [
+    {"portfolio": [], "trading": "ACTIVE", "model": {"inference_us": 5, "decisions": "many"}, "risk": None,
+     "market": {"feed": 3, "last_candle": {"time": "not a time"}}, "exchange": {"broker": []}, "system": None},
+    {"portfolio": {"equity": float("nan"), "daily_pnl": True, "drawdown": "0.1"}, "model": {"avg_confidence": None},
+     "market": {"last_candle": None, "feed": {"kind": "weex", "timeframe": "7m"}}},
+    {},
+])
+def test_an_unexpected_metrics_shape_is_no_data_not_a_crash(odd: dict[str, Any]) -> None:
+    """A daemon of another version may answer differently: every rule reads it as no data."""
+    from alphapulse.monitor.service import series_of
+
+    s = sample(T0, metrics=odd)
+    checks = rules.evaluate(s, sample(T0 - 5, metrics=odd), s, s, TH)
+    daemon_rules = {c.rule: c.value for c in checks if c.rule not in ("daemon_down", "daemon_unhealthy", "cpu",
+                                                                       "memory", "disk", "api_response_time")}
+    assert set(daemon_rules.values()) <= {None, 0.0}, daemon_rules
+    series = series_of(s, checks)
+    assert series["equity"] is None and series["trading_state"] is None
+
+
 def test_every_rule_is_evaluated_once_per_sample() -> None:
     checks = rules.evaluate(sample(T0), None, None, None, TH)
     assert [c.rule for c in checks] == list(rules.RULES)

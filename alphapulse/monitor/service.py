@@ -54,14 +54,15 @@ class MonitorError(Exception):
 
 def series_of(s: Sample, checks: list[rules.Check]) -> dict[str, Any]:
     """The compact figures kept per sample for /api/metrics (the full daemon metrics would be kilobytes)."""
-    m = s.metrics or {}
-    pf = m.get("portfolio") or {}
+    m = s.metrics
     out: dict[str, Any] = {"health_status": s.health_status, "scrape_ms": None if s.scrape_ms is None else
                            round(s.scrape_ms, 3), "cpu_pct": s.cpu_pct, "memory_pct": s.memory_pct,
-                           "disk_pct": s.disk_pct, "equity": pf.get("equity"), "daily_pnl": pf.get("daily_pnl"),
-                           "trading_state": (m.get("trading") or {}).get("state"),
-                           "decisions": (m.get("model") or {}).get("decisions"),
-                           "candles_processed": (m.get("market") or {}).get("candles_processed")}
+                           "disk_pct": s.disk_pct}
+    for key, path in (("equity", ("portfolio", "equity")), ("daily_pnl", ("portfolio", "daily_pnl")),
+                      ("decisions", ("model", "decisions")), ("candles_processed", ("market", "candles_processed"))):
+        out[key] = rules.number_at(m, *path)
+    state = rules.value_at(m, "trading", "state")
+    out["trading_state"] = state if isinstance(state, str) else None
     for c in checks:
         out[c.rule] = c.value
     return out
