@@ -189,6 +189,12 @@ def cmd_fetch(args: argparse.Namespace) -> int:
     return fetch_main(args.rest)
 
 
+def cmd_backup(args: argparse.Namespace) -> int:
+    from alphapulse.ops.backup_cli import backup_main
+
+    return backup_main(args.rest)
+
+
 def cmd_fake_weex(args: argparse.Namespace) -> int:
     from alphapulse.exchange.weex.fake import main as fake_main
 
@@ -218,6 +224,8 @@ def build_parser() -> argparse.ArgumentParser:
                              ("report", cmd_report, "daily or weekly performance report with charts"),
                              ("fetch", cmd_fetch, "exchange checks (--test), data and store checks (--validate), "
                               "candle download"),
+                             ("backup", cmd_backup, "backups: create, list, verify, restore (daemon stopped), "
+                              "prune"),
                              ("fake-weex", cmd_fake_weex, "a local fake WEEX exchange on 127.0.0.1 for tests and "
                               "demos")):
         sp = sub.add_parser(name, help=text, add_help=False)  # the command's own parser handles its options

@@ -1,0 +1,1 @@
+"""Operator tooling around the daemon: backups, health checks, installs and model rollout."""
