@@ -527,3 +527,27 @@ def test_alert_transitions_reach_people_through_the_delivery_dispatcher(tmp_path
     finally:
         mon.close()
         hook.close()
+
+
+@pytest.mark.slow
+def test_a_wedged_daemon_pipeline_is_a_p1_unhealthy_alert(tmp_path: Path) -> None:
+    """The daemon's fault injection wedges its engine: its /health turns 503 and the monitor opens
+    daemon_unhealthy (P1) with the daemon's own reason, while daemon_down stays closed (it still answers)."""
+    daemon = DaemonProc(tmp_path / "run", speed="3000",
+                        service={"control": {"fault_injection": True}, "watchdog": {"stall_timeout_s": 1.5}})
+    mon = MonitorProc(daemon)
+    try:
+        daemon.start()
+        daemon.wait_ready(60)
+        mon.start()
+        mon.wait_ready(20)
+        wait_seen_up(mon)
+        status, body, _ = daemon.http("POST", "/debug/wedge_engine", token=daemon.token())
+        assert status == 200, body
+        body = mon.wait_alerts(lambda b: "daemon_unhealthy" in {a["rule"] for a in b["active_alerts"]}, 20)
+        alert = next(a for a in body["active_alerts"] if a["rule"] == "daemon_unhealthy")
+        assert alert["severity"] == "P1" and "HTTP 503" in alert["message"] and "engine" in alert["message"]
+        assert "daemon_down" not in {a["rule"] for a in body["active_alerts"]}
+    finally:
+        mon.close()
+        daemon.close()
