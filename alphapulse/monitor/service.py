@@ -199,9 +199,13 @@ class Monitor:
         while True:
             assert self.store is not None
             cut = int((self.clock() - self.settings.retention_days * 86400) * 1000)
-            removed = await asyncio.to_thread(self.store.prune, cut)
-            if any(removed.values()):
-                log.info("retention", older_than=iso_ms(cut), **removed)
+            try:
+                removed = await asyncio.to_thread(self.store.prune, cut)
+            except sqlite3.Error as e:  # retried in an hour; the scrape loop reports a store that cannot write
+                log.error("retention failed", db=str(self.settings.db_path), error=str(e))
+            else:
+                if any(removed.values()):
+                    log.info("retention", older_than=iso_ms(cut), **removed)
             await asyncio.sleep(RETENTION_EVERY_S)
 
     def scrape_age_s(self) -> float | None:
