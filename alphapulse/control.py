@@ -124,15 +124,17 @@ async def health(request: web.Request) -> web.Response:
 async def metrics(request: web.Request) -> web.Response:
     """JSON by default; the Prometheus text format with ``?format=prometheus`` or ``Accept: text/plain``.
 
-    The Prometheus answer is collected at this moment from the daemon's state by the app's own registry (see
-    alphapulse.prometheus), on the loop thread like the JSON view: the state is only consistent there.
+    The Prometheus answer is collected at this moment from the daemon's state by the app's own registry, on the
+    loop thread like the JSON view (the state is only consistent there), then formatted in slices (see
+    alphapulse.prometheus.render).
     """
     fmt = request.query.get("format", "")
     if fmt not in ("", "json", "prometheus"):
         return _error(400, "format must be json or prometheus")
     accept = request.headers.get("Accept", "")
     if fmt == "prometheus" or (fmt == "" and "text/plain" in accept and "application/json" not in accept):
-        return web.Response(body=render(request.app[PROMETHEUS]), headers={"Content-Type": PROMETHEUS_CONTENT_TYPE})
+        body = await render(request.app[PROMETHEUS])
+        return web.Response(body=body, headers={"Content-Type": PROMETHEUS_CONTENT_TYPE})
     return _json(request.app[DAEMON].metrics())
 
 
