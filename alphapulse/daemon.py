@@ -45,7 +45,7 @@ from alphapulse.market.validate import CandleValidator
 from alphapulse.metrics import LatencyHistogram
 from alphapulse.policy import ModelError, Policy, default_model_path
 from alphapulse.prometheus import ExchangeRequests, LatencySeries, ScrapeView
-from alphapulse.reconcile import AccountView, Resolution, reconcile
+from alphapulse.reconcile import MISMATCH_KINDS, AccountView, Resolution, reconcile
 from alphapulse.store import OperatorFiles, Persisted, Store, iso_ms
 
 log = get_logger("alphapulse.daemon")
@@ -688,7 +688,7 @@ class Daemon:
                 "broker": self.live.describe(),
                 "reconciliation": {"runs": self.reconcile_stats["runs"],
                                    "mismatches": {k: v for k, v in self.reconcile_stats.items()
-                                                  if k in ("position", "balance", "foreign_order")},
+                                                  if k in MISMATCH_KINDS},
                                    "errors": self.reconcile_stats["errors"],
                                    "skipped_in_flight": self.reconcile_stats["skipped_in_flight"],
                                    "last_run_age_s": None if self.last_reconcile_wall is None else

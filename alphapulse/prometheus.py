@@ -31,15 +31,13 @@ from prometheus_client.utils import floatToGoString
 from alphapulse.domain import TradingState
 from alphapulse.market.validate import REJECT_REASONS
 from alphapulse.metrics import PROM_LE_US, LatencyHistogram
+from alphapulse.reconcile import MISMATCH_KINDS
 
 #: The text format generate_latest writes (0.0.4, names escaped to the legacy character set).
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
 #: The ``le`` label of each bucket, in seconds as Prometheus expects, then ``+Inf``.
 _LE_LABELS: tuple[str, ...] = (*(floatToGoString(us / 1e6) for us in PROM_LE_US), "+Inf")
-
-#: Reconciliation mismatch kinds (alphapulse.reconcile), exported as zeros before the first one happens.
-RECONCILIATION_KINDS = ("position", "balance", "foreign_order")
 
 
 @dataclass(frozen=True)
@@ -289,7 +287,7 @@ def _exchange(m: dict[str, Any], view: ScrapeView) -> Iterator[Metric]:
     yield _counter("alphapulse_reconciliation_errors_total", "Reconciliations that failed (retried)", rec["errors"])
     mism = CounterMetricFamily("alphapulse_reconciliation_mismatches", "RECONCILIATION_MISMATCH events by kind",
                                labels=["kind"])
-    for kind in sorted({*RECONCILIATION_KINDS, *rec["mismatches"]}):
+    for kind in sorted({*MISMATCH_KINDS, *rec["mismatches"]}):
         mism.add_metric([kind], float(rec["mismatches"].get(kind, 0)))
     yield mism
 
