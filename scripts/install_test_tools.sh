@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Install the system tools some tests need but pip cannot provide:
 #   systemd-analyze  (Debian package "systemd") for tests/test_systemd_unit.py;
-#   promtool         (from Debian package "prometheus") for tests/test_prometheus.py.
+#   promtool and prometheus  (binaries from Debian package "prometheus") for tests/test_prometheus.py.
 #
 # Idempotent, quiet and non-interactive. It always exits 0: on a machine where it cannot
 # install (not root, no apt-get) the tests skip with a reason, except under CI=true where
@@ -40,35 +40,36 @@ install_systemd_analyze() {
     fi
 }
 
-install_promtool() {
-    if command -v promtool >/dev/null 2>&1; then
-        log "promtool present ($(promtool --version 2>&1 | head -n1))"
+install_prometheus_binaries() {
+    if command -v promtool >/dev/null 2>&1 && command -v prometheus >/dev/null 2>&1; then
+        log "promtool and prometheus present ($(promtool --version 2>&1 | head -n1))"
         return 0
     fi
     if ! can_install; then
-        log "promtool missing and cannot install it (need root and apt-get); its tests will skip"
+        log "promtool/prometheus missing and cannot install them (need root and apt-get); their tests will skip"
         return 0
     fi
-    # Only the promtool binary (Go, needs nothing but libc) out of Debian's "prometheus" package, into
-    # /usr/local/bin (or $PROMTOOL_INSTALL_DIR): installing the package would also enable and start a
-    # Prometheus server on a machine that runs systemd.
-    local tmp
+    # Only the two binaries (Go, they need nothing but libc) out of Debian's "prometheus" package, into
+    # /usr/local/bin (or $PROMETHEUS_INSTALL_DIR): installing the package would also enable and start a
+    # Prometheus server on a machine that runs systemd.  The tests start their own on 127.0.0.1.
+    local tmp dest="${PROMETHEUS_INSTALL_DIR:-/usr/local/bin}"
     if ! tmp=$(mktemp -d); then
-        log "mktemp failed; promtool tests will skip (or fail under CI=true)"
+        log "mktemp failed; promtool/prometheus tests will skip (or fail under CI=true)"
         return 0
     fi
     if apt_update_once \
         && (cd "$tmp" && apt-get download -qq prometheus >/dev/null 2>&1) \
         && dpkg-deb -x "$tmp"/prometheus_*.deb "$tmp/x" \
-        && install -m 0755 "$tmp/x/usr/bin/promtool" "${PROMTOOL_INSTALL_DIR:-/usr/local/bin}/promtool" \
-        && command -v promtool >/dev/null 2>&1; then
-        log "installed promtool from Debian package prometheus ($(promtool --version 2>&1 | head -n1))"
+        && install -m 0755 "$tmp/x/usr/bin/promtool" "$tmp/x/usr/bin/prometheus" "$dest/" \
+        && command -v promtool >/dev/null 2>&1 && command -v prometheus >/dev/null 2>&1; then
+        log "installed promtool and prometheus from Debian package prometheus ($(promtool --version 2>&1 | head -n1))"
     else
-        log "promtool download from Debian package prometheus failed; promtool tests will skip (or fail under CI=true)"
+        log "promtool/prometheus download from Debian package prometheus failed; their tests will skip" \
+            "(or fail under CI=true)"
     fi
     rm -rf "$tmp"
 }
 
 install_systemd_analyze
-install_promtool
+install_prometheus_binaries
 exit 0

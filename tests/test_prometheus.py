@@ -609,9 +609,9 @@ def test_dashboard_and_rules_name_only_series_the_daemon_exposes(paper: Scrapes,
 # ------------------------------------------------------------------ install_test_tools.sh (promtool)
 
 
-def test_install_script_extracts_promtool_from_the_debian_package(tmp_path: Path) -> None:
-    """As root without promtool: apt-get update, download the prometheus .deb, install only promtool from it;
-    a rerun finds it.  apt-get is a stand-in that hands over a real .deb built here; dpkg-deb is the real one."""
+def test_install_script_extracts_promtool_and_prometheus_from_the_debian_package(tmp_path: Path) -> None:
+    """As root without them: apt-get update, download the prometheus .deb, install only its two binaries (no
+    service); a rerun finds them.  apt-get is a stand-in handing over a real .deb built here; dpkg-deb is real."""
     dpkg_deb = shutil.which("dpkg-deb")
     if dpkg_deb is None:
         pytest.skip("dpkg-deb not available (not a Debian system)")
@@ -620,9 +620,10 @@ def test_install_script_extracts_promtool_from_the_debian_package(tmp_path: Path
     (pkg / "usr" / "bin").mkdir(parents=True)
     (pkg / "DEBIAN" / "control").write_text("Package: prometheus\nVersion: 9.9.9\nArchitecture: all\n"
                                             "Maintainer: test <t@example.org>\nDescription: stand-in\n")
-    tool = pkg / "usr" / "bin" / "promtool"
-    tool.write_text('#!/bin/bash\necho "promtool, version 9.9.9 (stand-in)"\n')
-    tool.chmod(0o755)
+    for name in ("promtool", "prometheus"):
+        tool = pkg / "usr" / "bin" / name
+        tool.write_text(f'#!/bin/bash\necho "{name}, version 9.9.9 (stand-in)"\n')
+        tool.chmod(0o755)
     deb = tmp_path / "prometheus_9.9.9_all.deb"
     subprocess.run([dpkg_deb, "--build", "--root-owner-group", str(pkg), str(deb)], check=True, capture_output=True)
     bin_dir, dest, calls = tmp_path / "bin", tmp_path / "dest", tmp_path / "apt-calls"
@@ -640,15 +641,16 @@ def test_install_script_extracts_promtool_from_the_debian_package(tmp_path: Path
         found = shutil.which(real)
         if found:
             (bin_dir / real).symlink_to(found)
-    env = {"PATH": f"{bin_dir}:{dest}", "PROMTOOL_INSTALL_DIR": str(dest)}
+    env = {"PATH": f"{bin_dir}:{dest}", "PROMETHEUS_INSTALL_DIR": str(dest)}
     first = subprocess.run(["/bin/bash", str(INSTALL_SCRIPT)], capture_output=True, text=True, env=env, timeout=60,
                            check=False)
     assert first.returncode == 0, first.stderr
-    assert "installed promtool from Debian package prometheus (promtool, version 9.9.9 (stand-in))" in first.stdout, \
-        first.stdout
+    assert "installed promtool and prometheus from Debian package prometheus (promtool, version 9.9.9 (stand-in))" \
+        in first.stdout, first.stdout
     assert calls.read_text().splitlines() == ["update -qq", "download -qq prometheus"]
-    assert (dest / "promtool").stat().st_mode & 0o777 == 0o755
+    assert sorted(p.name for p in dest.iterdir()) == ["prometheus", "promtool"]
+    assert all(p.stat().st_mode & 0o777 == 0o755 for p in dest.iterdir())
     second = subprocess.run(["/bin/bash", str(INSTALL_SCRIPT)], capture_output=True, text=True, env=env, timeout=60,
                             check=False)
-    assert second.returncode == 0 and "promtool present (promtool, version 9.9.9 (stand-in))" in second.stdout
+    assert second.returncode == 0 and "promtool and prometheus present (promtool, version 9.9.9" in second.stdout
     assert len(calls.read_text().splitlines()) == 2
