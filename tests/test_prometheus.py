@@ -3,7 +3,8 @@
 The exposition is parsed with prometheus_client's own parser from a real daemon replaying real candles (paper),
 and from a real live daemon trading against ``alphapulse fake-weex``; the rules run through ``promtool`` (check
 and unit tests) and their thresholds are compared with config/monitoring.yaml; every dashboard query is parsed
-by promtool and may only name series the daemon exposes.
+by promtool and may only name series the daemon exposes; and a real Prometheus server scrapes a trading daemon
+and evaluates the rules and the dashboard's queries on what it scraped.
 """
 
 from __future__ import annotations
