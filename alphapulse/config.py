@@ -322,6 +322,12 @@ def _dec(v: float) -> Decimal:
     return Decimal(repr(v))
 
 
+# Secrets of the monitor's alert delivery (alphapulse/monitor/delivery_config.py reads them): the daemon and
+# the monitor share one environment file, so the daemon must know these names too.
+DELIVERY_ENV = ("ALPHAPULSE_WEBHOOK_URL", "ALPHAPULSE_SLACK_WEBHOOK_URL", "ALPHAPULSE_TELEGRAM_TOKEN",
+                "ALPHAPULSE_SMTP_PASSWORD")
+
+
 def default_config_dir(env: Mapping[str, str] | None = None) -> Path | None:
     """``$ALPHAPULSE_CONFIG_DIR``, else ``./config`` when it exists, else built-in defaults only."""
     value = (os.environ if env is None else env).get("ALPHAPULSE_CONFIG_DIR")
@@ -346,7 +352,7 @@ def load_settings(config_dir: Path | None = None, env: Mapping[str, str] | None 
             if path.exists():
                 _merge(schema, target, _read_yaml(path), str(path))
 
-    known_env = set(ENV_KEYS) | set(SECRET_ENV) | set(OTHER_ENV)
+    known_env = set(ENV_KEYS) | set(SECRET_ENV) | set(OTHER_ENV) | set(DELIVERY_ENV)
     for name in env:
         # A typo in an override must not silently fall back to a default.
         if name.startswith("ALPHAPULSE_") and name not in known_env:

@@ -51,6 +51,9 @@ from alphapulse.store import OperatorFiles, Persisted, Store, iso_ms
 log = get_logger("alphapulse.daemon")
 
 _END = object()  # queue sentinel: the feed is exhausted
+# Longest the operator files of a step wait for its orders' acknowledgement (live): a slow exchange delays the files,
+# never the decisions (the engine sends no new order while one is pending anyway).
+ANSWER_WAIT_S = 0.5
 
 
 class SystemdNotifier:
@@ -401,7 +404,9 @@ class Daemon:
             # the order is acknowledged once durable: the files and log lines below are views derived from it
             self.latency.add((t2 - t0) / 1000)
             if res.orders and self.live is not None:
-                await asyncio.sleep(0)  # let the released order leave for the exchange before the files
+                # the files and log lines wait until the exchange has answered (bounded): written meanwhile, they
+                # would hold the loop while the acknowledgement is waiting to be read
+                await self.live.wait_answered(ANSWER_WAIT_S)
             self._publish(res, persisted)
             if observer is not None:
                 observer(res, t0, t1, t2, perf())
