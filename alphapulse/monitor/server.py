@@ -31,6 +31,7 @@ from prometheus_client.registry import Collector
 
 from alphapulse.control import check_bearer, error_response, errors_as_json, json_response
 from alphapulse.log import FILE_PREFIX, FILE_SUFFIX
+from alphapulse.monitor.dashboard import register_dashboard
 from alphapulse.monitor.rules import SEVERITIES
 from alphapulse.monitor.service import STREAM_END, Monitor
 from alphapulse.monitor.store import AlertNotFound, AlertResolved
@@ -267,4 +268,5 @@ def create_app(mon: Monitor) -> web.Application:
     app.router.add_get("/api/snapshot", snapshot)
     app.router.add_get("/api/stream", stream)
     app.router.add_get("/metrics", prometheus)
+    register_dashboard(app)  # GET / and its two static files (alphapulse/monitor/dashboard.py)
     return app
