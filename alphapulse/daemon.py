@@ -43,7 +43,8 @@ from alphapulse.log import get_logger, register_secrets
 from alphapulse.market.feed import Feed, FeedError
 from alphapulse.market.validate import CandleValidator
 from alphapulse.metrics import LatencyHistogram
-from alphapulse.policy import ModelError, Policy, default_model_path
+from alphapulse.model_store import resolve_model
+from alphapulse.policy import ModelError, Policy
 from alphapulse.reconcile import AccountView, Resolution, reconcile
 from alphapulse.store import OperatorFiles, Persisted, Store, iso_ms
 
@@ -197,6 +198,7 @@ class Daemon:
         self.files: OperatorFiles
         self.engine: Engine
         self.policy: Policy
+        self.model_source = "bundled"  # where the policy's file came from: config | store | bundled
         self.feed: Feed
         self.validator: CandleValidator
         self._runner: Any = None
@@ -210,7 +212,8 @@ class Daemon:
             log.info("control token file", path=str(self.token_path),
                      hint="send it as 'Authorization: Bearer <token>' to the POST endpoints")
 
-        model_path = s.model_path or default_model_path()
+        # model.path when set, else the active version of the model store (alphapulse model promote), else bundled
+        model_path, self.model_source = await asyncio.to_thread(resolve_model, s)
         try:
             self.policy = await asyncio.to_thread(Policy.load, model_path)
         except ModelError as e:
@@ -227,6 +230,7 @@ class Daemon:
         if any(added.values()):
             log.warning("operator files were behind the database (crash between commit and append); restored",
                         **added)
+        self._note_model_change(model_path)
         fs = policy_feature_set(self.policy)  # the model's feature set: its streaming form and warm-up
         self.features: StreamingSource = fs.streaming()
         if s.mode == "live" or s.feed_source == "weex":
@@ -266,12 +270,25 @@ class Daemon:
         self._runner = await start_control_server(self, s.control_host, s.control_port,
                                                   fault_injection=s.fault_injection)
         log.info("daemon started", version=__version__, mode=s.mode, symbol=s.symbol, timeframe=s.timeframe,
-                 model=self.policy.meta.version, feed=self.feed.describe(),
+                 model=self.policy.meta.version, model_source=self.model_source, feed=self.feed.describe(),
                  resumed_after=iso_ms(last_ts) if last_ts is not None else None,
                  state=self.engine.state.value, equity=str(portfolio.equity),
                  control=f"http://{s.control_host}:{s.control_port}")
         if self.engine.state is not TradingState.ACTIVE:
             log.warning("trading state restored", state=self.engine.state.value, reason=reason)
+
+    def _note_model_change(self, path: Path) -> None:
+        """An incidents.log line when the daemon starts on another model than last time (a promotion or a
+        rollback taking effect), so the file tells which model traded from when.  The first start of a store
+        only records the version: there is no change to report."""
+        meta = self.policy.meta
+        last = self.store.get_meta("model_version")
+        if last == meta.version:
+            return
+        if last is not None:
+            self.files.note(int(time.time() * 1000), "MODEL_LOADED", {
+                "version": meta.version, "previous": last, "source": self.model_source, "path": str(path)})
+        self.store.set_meta("model_version", meta.version)
 
     async def _start_live(self, broker: WeexBroker, has_state: bool) -> None:
         """Credentials, symbol, leverage and a first reconciliation, all before READY."""
@@ -664,7 +681,7 @@ class Daemon:
             "trading": {"mode": self.settings.mode, "state": eng.state.value, "state_reason": eng.state_reason,
                         "symbol": self.settings.symbol, "timeframe": self.settings.timeframe,
                         "orders": eng.orders_sent, "open_orders": len(eng.broker.open_orders())},
-            "model": {"version": self.policy.meta.version, "kind": self.policy.meta.kind,
+            "model": {"version": self.policy.meta.version, "kind": self.policy.meta.kind, "source": self.model_source,
                       "decisions": decided,
                       "avg_confidence": round(self.confidence_sum / decided, 6) if decided else 0.0,
                       "confidence_threshold": self.settings.confidence_threshold,

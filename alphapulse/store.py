@@ -470,6 +470,11 @@ class OperatorFiles:
         incident_id, ts_ms, kind, detail = row
         self._write("incidents", incident_line(ts_ms, kind, detail, incident_id))
 
+    def note(self, ts_ms: int, kind: str, detail: dict[str, Any]) -> None:
+        """An incident that is not a row of the store (the model the daemon started on): no ``incident_id``, so
+        the crash recovery passes over it."""
+        self._write("incidents", incident_line(ts_ms, kind, detail))
+
     def write(self, p: Persisted, reasons: dict[str, str], action_meanings: tuple[str, ...], bar_ms: int) -> None:
         for row in p.fills:
             self.trade(row, reasons.get(row[1]) or _default_reason(row[3]))
