@@ -1,0 +1,263 @@
+"""The model-update procedure: versioned models under the state directory, promotion gated by the
+``evaluate --validate`` check, an atomic active pointer, rollback in one command, a real daemon restarted on the
+promoted model, and every step in incidents.log."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import threading
+from pathlib import Path
+from typing import Any
+
+import onnx
+import pytest
+
+from alphapulse.config import ConfigError, Settings, load_settings
+from alphapulse.evaluation import evaluate_main, validate_model
+from alphapulse.model_cli import model_main
+from alphapulse.model_store import MODEL_FILE, ModelStore, resolve_model
+from alphapulse.operator_files import read_incidents
+from alphapulse.policy import Policy, default_model_path
+from tests.daemon_harness import BASELINE_MODEL, DaemonProc, slice_bundled
+
+V1 = "baseline-momentum-1"  # the bundled 5m baseline's own version
+
+
+def variant(src: Path, dest: Path, **meta: str) -> Path:
+    """A copy of ``src`` with some ``alphapulse.*`` metadata replaced (as an exporter would write it)."""
+    model = onnx.load(str(src))
+    props = {p.key: p for p in model.metadata_props}
+    for key, value in meta.items():
+        props[f"alphapulse.{key}"].value = value
+    onnx.save(model, str(dest))
+    return dest
+
+
+@pytest.fixture
+def models(tmp_path: Path) -> dict[str, Path]:
+    d = tmp_path / "candidates"
+    d.mkdir()
+    return {
+        "v1": BASELINE_MODEL,
+        "v2": variant(BASELINE_MODEL, d / "v2.onnx", version="baseline-momentum-2"),
+        # loads fine (Policy.load accepts it) but fails --validate: no training range recorded
+        "bad": variant(BASELINE_MODEL, d / "bad.onnx", version="baseline-momentum-bad", training_data_range=""),
+        "clash": variant(BASELINE_MODEL, d / "clash.onnx", created="2026-12-01"),  # v1's name, other bytes
+    }
+
+
+@pytest.fixture
+def settings(tmp_path: Path) -> Settings:
+    cfg = tmp_path / "config"
+    cfg.mkdir()
+    (cfg / "trading_params.yaml").write_text("timeframe: 5m\n")
+    return load_settings(cfg, env={"ALPHAPULSE_DATA_DIR": str(tmp_path / "data"),
+                                   "ALPHAPULSE_LOG_DIR": str(tmp_path / "log")})
+
+
+def incidents(log_dir: Path) -> list[tuple[str, dict[str, Any]]]:
+    return [(r.kind, r.detail) for r in read_incidents(log_dir)]
+
+
+def test_promote_list_and_rollback_switch_the_pointer(settings: Settings, models: dict[str, Path],
+                                                     capsys: pytest.CaptureFixture[str]) -> None:
+    store = ModelStore(settings.data_dir)
+    assert resolve_model(settings) == (default_model_path(), "bundled")
+    assert model_main(["promote", str(models["v1"])], settings) == 0
+    assert model_main(["promote", str(models["v2"])], settings) == 0
+    ptr = store.pointer()
+    assert (ptr.active, ptr.previous) == ("baseline-momentum-2", V1)
+    stored = store.root / "baseline-momentum-2" / MODEL_FILE
+    assert stored.read_bytes() == models["v2"].read_bytes()
+    assert resolve_model(settings) == (stored, "store")
+    capsys.readouterr()
+    assert model_main(["list", "--json"], settings) == 0
+    listed = json.loads(capsys.readouterr().out)
+    assert [(m["version"], m["active"], m["previous"]) for m in listed["models"]] == [
+        (V1, False, True), ("baseline-momentum-2", True, False)]
+    assert listed["daemon_loads"] == {"path": str(stored), "source": "store"}
+    assert model_main(["list"], settings) == 0
+    text = capsys.readouterr().out
+    assert "* baseline-momentum-2" in text and f"- {V1}" in text
+
+    assert model_main(["rollback"], settings) == 0
+    assert (store.pointer().active, store.pointer().previous) == (V1, "baseline-momentum-2")
+    assert model_main(["rollback"], settings) == 0  # rollback of the rollback: forward again
+    assert store.pointer().active == "baseline-momentum-2"
+    assert model_main(["promote", V1], settings) == 0  # a stored version by name, no file needed
+    assert (store.pointer().active, store.pointer().previous) == (V1, "baseline-momentum-2")
+    assert model_main(["promote", V1], settings) == 0  # already active: nothing changes
+    assert "already the active model" in capsys.readouterr().out
+    assert (store.pointer().active, store.pointer().previous) == (V1, "baseline-momentum-2")
+
+    kinds = [(k, d.get("version"), d.get("previous")) for k, d in incidents(settings.log_dir)]
+    assert kinds == [("MODEL_IMPORTED", V1, None), ("MODEL_PROMOTED", V1, None),
+                     ("MODEL_IMPORTED", "baseline-momentum-2", None),
+                     ("MODEL_PROMOTED", "baseline-momentum-2", V1),
+                     ("MODEL_ROLLED_BACK", V1, "baseline-momentum-2"),
+                     ("MODEL_ROLLED_BACK", "baseline-momentum-2", V1),
+                     ("MODEL_PROMOTED", V1, "baseline-momentum-2")]
+
+
+def test_a_model_failing_validation_is_refused_and_nothing_changes(settings: Settings, models: dict[str, Path],
+                                                                   capsys: pytest.CaptureFixture[str]) -> None:
+    store = ModelStore(settings.data_dir)
+    Policy.load(models["bad"])  # the loader alone would take it: the gate is what stops it
+    assert evaluate_main(["--validate", "--model", str(models["bad"])]) == 1  # what an operator would run
+    want = validate_model(models["bad"])
+    assert want == ["metadata: alphapulse.training_data_range is empty"]
+    assert model_main(["promote", str(models["v1"])], settings) == 0
+    before = store.pointer_path.read_bytes()
+    capsys.readouterr()
+    assert model_main(["promote", str(models["bad"])], settings) == 1
+    err = capsys.readouterr().err
+    assert "refused to promote" in err and "training_data_range is empty" in err
+    assert store.pointer_path.read_bytes() == before
+    assert [m.version for m in store.versions()] == [V1]  # not even imported
+    kind, detail = incidents(settings.log_dir)[-1]
+    assert kind == "MODEL_PROMOTION_REFUSED" and detail["problems"] == want
+    assert detail["version"] == "baseline-momentum-bad"
+
+    garbage = settings.data_dir.parent / "garbage.onnx"
+    garbage.write_bytes(b"\x08\x01not a protobuf" * 10)
+    assert model_main(["promote", str(garbage)], settings) == 1
+    assert model_main(["promote", str(default_model_path())], settings) == 1  # a 1h model for a 5m config
+    assert "built for 1h bars" in capsys.readouterr().err
+    assert model_main(["promote", str(models["clash"])], settings) == 1  # v1's name, other bytes
+    assert "already in the store with other content" in capsys.readouterr().err
+    assert model_main(["promote", "no-such-version"], settings) == 1
+    assert store.pointer_path.read_bytes() == before
+    assert [k for k, _ in incidents(settings.log_dir)][-4:] == ["MODEL_PROMOTION_REFUSED"] * 4
+
+
+def test_rollback_needs_a_previous_model(settings: Settings, models: dict[str, Path],
+                                         capsys: pytest.CaptureFixture[str]) -> None:
+    assert model_main(["rollback"], settings) == 1
+    assert model_main(["promote", str(models["v1"])], settings) == 0
+    assert model_main(["rollback"], settings) == 1
+    assert "nothing to roll back to" in capsys.readouterr().err
+    assert ModelStore(settings.data_dir).pointer().active == V1
+    assert [k for k, _ in incidents(settings.log_dir)].count("MODEL_ROLLBACK_REFUSED") == 2
+
+
+def test_the_pointer_switch_is_atomic_for_readers(settings: Settings, models: dict[str, Path]) -> None:
+    """A reader (the daemon starting, `model list`) never sees a half-written or missing pointer."""
+    assert model_main(["promote", str(models["v1"])], settings) == 0
+    assert model_main(["promote", str(models["v2"])], settings) == 0
+    store = ModelStore(settings.data_dir)
+    seen: set[tuple[str | None, str | None]] = set()
+    errors: list[BaseException] = []
+    done = threading.Event()
+
+    def read() -> None:
+        reader = ModelStore(settings.data_dir)
+        while not done.is_set():
+            try:
+                p = reader.pointer()
+                seen.add((p.active, p.previous))
+            except BaseException as e:  # any failure at all is the finding
+                errors.append(e)
+                return
+
+    t = threading.Thread(target=read)
+    t.start()
+    try:
+        for i in range(300):
+            with store.locked():
+                a, b = (V1, "baseline-momentum-2") if i % 2 else ("baseline-momentum-2", V1)
+                store.set_pointer(a, b, f"t{i}")
+    finally:
+        done.set()
+        t.join(10)
+    assert not errors
+    assert seen == {(V1, "baseline-momentum-2"), ("baseline-momentum-2", V1)}
+
+
+def test_config_model_path_wins_over_the_store(settings: Settings, models: dict[str, Path], tmp_path: Path) -> None:
+    assert model_main(["promote", str(models["v2"])], settings) == 0
+    cfg = tmp_path / "config"
+    (cfg / "config.yaml").write_text(f"model:\n  path: {models['v1']}\n")
+    pinned = load_settings(cfg, env={"ALPHAPULSE_DATA_DIR": str(settings.data_dir)})
+    assert resolve_model(pinned) == (models["v1"], "config")
+
+
+@pytest.mark.slow
+def test_a_daemon_restarted_after_promote_and_rollback_trades_that_model(tmp_path: Path,
+                                                                        models: dict[str, Path]) -> None:
+    d = DaemonProc(tmp_path / "d", replay_file=slice_bundled(tmp_path / "r.csv", 400),
+                   service={"model": {"path": ""}}, env={"ALPHAPULSE_CONTROL_TOKEN": "t" * 32})
+
+    def model(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "alphapulse", "model", *args], env=d.env, cwd=d.root,
+                              capture_output=True, text=True, timeout=60)
+
+    def run_daemon() -> dict[str, Any]:
+        d.start()
+        try:
+            d.wait_ready(60)
+            return d.metrics()["model"]  # type: ignore[no-any-return]
+        finally:
+            assert d.stop() == 0
+
+    try:
+        assert model("promote", str(models["v1"])).returncode == 0
+        first = run_daemon()
+        assert (first["version"], first["source"]) == (V1, "store")
+
+        r = model("promote", str(models["v2"]))
+        assert r.returncode == 0, r.stderr
+        assert (run_daemon()["version"]) == "baseline-momentum-2"
+
+        r = model("promote", str(models["bad"]))
+        assert r.returncode == 1 and "training_data_range is empty" in r.stderr
+        listed = json.loads(model("list", "--json").stdout)
+        assert (listed["active"], listed["previous"]) == ("baseline-momentum-2", V1)
+
+        r = model("rollback")
+        assert r.returncode == 0, r.stderr
+        assert run_daemon()["version"] == V1
+    finally:
+        d.close()
+
+    steps = [(k, det.get("version")) for k, det in incidents(d.log_dir) if k.startswith("MODEL_")]
+    assert steps == [("MODEL_IMPORTED", V1), ("MODEL_PROMOTED", V1),
+                     ("MODEL_IMPORTED", "baseline-momentum-2"), ("MODEL_PROMOTED", "baseline-momentum-2"),
+                     ("MODEL_LOADED", "baseline-momentum-2"),
+                     ("MODEL_PROMOTION_REFUSED", "baseline-momentum-bad"),
+                     ("MODEL_ROLLED_BACK", V1), ("MODEL_LOADED", V1)]
+
+
+@pytest.mark.slow
+def test_a_damaged_pointer_stops_the_daemon_with_one_config_line(tmp_path: Path, models: dict[str, Path]) -> None:
+    d = DaemonProc(tmp_path / "d", replay_file=slice_bundled(tmp_path / "r.csv", 300),
+                   service={"model": {"path": ""}})
+    try:
+        r = subprocess.run([sys.executable, "-m", "alphapulse", "model", "promote", str(models["v1"])], env=d.env,
+                           capture_output=True, text=True, timeout=60)
+        assert r.returncode == 0, r.stderr
+        pointer = d.data_dir / "models" / "active.json"
+        pointer.write_text('{"active": "../../etc"')
+        d.start()
+        assert d.wait_exit(60) == 78
+        lines = [ln for ln in d.stderr().splitlines() if ln.startswith("alphapulse: config error")]
+        assert len(lines) == 1 and str(pointer) in lines[0] and "damaged model pointer" in lines[0], d.stderr()
+        r = subprocess.run([sys.executable, "-m", "alphapulse", "model", "list"], env=d.env, capture_output=True,
+                           text=True, timeout=60)
+        assert r.returncode == 78 and str(pointer) in r.stderr
+        # promoting a stored version repairs it
+        r = subprocess.run([sys.executable, "-m", "alphapulse", "model", "promote", V1], env=d.env,
+                           capture_output=True, text=True, timeout=60)
+        assert r.returncode == 0, r.stderr
+        assert json.loads(pointer.read_text())["active"] == V1
+    finally:
+        d.close()
+
+
+def test_a_pointer_to_a_missing_version_is_a_config_error(settings: Settings, models: dict[str, Path]) -> None:
+    assert model_main(["promote", str(models["v1"])], settings) == 0
+    store = ModelStore(settings.data_dir)
+    (store.root / V1 / MODEL_FILE).unlink()
+    with pytest.raises(ConfigError, match="not in"):
+        resolve_model(settings)
