@@ -202,6 +202,7 @@ class Daemon:
         self.feed: Feed
         self.validator: CandleValidator
         self._runner: Any = None
+        self._reload_task: asyncio.Task[None] | None = None
 
     # ---- start-up ---------------------------------------------------------------------------
     async def start(self) -> None:
@@ -574,6 +575,7 @@ class Daemon:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self._on_signal, sig)
+        loop.add_signal_handler(signal.SIGHUP, self._on_reload)  # also before READY: its default action kills
         try:
             await self.start()
         except BaseException:
@@ -606,6 +608,8 @@ class Daemon:
         self.notifier.notify("STOPPING=1")
         log.info("stopping", candles=self.candles_processed, equity=str(self.engine.portfolio.equity))
         tasks = [c.task for c in self.components.values() if c.task] + ([wd_task] if wd_task else [])
+        if self._reload_task is not None:
+            tasks.append(self._reload_task)
         for t in tasks:
             t.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
@@ -637,6 +641,80 @@ class Daemon:
                     self.exit_code = 1
                     self.stop_event.set()
                     return
+
+    def _on_reload(self) -> None:
+        """SIGHUP (``systemctl reload``): swap in the model the configuration resolves to now, if it is safe."""
+        if not self.ready:
+            log.warning("SIGHUP before READY ignored; the model being loaded is already the current one")
+            return
+        if self._reload_task is not None and not self._reload_task.done():
+            log.warning("SIGHUP ignored: a model reload is already running")
+            return
+        self._reload_task = asyncio.create_task(self._reload_model(), name="model-reload")
+
+    def _reload_problem(self, new: Policy) -> str | None:
+        """Why ``new`` cannot replace the running policy without a restart (None: it can).
+
+        Everything built around the policy at start must stay valid: the feature pipeline and its warm-up,
+        the decision cadence, the timeframe, and the action space the operator files name."""
+        old, meta = self.policy.meta, new.meta
+        if meta.timeframe != self.settings.timeframe:
+            return f"built for {meta.timeframe} bars, the daemon trades {self.settings.timeframe}"
+        for what, a, b in (("feature set", old.feature_set_name, meta.feature_set_name),
+                           ("decision cadence", (old.decision_every_bars, old.decision_hour_utc),
+                            (meta.decision_every_bars, meta.decision_hour_utc)),
+                           ("action targets", old.action_targets, meta.action_targets),
+                           ("action names", old.action_meanings, meta.action_meanings)):
+            if a != b:
+                return f"its {what} differs ({a} -> {b}): restart the daemon to switch"
+        return None
+
+    async def _reload_model(self) -> None:
+        """Tell systemd a reload is under way (``RELOADING=1`` ... ``READY=1``) around :meth:`_swap_model`."""
+        self.notifier.notify(f"RELOADING=1\nMONOTONIC_USEC={time.monotonic_ns() // 1000}")
+        try:
+            await self._swap_model()
+        finally:
+            self.notifier.notify("READY=1")
+            self.notify_status()
+
+    async def _swap_model(self) -> None:
+        """Load and warm the new model in a worker thread, then swap it in on the loop thread.
+
+        The engine's step is synchronous on this thread, so the assignment below lands between two candles:
+        every decision is made wholly by the old model or wholly by the new one.  A model that cannot be
+        swapped safely is refused and the running one keeps trading."""
+        s = self.settings
+        path: Path | None = None
+        try:
+            resolved, source = await asyncio.to_thread(resolve_model, s)
+            path = resolved
+            new = await asyncio.to_thread(Policy.load, resolved)
+            problem = self._reload_problem(new)
+            if problem is None and new.meta.version == self.policy.meta.version:
+                log.info("SIGHUP: the model is unchanged", version=new.meta.version, path=str(path))
+                return
+            if problem is None:
+                await asyncio.to_thread(new.warmup, s.model_warmup_runs)
+        except (ConfigError, ModelError) as e:
+            problem = str(e)
+        if problem is not None:
+            log.error("model reload refused; the running model keeps trading", problem=problem,
+                      version=self.policy.meta.version)
+            self.files.note(int(time.time() * 1000), "MODEL_RELOAD_REFUSED", {
+                "running": self.policy.meta.version, "path": None if path is None else str(path), "problem": problem})
+            return
+        # ---- the swap: no await from here to the end, so no candle is stepped in between ----
+        previous = self.policy.meta.version
+        self.policy = self.engine.policy = new
+        self.model_source = source
+        after = self.engine.last_candle_ts
+        self.files.note(int(time.time() * 1000), "MODEL_RELOADED", {
+            "version": new.meta.version, "previous": previous, "source": source, "path": str(path),
+            "after_candle": None if after is None else iso_ms(after)})
+        self.store.set_meta("model_version", new.meta.version)
+        log.warning("model reloaded", version=new.meta.version, previous=previous, source=source,
+                    after_candle=None if after is None else iso_ms(after))
 
     def _on_signal(self, sig: int) -> None:
         log.info("signal received", signal=signal.Signals(sig).name)

@@ -5,6 +5,7 @@ promoted model, and every step in incidents.log."""
 from __future__ import annotations
 
 import json
+import signal
 import subprocess
 import sys
 import threading
@@ -20,6 +21,7 @@ from alphapulse.model_cli import model_main
 from alphapulse.model_store import MODEL_FILE, ModelStore, resolve_model
 from alphapulse.operator_files import read_incidents
 from alphapulse.policy import Policy, default_model_path
+from alphapulse.timeutil import parse_utc_ms
 from tests.daemon_harness import BASELINE_MODEL, DaemonProc, slice_bundled
 
 V1 = "baseline-momentum-1"  # the bundled 5m baseline's own version
@@ -261,3 +263,82 @@ def test_a_pointer_to_a_missing_version_is_a_config_error(settings: Settings, mo
     (store.root / V1 / MODEL_FILE).unlink()
     with pytest.raises(ConfigError, match="not in"):
         resolve_model(settings)
+
+
+def constant_flat(dest: Path) -> Path:
+    """The baseline with +50 on the flat logit: it answers flat with probability 1.0 (to 6 decimals) on every
+    bar, so each decision line shows which of the two models made it."""
+    model = onnx.load(str(BASELINE_MODEL))
+    bias = next(i for i in model.graph.initializer if i.name == "action_bias")
+    values = onnx.numpy_helper.to_array(bias).copy()
+    values[2] += 50.0
+    bias.CopyFrom(onnx.numpy_helper.from_array(values, "action_bias"))
+    for p in model.metadata_props:
+        if p.key == "alphapulse.version":
+            p.value = "constant-flat-1"
+    onnx.save(model, str(dest))
+    return dest
+
+
+def _wait(pred: Any, timeout: float, what: str) -> None:
+    import time
+
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if pred():
+            return
+        time.sleep(0.1)
+    raise AssertionError(f"not within {timeout}s: {what}")
+
+
+@pytest.mark.slow
+def test_sighup_swaps_the_promoted_model_between_two_decisions(tmp_path: Path) -> None:
+    flat = constant_flat(tmp_path / "flat.onnx")
+    assert validate_model(flat) == []
+    every2 = variant(BASELINE_MODEL, tmp_path / "every2.onnx", version="baseline-every-2")
+    model_proto = onnx.load(str(every2))
+    model_proto.metadata_props.add(key="alphapulse.decision_every_bars", value="2")
+    onnx.save(model_proto, str(every2))
+    d = DaemonProc(tmp_path / "d", replay_file=slice_bundled(tmp_path / "r.csv", 1500), speed="6000",
+                   service={"model": {"path": ""}})
+
+    def model(*args: str) -> None:
+        r = subprocess.run([sys.executable, "-m", "alphapulse", "model", *args], env=d.env, capture_output=True,
+                           text=True, timeout=60)
+        assert r.returncode == 0, r.stderr
+
+    try:
+        model("promote", str(BASELINE_MODEL))
+        d.start()
+        d.wait_ready(60)
+        d.wait_metric(lambda m: m["model"]["decisions"] >= 20, 60)
+        model("promote", str(flat))
+        d.signal(signal.SIGHUP)
+        m = d.wait_metric(lambda m: m["model"]["version"] == "constant-flat-1", 60)
+        d.wait_metric(lambda m, n=m["model"]["decisions"]: m["model"]["decisions"] >= n + 20, 60)
+        d.poll_messages(0.2)
+        msgs = [msg for _, msg in d.messages]
+        assert "RELOADING=1" in msgs and "READY=1" in msgs[msgs.index("RELOADING=1"):]
+
+        # a model whose cadence differs cannot be swapped in: refused, the running one keeps trading
+        model("promote", str(every2))
+        d.signal(signal.SIGHUP)
+        _wait(lambda: any(k == "MODEL_RELOAD_REFUSED" for k, _ in incidents(d.log_dir)), 60, "refusal")
+        assert d.metrics()["model"]["version"] == "constant-flat-1"
+        assert d.proc is not None and d.proc.poll() is None
+        assert d.stop() == 0
+    finally:
+        d.close()
+
+    lines = [json.loads(ln) for ln in (d.log_dir / "ai_decisions.json").read_text().splitlines()]
+    const = [ln["probabilities"]["flat"] == 1.0 and sum(ln["probabilities"].values()) == 1.0 for ln in lines]
+    k = const.index(True)
+    assert k >= 20 and all(const[k:]) and not any(const[:k]), "decisions of the two models interleave"
+    assert len(lines) - k >= 20
+    times = [parse_utc_ms(ln["candle_time"]) for ln in lines]
+    assert all(b - a == 300_000 for a, b in zip(times, times[1:])), "a candle was skipped or decided twice"
+    reloaded = [det for kind, det in incidents(d.log_dir) if kind == "MODEL_RELOADED"]
+    assert len(reloaded) == 1 and reloaded[0]["previous"] == V1 and reloaded[0]["version"] == "constant-flat-1"
+    assert reloaded[0]["after_candle"] == lines[k - 1]["candle_time"]  # the swap sat between these two decisions
+    refused = [det for kind, det in incidents(d.log_dir) if kind == "MODEL_RELOAD_REFUSED"]
+    assert "decision cadence differs" in refused[0]["problem"]
