@@ -254,6 +254,8 @@ def _dec(text: str) -> Decimal:
 
 def _num(value: Any) -> float | None:
     """A JSON number as a finite float; None for null, strings that are not numbers, booleans and NaN."""
+    if type(value) is float:
+        return value if math.isfinite(value) else None
     if isinstance(value, bool) or value is None:
         return None
     try:
@@ -321,7 +323,7 @@ def decision_from(rec: Mapping[str, Any]) -> DecisionRow:
         action=str(rec.get("action") or ""), target=_num(rec.get("target")),
         order_id=None if order_id is None else str(order_id), inference_us=_num(rec.get("inference_us")),
         equity=_num(rec.get("equity")), position=_num(rec.get("position")),
-        probabilities={str(k): float(v) for k, v in probs.items() if _num(v) is not None})
+        probabilities={str(k): p for k, v in probs.items() if (p := _num(v)) is not None})
 
 
 def read_decisions(log_dir: Path, skipped: Counter[str] | None = None, *, path: Path | None = None

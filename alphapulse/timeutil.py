@@ -16,9 +16,11 @@ import datetime as _dt
 __all__ = ["EPOCH", "iso_ms", "parse_utc_ms"]
 
 EPOCH = _dt.datetime(1970, 1, 1, tzinfo=_dt.UTC)
+_EPOCH_DATE = _dt.date(1970, 1, 1)
 _ONE_MS = _dt.timedelta(milliseconds=1)
 _DAY_MS = 86_400_000
 _DAY_PREFIX: dict[int, str] = {}
+_DAY_START: dict[str, int] = {}
 
 
 def parse_utc_ms(value: str | _dt.date | _dt.datetime) -> int:
@@ -27,6 +29,10 @@ def parse_utc_ms(value: str | _dt.date | _dt.datetime) -> int:
     A naive time is UTC; an explicit offset is converted.  A ``date`` (YAML turns an unquoted
     ``2025-07-01`` into one) is its UTC midnight.  Raises :class:`ValueError` naming the bad text.
     """
+    if type(value) is str and len(value) == 24 and value[10] == "T" and value[23] == "Z":
+        fast = _parse_iso_ms(value)  # the form every operator-file line carries (iso_ms)
+        if fast is not None:
+            return fast
     if isinstance(value, _dt.datetime):
         moment = value
     elif isinstance(value, _dt.date):
@@ -41,6 +47,27 @@ def parse_utc_ms(value: str | _dt.date | _dt.datetime) -> int:
     if moment.tzinfo is None:
         moment = moment.replace(tzinfo=_dt.UTC)
     return (moment - EPOCH) // _ONE_MS
+
+
+def _parse_iso_ms(text: str) -> int | None:
+    """``YYYY-MM-DDTHH:MM:SS.mmmZ`` by slicing, the day's start cached (a year of 5m decision lines is
+    210,000 times); None when the text is not exactly that form, for the general parser to judge."""
+    digits = text[11:13] + text[14:16] + text[17:19] + text[20:23]
+    if not (digits.isascii() and digits.isdigit() and text[13] == text[16] == ":" and text[19] == "."):
+        return None
+    h, m, sec, ms = int(text[11:13]), int(text[14:16]), int(text[17:19]), int(text[20:23])
+    if h > 23 or m > 59 or sec > 59:
+        return None
+    day = _DAY_START.get(text[:10])
+    if day is None:
+        try:
+            date = _dt.date.fromisoformat(text[:10])
+        except ValueError:
+            return None
+        if len(_DAY_START) > 4096:
+            _DAY_START.clear()
+        day = _DAY_START[text[:10]] = (date - _EPOCH_DATE).days * _DAY_MS
+    return day + ((h * 60 + m) * 60 + sec) * 1000 + ms
 
 
 def iso_ms(ts_ms: int) -> str:

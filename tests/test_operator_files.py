@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import random
 from collections import Counter
 from decimal import Decimal
 from pathlib import Path
@@ -255,3 +256,19 @@ def test_a_bad_time_names_the_flag_in_each_commands_error() -> None:
         parse_iso("2025-13-01", "--to")
     with pytest.raises(DataError, match="not a UTC date/time"):
         parse_utc("01/02/2025")
+
+
+def test_the_fast_path_for_operator_file_times_agrees_with_the_general_parser() -> None:
+    """Lines carry ``YYYY-MM-DDTHH:MM:SS.mmmZ``, read by slicing; the answer must be fromisoformat's, and text that
+    only looks like that form must still be refused."""
+    rng = random.Random(7)
+    for _ in range(5000):
+        t = rng.randrange(-10**12, 4_102_444_800_000)
+        text = iso_ms(t)
+        assert parse_utc_ms(text) == t
+        assert (dt.datetime.fromisoformat(text) - dt.datetime(1970, 1, 1, tzinfo=dt.UTC)) // dt.timedelta(
+            milliseconds=1) == t
+    for bad in ("2025-01-01T24:00:00.000Z", "2025-01-01T00:60:00.000Z", "2025-02-30T00:00:00.000Z",
+                "2025-01-01T-1:00:00.000Z", "2025-01-01T0\u00b2:00:00.000Z", "2025-01-01T00:00:00.0a0Z"):
+        with pytest.raises(ValueError):
+            parse_utc_ms(bad)
