@@ -63,7 +63,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_check_config(args: argparse.Namespace) -> int:
-    from alphapulse.model_store import resolve_model
+    from alphapulse.model_store import model_error, resolve_model
     from alphapulse.policy import ModelError, read_model_meta
 
     try:
@@ -73,7 +73,7 @@ def cmd_check_config(args: argparse.Namespace) -> int:
         try:
             meta = read_model_meta(model_path)
         except ModelError as e:
-            raise ConfigError("config.yaml", "model.path", str(e)) from None
+            raise model_error(s, model_source, str(e)) from None
         if meta.timeframe != s.timeframe:
             raise ConfigError("trading_params.yaml", "timeframe",
                               f"{s.timeframe} but model {meta.version} was built for {meta.timeframe}")

@@ -43,7 +43,7 @@ from alphapulse.log import get_logger, register_secrets
 from alphapulse.market.feed import Feed, FeedError
 from alphapulse.market.validate import CandleValidator
 from alphapulse.metrics import LatencyHistogram
-from alphapulse.model_store import resolve_model
+from alphapulse.model_store import model_error, resolve_model
 from alphapulse.policy import ModelError, Policy
 from alphapulse.reconcile import AccountView, Resolution, reconcile
 from alphapulse.store import OperatorFiles, Persisted, Store, iso_ms
@@ -218,7 +218,7 @@ class Daemon:
         try:
             self.policy = await asyncio.to_thread(Policy.load, model_path)
         except ModelError as e:
-            raise ConfigError("config.yaml", "model.path", str(e)) from None
+            raise model_error(s, self.model_source, str(e)) from None
         if self.policy.meta.timeframe and self.policy.meta.timeframe != s.timeframe:
             raise ConfigError("trading_params.yaml", "timeframe", f"{s.timeframe} but model "
                               f"{self.policy.meta.version} was built for {self.policy.meta.timeframe}")

@@ -95,11 +95,28 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def adopt_owner(path: Path, owner_of: Path) -> None:
+    """Give ``path`` (and what is under it) the owner of ``owner_of`` when running as root.
+
+    An operator runs ``sudo alphapulse model ...`` on the service's state directory; files left root-owned there
+    could not be replaced by the service's own (under systemd, dynamic) user later.  Not root: nothing to do."""
+    if os.geteuid() != 0:
+        return
+    st = os.stat(owner_of)
+    for p in [path, *(path.rglob("*") if path.is_dir() else [])]:
+        if not p.is_symlink() and (p.stat().st_uid, p.stat().st_gid) != (st.st_uid, st.st_gid):
+            os.chown(p, st.st_uid, st.st_gid)
+
+
 def _write_atomic(path: Path, data: bytes) -> None:
-    """Replace ``path`` with ``data`` so that a reader or a crash sees the old or the new content, whole."""
+    """Replace ``path`` with ``data`` so that a reader or a crash sees the old or the new content, whole.
+
+    Mode 0644: the daemon's user must read what an operator (maybe root) wrote; nothing here is secret, the
+    state directory's own mode guards it."""
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o640)
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
     try:
+        os.fchmod(fd, 0o644)
         view = memoryview(data)
         while view:
             view = view[os.write(fd, view):]
@@ -114,6 +131,7 @@ class ModelStore:
     """The models directory of one state directory."""
 
     def __init__(self, data_dir: Path) -> None:
+        self.data_dir = data_dir
         self.root = models_dir(data_dir)
         self.pointer_path = self.root / POINTER_FILE
 
@@ -125,6 +143,9 @@ class ModelStore:
             raw = self.pointer_path.read_bytes()
         except FileNotFoundError:
             return Pointer(None, None)
+        except OSError as e:
+            raise ConfigError(str(self.pointer_path), "active", f"cannot be read ({e.strerror or e}); run "
+                              "'alphapulse model' as the service's user, or make it readable") from None
         try:
             rec = orjson.loads(raw)
             if not isinstance(rec, dict):
@@ -145,7 +166,7 @@ class ModelStore:
         d = self.root / version
         try:
             info = orjson.loads((d / METADATA_FILE).read_bytes())
-        except (FileNotFoundError, NotADirectoryError, orjson.JSONDecodeError):
+        except (OSError, orjson.JSONDecodeError):
             return None
         if not isinstance(info, dict) or not (d / MODEL_FILE).is_file():
             return None
@@ -175,7 +196,7 @@ class ModelStore:
     def locked(self) -> Iterator[None]:
         """Exclusive: two operators promoting at once would otherwise both read the same ``previous``."""
         self.root.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.root / LOCK_FILE, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o640)
+        fd = os.open(self.root / LOCK_FILE, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX)
             yield
@@ -199,11 +220,13 @@ class ModelStore:
                                       "new model under a new alphapulse.version")
             return have, False
         self.root.mkdir(parents=True, exist_ok=True)
+        for stale in self.root.glob(".import-*"):  # left by an import that crashed; we hold the lock
+            shutil.rmtree(stale, ignore_errors=True)
         tmp = self.root / f".import-{version}-{os.getpid()}"
-        shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir()
         try:
             shutil.copyfile(source, tmp / MODEL_FILE)
+            os.chmod(tmp / MODEL_FILE, 0o644)
             if sha256_file(tmp / MODEL_FILE) != digest:
                 raise ModelStoreError(f"{source} changed while it was being copied; try again")
             with open(tmp / MODEL_FILE, "rb+") as f:
@@ -215,6 +238,7 @@ class ModelStore:
                     "sha256": digest, "size": (tmp / MODEL_FILE).stat().st_size, "imported": imported,
                     "source": str(source.resolve())}
             _write_atomic(tmp / METADATA_FILE, orjson.dumps(info, option=orjson.OPT_INDENT_2) + b"\n")
+            adopt_owner(tmp, self.data_dir)
             os.rename(tmp, self.root / version)
             _fsync_dir(self.root)
         except BaseException:
@@ -228,6 +252,7 @@ class ModelStore:
         """Switch atomically (call under :meth:`locked`)."""
         rec = {"active": active, "previous": previous, "changed": changed}
         _write_atomic(self.pointer_path, orjson.dumps(rec, option=orjson.OPT_INDENT_2) + b"\n")
+        adopt_owner(self.root, self.data_dir)
         return Pointer(active, previous, changed)
 
 
@@ -243,3 +268,12 @@ def resolve_model(settings: Settings) -> tuple[Path, str]:
     if active is not None:
         return active.path, "store"
     return default_model_path(), "bundled"
+
+
+def model_error(settings: Settings, source: str, problem: str) -> ConfigError:
+    """The one-line error for a model that cannot be used, naming where it was chosen: the configuration's
+    ``model.path`` or the store's pointer (then the way back is a rollback)."""
+    if source == "store":
+        return ConfigError(str(ModelStore(settings.data_dir).pointer_path), "active",
+                           f"{problem} (go back with 'alphapulse model rollback')")
+    return ConfigError("config.yaml", "model.path", problem)

@@ -141,8 +141,12 @@ def append_incident(log_dir: Path, ts_ms: int, kind: str, detail: Mapping[str, A
     log_dir.mkdir(parents=True, exist_ok=True)
     path = log_dir / INCIDENTS_FILE
     line = incident_line(ts_ms, kind, detail)
+    created = not path.exists()
     fd = os.open(path, os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o640)
     try:
+        if created and os.geteuid() == 0:  # sudo: the daemon's user must still open it read-write
+            st = os.stat(log_dir)
+            os.fchown(fd, st.st_uid, st.st_gid)
         size = os.fstat(fd).st_size
         if size and os.pread(fd, 1, size - 1) != b"\n":
             line = b"\n" + line

@@ -5,7 +5,9 @@ promoted model, and every step in incidents.log."""
 from __future__ import annotations
 
 import json
+import os
 import signal
+import stat
 import subprocess
 import sys
 import threading
@@ -342,3 +344,39 @@ def test_sighup_swaps_the_promoted_model_between_two_decisions(tmp_path: Path) -
     assert reloaded[0]["after_candle"] == lines[k - 1]["candle_time"]  # the swap sat between these two decisions
     refused = [det for kind, det in incidents(d.log_dir) if kind == "MODEL_RELOAD_REFUSED"]
     assert "decision cadence differs" in refused[0]["problem"]
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root: it is about 'sudo alphapulse model' on a service's files")
+def test_sudo_leaves_files_the_service_user_can_read_and_replace(settings: Settings, models: dict[str, Path]) -> None:
+    uid = gid = 4242  # the service's (dynamic) user, owner of the state and log directories
+    for d in (settings.data_dir, settings.log_dir):
+        d.mkdir(parents=True, exist_ok=True)
+        os.chown(d, uid, gid)
+    assert model_main(["promote", str(models["v1"])], settings) == 0
+    assert model_main(["promote", str(models["v2"])], settings) == 0
+    assert model_main(["rollback"], settings) == 0
+    store = ModelStore(settings.data_dir)
+    paths = [store.root, *store.root.rglob("*"), settings.log_dir / "incidents.log"]
+    assert {(p.stat().st_uid, p.stat().st_gid) for p in paths} == {(uid, gid)}
+    for p in (store.pointer_path, store.root / V1 / MODEL_FILE, store.root / V1 / "metadata.json"):
+        assert stat.S_IMODE(p.stat().st_mode) == 0o644, p
+
+
+def test_a_stored_model_that_no_longer_loads_names_the_pointer(settings: Settings, models: dict[str, Path],
+                                                               tmp_path: Path) -> None:
+    assert model_main(["promote", str(models["v1"])], settings) == 0
+    store = ModelStore(settings.data_dir)
+    (store.root / V1 / MODEL_FILE).write_bytes(b"\x00" * 64)  # a disk error, or a hand edit
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("ALPHAPULSE_", "TRADING_MODE", "WEEX_"))}
+    env.update({"ALPHAPULSE_CONFIG_DIR": str(tmp_path / "config"), "ALPHAPULSE_DATA_DIR": str(settings.data_dir),
+                "ALPHAPULSE_LOG_DIR": str(settings.log_dir)})
+    r = subprocess.run([sys.executable, "-m", "alphapulse", "check-config"], env=env, capture_output=True, text=True,
+                       timeout=60)
+    assert r.returncode == 78
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"alphapulse: config error: {store.pointer_path}: active: ")
+    assert "model rollback" in lines[0]
+    # and a rollback target that was damaged the same way is refused, not switched to
+    assert model_main(["promote", str(models["v2"])], settings) == 0
+    assert model_main(["rollback"], settings) == 1
+    assert store.pointer().active == "baseline-momentum-2"
