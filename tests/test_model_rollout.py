@@ -210,8 +210,15 @@ def test_a_daemon_restarted_after_promote_and_rollback_trades_that_model(tmp_pat
         first = run_daemon()
         assert (first["version"], first["source"]) == (V1, "store")
 
+        d.start()  # the usual order: promote while the daemon trades, then restart it
+        d.wait_ready(60)
         r = model("promote", str(models["v2"]))
         assert r.returncode == 0, r.stderr
+        listed = json.loads(model("list", "--json").stdout)
+        assert (listed["running"], listed["active"]) == (V1, "baseline-momentum-2")  # a restart is due
+        assert "the daemon runs: baseline-momentum-1; the active model is baseline-momentum-2" in model("list").stdout
+        assert d.stop() == 0
+        assert json.loads(model("list", "--json").stdout)["running"] is None
         assert (run_daemon()["version"]) == "baseline-momentum-2"
 
         r = model("promote", str(models["bad"]))
