@@ -2,9 +2,9 @@
 
 The daemon (and a backtest) append four files to the log directory for people and tools that never open
 the SQLite store: ``trades.csv``, ``ai_decisions.json``, ``risk_alerts.json`` and ``incidents.log``.  Their
-writer (:class:`alphapulse.store.OperatorFiles`) and every reader (``alphapulse report``, the backup, the
-health check, the monitor) import the names and formats from here, so a column added by the writer cannot be
-missed by a reader, and no reader depends on the order in which the writer happens to emit JSON keys.
+writer (:class:`alphapulse.store.OperatorFiles`) and their readers (``alphapulse report``; the health check
+and the monitor are meant to do the same) import the names and formats from here, so a column added by the
+writer cannot be missed by a reader, and no reader depends on the order in which the writer emits JSON keys.
 
 Line formats (UTF-8, one record per ``\\n``-terminated line, appended with one ``write`` each):
 
@@ -38,10 +38,11 @@ from alphapulse.timeutil import iso_ms, parse_utc_ms
 
 __all__ = [
     "ALERTS_FILE", "ALERT_EVENT", "ALERT_KEYS", "DAILY_LOG_GLOB", "DAILY_LOG_PREFIX", "DAILY_LOG_SUFFIX",
-    "DECISIONS_FILE", "DECISION_KEYS", "INCIDENTS_FILE", "OPERATOR_FILES", "TRADES_COLUMNS", "TRADES_FILE",
-    "TRADES_HEADER", "AlertRow", "DecisionRow", "IncidentRow", "TradeRow", "alert_line", "append_incident",
-    "daily_log_name", "decision_line", "incident_line", "last_incident_id", "read_alerts", "read_decisions",
-    "read_incidents", "read_trades", "repair_tail", "trade_line",
+    "DECISIONS_FILE", "DECISION_KEYS", "INCIDENTS_FILE", "INCIDENT_FIELDS", "OPERATOR_FILES", "TRADES_COLUMNS",
+    "TRADES_FILE", "TRADES_HEADER", "AlertRow", "DecisionRow", "IncidentRow", "TradeRow", "alert_from",
+    "alert_line", "append_incident", "daily_log_name", "decision_from", "decision_line", "incident_line",
+    "last_incident_id", "parse_incident", "read_alerts", "read_decisions", "read_incidents", "read_trades",
+    "repair_tail", "trade_line",
 ]
 
 TRADES_FILE = "trades.csv"
