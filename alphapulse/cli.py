@@ -97,15 +97,17 @@ def check_paths_monitor(s: Settings) -> None:
 
 
 def cmd_check_config(args: argparse.Namespace) -> int:
-    from alphapulse.policy import ModelError, default_model_path, read_model_meta
+    from alphapulse.model_store import model_error, resolve_model
+    from alphapulse.policy import ModelError, read_model_meta
 
     try:
         s = _load(args)
         check_paths(s)
+        model_path, model_source = resolve_model(s)
         try:
-            meta = read_model_meta(s.model_path or default_model_path())
+            meta = read_model_meta(model_path)
         except ModelError as e:
-            raise ConfigError("config.yaml", "model.path", str(e)) from None
+            raise model_error(s, model_source, str(e)) from None
         if meta.timeframe != s.timeframe:
             raise ConfigError("trading_params.yaml", "timeframe",
                               f"{s.timeframe} but model {meta.version} was built for {meta.timeframe}")
@@ -118,6 +120,7 @@ def cmd_check_config(args: argparse.Namespace) -> int:
         return report_config_error(e)
     print(f"config ok: mode={s.mode} symbol={s.symbol} timeframe={s.timeframe} data_dir={s.data_dir} "
           f"log_dir={s.log_dir} control={s.control_host}:{s.control_port}")
+    print(f"model: {meta.version} from {model_path} ({model_source})")
     print(warmup)
     return 0
 
@@ -183,6 +186,12 @@ def cmd_report(args: argparse.Namespace) -> int:
     return report_main(args.rest)
 
 
+def cmd_model(args: argparse.Namespace) -> int:
+    from alphapulse.model_cli import model_main
+
+    return model_main(args.rest)
+
+
 def cmd_fetch(args: argparse.Namespace) -> int:
     from alphapulse.fetch import fetch_main
 
@@ -222,6 +231,7 @@ def build_parser() -> argparse.ArgumentParser:
                              ("evaluate", cmd_evaluate, "out-of-sample metrics against baselines; --validate"),
                              ("train", cmd_train, "train a PPO policy and export it to ONNX"),
                              ("report", cmd_report, "daily or weekly performance report with charts"),
+                             ("model", cmd_model, "versioned models: list, promote (validated), rollback"),
                              ("fetch", cmd_fetch, "exchange checks (--test), data and store checks (--validate), "
                               "candle download"),
                              ("backup", cmd_backup, "backups: create, list, verify, restore (daemon stopped), "

@@ -140,12 +140,17 @@ SERVICE_SCHEMA: dict[str, Any] = {
     },
 }
 
+#: Built-in defaults other tools fall back on when no configuration loads (``alphapulse report`` on a copy of
+#: the logs): the same values the schema gives a missing key.
+DEFAULT_TIMEFRAME = "1h"
+DEFAULT_CONFIDENCE_THRESHOLD = 0.6
+
 TRADING_SCHEMA: dict[str, Any] = {
     "symbol": (str, "BTCUSDT", None),
-    "timeframe": (str, "1h", _choice(*TIMEFRAME_MS)),
+    "timeframe": (str, DEFAULT_TIMEFRAME, _choice(*TIMEFRAME_MS)),
     "initial_equity": (float, 10_000.0, _range(0, lo_open=True)),
     "lot_size": (float, 0.001, _range(0, lo_open=True)),
-    "confidence_threshold": (float, 0.6, _range(0, 1)),
+    "confidence_threshold": (float, DEFAULT_CONFIDENCE_THRESHOLD, _range(0, 1)),
     "fees": {
         "taker_fee": (float, 0.0006, _range(0, 0.01)),
         "slippage_bps": (float, 2.0, _range(0, 500)),

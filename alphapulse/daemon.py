@@ -42,7 +42,8 @@ from alphapulse.log import get_logger, register_secrets
 from alphapulse.market.feed import Feed, FeedError
 from alphapulse.market.validate import CandleValidator
 from alphapulse.metrics import LatencyHistogram
-from alphapulse.policy import ModelError, Policy, default_model_path
+from alphapulse.model_store import model_error, resolve_model
+from alphapulse.policy import ModelError, Policy
 from alphapulse.prometheus import ExchangeRequests, LatencySeries, ScrapeView
 from alphapulse.reconcile import MISMATCH_KINDS, AccountView, Resolution, reconcile
 from alphapulse.sdnotify import SystemdNotifier, watchdog_interval_s
@@ -136,9 +137,11 @@ class Daemon:
         self.files: OperatorFiles
         self.engine: Engine
         self.policy: Policy
+        self.model_source = "bundled"  # where the policy's file came from: config | store | bundled
         self.feed: Feed
         self.validator: CandleValidator
         self._runner: Any = None
+        self._reload_task: asyncio.Task[None] | None = None
 
     # ---- start-up ---------------------------------------------------------------------------
     async def start(self) -> None:
@@ -149,11 +152,12 @@ class Daemon:
             log.info("control token file", path=str(self.token_path),
                      hint="send it as 'Authorization: Bearer <token>' to the POST endpoints")
 
-        model_path = s.model_path or default_model_path()
+        # model.path when set, else the active version of the model store (alphapulse model promote), else bundled
+        model_path, self.model_source = await asyncio.to_thread(resolve_model, s)
         try:
             self.policy = await asyncio.to_thread(Policy.load, model_path)
         except ModelError as e:
-            raise ConfigError("config.yaml", "model.path", str(e)) from None
+            raise model_error(s, self.model_source, str(e)) from None
         if self.policy.meta.timeframe and self.policy.meta.timeframe != s.timeframe:
             raise ConfigError("trading_params.yaml", "timeframe", f"{s.timeframe} but model "
                               f"{self.policy.meta.version} was built for {self.policy.meta.timeframe}")
@@ -166,6 +170,7 @@ class Daemon:
         if any(added.values()):
             log.warning("operator files were behind the database (crash between commit and append); restored",
                         **added)
+        self._note_model_change(model_path)
         fs = policy_feature_set(self.policy)  # the model's feature set: its streaming form and warm-up
         self.features: StreamingSource = fs.streaming()
         if s.mode == "live" or s.feed_source == "weex":
@@ -205,12 +210,25 @@ class Daemon:
         self._runner = await start_control_server(self, s.control_host, s.control_port,
                                                   fault_injection=s.fault_injection)
         log.info("daemon started", version=__version__, mode=s.mode, symbol=s.symbol, timeframe=s.timeframe,
-                 model=self.policy.meta.version, feed=self.feed.describe(),
+                 model=self.policy.meta.version, model_source=self.model_source, feed=self.feed.describe(),
                  resumed_after=iso_ms(last_ts) if last_ts is not None else None,
                  state=self.engine.state.value, equity=str(portfolio.equity),
                  control=f"http://{s.control_host}:{s.control_port}")
         if self.engine.state is not TradingState.ACTIVE:
             log.warning("trading state restored", state=self.engine.state.value, reason=reason)
+
+    def _note_model_change(self, path: Path) -> None:
+        """An incidents.log line when the daemon starts on another model than last time (a promotion or a
+        rollback taking effect), so the file tells which model traded from when.  The first start of a store
+        only records the version: there is no change to report."""
+        meta = self.policy.meta
+        last = self.store.get_meta("model_version")
+        if last == meta.version:
+            return
+        if last is not None:
+            self.files.note(int(time.time() * 1000), "MODEL_LOADED", {
+                "version": meta.version, "previous": last, "source": self.model_source, "path": str(path)})
+        self.store.set_meta("model_version", meta.version)
 
     async def _start_live(self, broker: WeexBroker, has_state: bool) -> None:
         """Credentials, symbol, leverage and a first reconciliation, all before READY."""
@@ -496,6 +514,7 @@ class Daemon:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self._on_signal, sig)
+        loop.add_signal_handler(signal.SIGHUP, self._on_reload)  # also before READY: its default action kills
         try:
             await self.start()
         except BaseException:
@@ -528,6 +547,8 @@ class Daemon:
         self.notifier.notify("STOPPING=1")
         log.info("stopping", candles=self.candles_processed, equity=str(self.engine.portfolio.equity))
         tasks = [c.task for c in self.components.values() if c.task] + ([wd_task] if wd_task else [])
+        if self._reload_task is not None:
+            tasks.append(self._reload_task)
         for t in tasks:
             t.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
@@ -559,6 +580,80 @@ class Daemon:
                     self.exit_code = 1
                     self.stop_event.set()
                     return
+
+    def _on_reload(self) -> None:
+        """SIGHUP (``systemctl reload``): swap in the model the configuration resolves to now, if it is safe."""
+        if not self.ready:
+            log.warning("SIGHUP before READY ignored; the model being loaded is already the current one")
+            return
+        if self._reload_task is not None and not self._reload_task.done():
+            log.warning("SIGHUP ignored: a model reload is already running")
+            return
+        self._reload_task = asyncio.create_task(self._reload_model(), name="model-reload")
+
+    def _reload_problem(self, new: Policy) -> str | None:
+        """Why ``new`` cannot replace the running policy without a restart (None: it can).
+
+        Everything built around the policy at start must stay valid: the feature pipeline and its warm-up,
+        the decision cadence, the timeframe, and the action space the operator files name."""
+        old, meta = self.policy.meta, new.meta
+        if meta.timeframe != self.settings.timeframe:
+            return f"built for {meta.timeframe} bars, the daemon trades {self.settings.timeframe}"
+        for what, a, b in (("feature set", old.feature_set_name, meta.feature_set_name),
+                           ("decision cadence", (old.decision_every_bars, old.decision_hour_utc),
+                            (meta.decision_every_bars, meta.decision_hour_utc)),
+                           ("action targets", old.action_targets, meta.action_targets),
+                           ("action names", old.action_meanings, meta.action_meanings)):
+            if a != b:
+                return f"its {what} differs ({a} -> {b}): restart the daemon to switch"
+        return None
+
+    async def _reload_model(self) -> None:
+        """Tell systemd a reload is under way (``RELOADING=1`` ... ``READY=1``) around :meth:`_swap_model`."""
+        self.notifier.notify(f"RELOADING=1\nMONOTONIC_USEC={time.monotonic_ns() // 1000}")
+        try:
+            await self._swap_model()
+        finally:
+            self.notifier.notify("READY=1")
+            self.notify_status()
+
+    async def _swap_model(self) -> None:
+        """Load and warm the new model in a worker thread, then swap it in on the loop thread.
+
+        The engine's step is synchronous on this thread, so the assignment below lands between two candles:
+        every decision is made wholly by the old model or wholly by the new one.  A model that cannot be
+        swapped safely is refused and the running one keeps trading."""
+        s = self.settings
+        path: Path | None = None
+        try:
+            resolved, source = await asyncio.to_thread(resolve_model, s)
+            path = resolved
+            new = await asyncio.to_thread(Policy.load, resolved)
+            problem = self._reload_problem(new)
+            if problem is None and new.meta.version == self.policy.meta.version:
+                log.info("SIGHUP: the model is unchanged", version=new.meta.version, path=str(path))
+                return
+            if problem is None:
+                await asyncio.to_thread(new.warmup, s.model_warmup_runs)
+        except (ConfigError, ModelError) as e:
+            problem = str(e)
+        if problem is not None:
+            log.error("model reload refused; the running model keeps trading", problem=problem,
+                      version=self.policy.meta.version)
+            self.files.note(int(time.time() * 1000), "MODEL_RELOAD_REFUSED", {
+                "running": self.policy.meta.version, "path": None if path is None else str(path), "problem": problem})
+            return
+        # ---- the swap: no await from here to the end, so no candle is stepped in between ----
+        previous = self.policy.meta.version
+        self.policy = self.engine.policy = new
+        self.model_source = source
+        after = self.engine.last_candle_ts
+        self.files.note(int(time.time() * 1000), "MODEL_RELOADED", {
+            "version": new.meta.version, "previous": previous, "source": source, "path": str(path),
+            "after_candle": None if after is None else iso_ms(after)})
+        self.store.set_meta("model_version", new.meta.version)
+        log.warning("model reloaded", version=new.meta.version, previous=previous, source=source,
+                    after_candle=None if after is None else iso_ms(after))
 
     def _on_signal(self, sig: int) -> None:
         log.info("signal received", signal=signal.Signals(sig).name)
@@ -603,7 +698,7 @@ class Daemon:
             "trading": {"mode": self.settings.mode, "state": eng.state.value, "state_reason": eng.state_reason,
                         "symbol": self.settings.symbol, "timeframe": self.settings.timeframe,
                         "orders": eng.orders_sent, "open_orders": len(eng.broker.open_orders())},
-            "model": {"version": self.policy.meta.version, "kind": self.policy.meta.kind,
+            "model": {"version": self.policy.meta.version, "kind": self.policy.meta.kind, "source": self.model_source,
                       "decisions": decided,
                       "avg_confidence": round(self.confidence_sum / decided, 6) if decided else 0.0,
                       "confidence_threshold": self.settings.confidence_threshold,

@@ -44,12 +44,15 @@ import orjson
 import structlog
 from structlog.typing import EventDict, FilteringBoundLogger, WrappedLogger
 
+from alphapulse.operator_files import DAILY_LOG_PREFIX, DAILY_LOG_SUFFIX, daily_log_name, repair_tail
+
 __all__ = [
     "close_logging",
     "configure_logging",
     "current_log_file",
     "get_logger",
     "register_secrets",
+    "repair_tail",
 ]
 
 #: Clock for timestamps and the file's day; tests monkeypatch it to cross midnight.
@@ -58,8 +61,8 @@ _now: Callable[[], float] = time.time
 MASK = "***"
 #: Registered values shorter than this are ignored: masking "abc" everywhere would garble the logs.
 MIN_SECRET_LEN = 6
-FILE_PREFIX = "alphapulse_"
-FILE_SUFFIX = ".log"
+FILE_PREFIX = DAILY_LOG_PREFIX  # the names are defined with the other operator files (alphapulse.operator_files)
+FILE_SUFFIX = DAILY_LOG_SUFFIX
 
 _LEVELS: dict[str, int] = {
     "debug": logging.DEBUG,
@@ -286,27 +289,6 @@ def redact_text(text: str) -> str:
 # --------------------------------------------------------------------------------------------------
 
 
-def repair_tail(fd: int) -> int:
-    """Cut a torn last line (no trailing newline) left by a crash; return the bytes removed.
-
-    The one repair for every append-only file (the daily log, the operator files): ``fd`` open read-write."""
-    size = os.fstat(fd).st_size
-    if size == 0 or os.pread(fd, 1, size - 1) == b"\n":
-        return 0
-    end = size
-    keep = 0
-    while end > 0:
-        start = max(0, end - 65536)
-        chunk = os.pread(fd, end - start, start)
-        nl = chunk.rfind(b"\n")
-        if nl >= 0:
-            keep = start + nl + 1
-            break
-        end = start
-    os.ftruncate(fd, keep)
-    return size - keep
-
-
 def _json_default(obj: Any) -> Any:
     """Last resort for orjson; redaction has already turned nearly everything into JSON types."""
     return str(obj)
@@ -342,7 +324,7 @@ class DailyFile:
 
     def _open(self, day: str) -> None:
         """Switch to ``day``'s file (``YYYY-MM-DD``), repairing its tail. Caller holds the lock."""
-        path = self.directory / f"{self.prefix}{day[0:4]}{day[5:7]}{day[8:10]}{FILE_SUFFIX}"
+        path = self.directory / daily_log_name(day, self.prefix)
         fd = os.open(path, os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o640)
         try:
             self.repaired_bytes += repair_tail(fd)

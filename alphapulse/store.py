@@ -19,7 +19,6 @@ import sqlite3
 import threading
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
@@ -27,7 +26,22 @@ from typing import Any
 import orjson
 
 from alphapulse.domain import CASH_FLOW_SIDES, Order, Side, StepResult
-from alphapulse.log import repair_tail
+from alphapulse.operator_files import (
+    ALERT_EVENT,
+    ALERTS_FILE,
+    DECISIONS_FILE,
+    INCIDENTS_FILE,
+    TRADES_COLUMNS,
+    TRADES_FILE,
+    TRADES_HEADER,
+    alert_line,
+    decision_line,
+    incident_line,
+    last_incident_id,
+    repair_tail,
+    trade_line,
+)
+from alphapulse.timeutil import iso_ms, parse_utc_ms
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -55,24 +69,6 @@ CREATE TABLE IF NOT EXISTS incidents (
 #: The statement the per-candle commit runs for a decision: the row of :func:`build_rows` plus ``seq`` and the state
 #: snapshot as JSON.  Public so that a measurement (the benchmark's floor) commits exactly what the daemon commits.
 INSERT_DECISION = "INSERT OR REPLACE INTO decisions VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)"
-TRADES_HEADER = "timestamp,symbol,side,qty,price,fee,pnl,realized_pnl,order_id,fill_id,reason\n"
-
-
-_DAY_PREFIX: dict[int, str] = {}
-
-
-def iso_ms(ts_ms: int) -> str:
-    """ISO 8601 UTC with milliseconds and a Z (on the per-candle path: the date part is cached per day)."""
-    day, ms_of_day = divmod(ts_ms, 86_400_000)
-    prefix = _DAY_PREFIX.get(day)
-    if prefix is None:
-        if len(_DAY_PREFIX) > 64:
-            _DAY_PREFIX.clear()
-        prefix = _DAY_PREFIX[day] = datetime.fromtimestamp(day * 86_400, tz=UTC).strftime("%Y-%m-%dT")
-    s, ms = divmod(ms_of_day, 1000)
-    h, rem = divmod(s, 3600)
-    m, sec = divmod(rem, 60)
-    return f"{prefix}{h:02d}:{m:02d}:{sec:02d}.{ms:03d}Z"
 
 
 @dataclass(frozen=True)
@@ -390,6 +386,9 @@ def _last_line(path: Path) -> bytes | None:
         return None
 
 
+_FILL_ID_COLUMN = TRADES_COLUMNS.index("fill_id")
+
+
 def _fmt_dec(text: str) -> str:
     return format(Decimal(text).normalize(), "f") if "E" in text or "e" in text else text
 
@@ -409,10 +408,10 @@ class OperatorFiles:
         self._buffers: dict[str, bytearray] | None = {} if buffered else None
         self.dir = log_dir
         self.paths = {
-            "trades": log_dir / "trades.csv",
-            "decisions": log_dir / "ai_decisions.json",
-            "alerts": log_dir / "risk_alerts.json",
-            "incidents": log_dir / "incidents.log",
+            "trades": log_dir / TRADES_FILE,
+            "decisions": log_dir / DECISIONS_FILE,
+            "alerts": log_dir / ALERTS_FILE,
+            "incidents": log_dir / INCIDENTS_FILE,
         }
         self._fds: dict[str, int] = {}
         for key, path in self.paths.items():
@@ -449,42 +448,32 @@ class OperatorFiles:
     def trade(self, row: tuple[Any, ...], reason: str) -> None:
         fill_id, coid, symbol, side, qty, price, fee, realized, ts_ms = row[:9]
         pnl = Decimal(realized) - Decimal(fee)
-        line = (f"{iso_ms(ts_ms)},{symbol},{side},{_fmt_dec(qty)},{_fmt_dec(price)},{_fmt_dec(fee)},"
-                f"{format(pnl, 'f')},{_fmt_dec(realized)},{coid},{fill_id},{reason}\n")
-        self._write("trades", line.encode())
+        self._write("trades", trade_line((iso_ms(ts_ms), symbol, side, _fmt_dec(qty), _fmt_dec(price), _fmt_dec(fee),
+                                          format(pnl, "f"), _fmt_dec(realized), coid, str(fill_id), reason)))
 
     def decision(self, row: tuple[Any, ...], action_meanings: tuple[str, ...], bar_ms: int) -> None:
         (candle_ts, symbol, decided_ms, probs, action, target, conf, allowed, reason, order_id, inf_us, equity,
          position) = row
         p = orjson.loads(probs) if isinstance(probs, str) else probs
-        rec = {
-            "timestamp": iso_ms(decided_ms),
-            "candle_time": iso_ms(candle_ts),
-            "symbol": symbol,
-            "probabilities": {action_meanings[i] if i < len(action_meanings) else str(i): round(v, 6)
-                              for i, v in enumerate(p)},
-            "confidence": round(conf, 6),
-            "action": action_meanings[action] if action < len(action_meanings) else str(action),
-            "target": target,
-            "allowed": bool(allowed),
-            "reason": reason,
-            "order_id": order_id,
-            "inference_us": round(inf_us, 2),
-            "equity": equity,
-            "position": position,
-        }
-        self._write("decisions", orjson.dumps(rec) + b"\n")
+        self._write("decisions", decision_line((
+            iso_ms(decided_ms), iso_ms(candle_ts), symbol,
+            {action_meanings[i] if i < len(action_meanings) else str(i): round(v, 6) for i, v in enumerate(p)},
+            round(conf, 6), action_meanings[action] if action < len(action_meanings) else str(action), target,
+            bool(allowed), reason, order_id, round(inf_us, 2), equity, position)))
 
     def alert(self, row: tuple[Any, ...]) -> None:
         alert_id, ts_ms, limit, value, threshold, action, detail = row
-        rec = {"timestamp": iso_ms(ts_ms), "alert_id": alert_id, "event": "RISK_LIMIT_EXCEEDED", "limit": limit,
-               "value": value, "threshold": threshold, "action": action,
-               "detail": orjson.loads(detail) if isinstance(detail, str) else detail}
-        self._write("alerts", orjson.dumps(rec) + b"\n")
+        self._write("alerts", alert_line((iso_ms(ts_ms), alert_id, ALERT_EVENT, limit, value, threshold, action,
+                                          orjson.loads(detail) if isinstance(detail, str) else detail)))
 
     def incident(self, row: tuple[Any, ...]) -> None:
         incident_id, ts_ms, kind, detail = row
-        self._write("incidents", f"{iso_ms(ts_ms)} {kind} incident_id={incident_id} {detail}\n".encode())
+        self._write("incidents", incident_line(ts_ms, kind, detail, incident_id))
+
+    def note(self, ts_ms: int, kind: str, detail: dict[str, Any]) -> None:
+        """An incident that is not a row of the store (the model the daemon started on): no ``incident_id``, so
+        the crash recovery passes over it."""
+        self._write("incidents", incident_line(ts_ms, kind, detail))
 
     def write(self, p: Persisted, reasons: dict[str, str], action_meanings: tuple[str, ...], bar_ms: int) -> None:
         for row in p.fills:
@@ -503,7 +492,7 @@ class OperatorFiles:
         last = _last_line(self.paths["trades"])
         last_fill = 0
         if last and not last.startswith(b"timestamp,"):
-            last_fill = int(last.split(b",")[9])
+            last_fill = int(last.split(b",")[_FILL_ID_COLUMN])
         rows = list(store.fills_after(last_fill))
         reasons = store.fill_reasons(r[1] for r in rows)
         for row in rows:
@@ -513,7 +502,7 @@ class OperatorFiles:
         last_ts = -1
         if last:
             rec = orjson.loads(last)
-            last_ts = int(datetime.fromisoformat(rec["candle_time"].replace("Z", "+00:00")).timestamp() * 1000)
+            last_ts = parse_utc_ms(rec["candle_time"])
         for row in store.decisions_after(last_ts):
             self.decision(row, action_meanings, bar_ms)
             added["decisions"] += 1
@@ -521,13 +510,8 @@ class OperatorFiles:
         for row in store.alerts_after(orjson.loads(last)["alert_id"] if last else 0):
             self.alert(row)
             added["alerts"] += 1
-        last = _last_line(self.paths["incidents"])
-        last_inc = 0
-        if last:
-            for tok in last.split(b" "):
-                if tok.startswith(b"incident_id="):
-                    last_inc = int(tok.split(b"=", 1)[1])
-        for row in store.incidents_after(last_inc):
+        # the last line with an id: lines of ``alphapulse model`` (no id, not in the store) may follow it
+        for row in store.incidents_after(last_incident_id(self.paths["incidents"])):
             self.incident(row)
             added["incidents"] += 1
         return added
