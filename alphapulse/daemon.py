@@ -193,12 +193,13 @@ class Daemon:
         self._queue: asyncio.Queue[Any] = asyncio.Queue(maxsize=settings.queue_size)
         self.token = ""
         self.token_path: Path | None = None
+        # built in start() after the broker: a live start's first reconciliation reports STATUS before it exists
+        self.feed: Feed | None = None
         # created in start()
         self.store: Store
         self.files: OperatorFiles
         self.engine: Engine
         self.policy: Policy
-        self.feed: Feed
         self.validator: CandleValidator
         self._runner: Any = None
 
@@ -251,23 +252,23 @@ class Daemon:
         last_ts = self.engine.last_candle_ts
         reason = self.engine.state_reason
 
-        self.feed = build_feed(s, last_ts, self.client, warmup_bars=fs.warmup_bars)
+        self.feed = feed = build_feed(s, last_ts, self.client, warmup_bars=fs.warmup_bars)
         try:
-            await self.feed.open()
+            await feed.open()
         except FeedError as e:
             if s.feed_source == "replay":
                 raise ConfigError("config.yaml", "feed.replay_file", str(e)) from None
             raise StartupError(f"exchange feed: {e}") from None  # the network may come back: systemd retries
         if last_ts is not None:
-            self.features.warmup(self.feed.history(last_ts + 1, fs.warmup_bars))
+            self.features.warmup(feed.history(last_ts + 1, fs.warmup_bars))
         elif s.feed_source == "weex":  # a live market has a past: warm up from it instead of waiting for it
-            self.features.warmup(self.feed.history(self.feed.now_ms() or 0, fs.warmup_bars))
+            self.features.warmup(feed.history(feed.now_ms() or 0, fs.warmup_bars))
         self.validator = CandleValidator(s.bar_ms, last_ts)
 
         self._runner = await start_control_server(self, s.control_host, s.control_port,
                                                   fault_injection=s.fault_injection)
         log.info("daemon started", version=__version__, mode=s.mode, symbol=s.symbol, timeframe=s.timeframe,
-                 model=self.policy.meta.version, feed=self.feed.describe(),
+                 model=self.policy.meta.version, feed=feed.describe(),
                  resumed_after=iso_ms(last_ts) if last_ts is not None else None,
                  state=self.engine.state.value, equity=str(portfolio.equity),
                  control=f"http://{s.control_host}:{s.control_port}")
@@ -364,7 +365,7 @@ class Daemon:
         comp = self.components["feed"]
         comp.progress()
         v = self.validator
-        async for candle in self.feed.candles():
+        async for candle in self._open_feed().candles():
             self.candles_in += 1
             reason = v.check(candle)
             if reason is not None:
@@ -386,6 +387,7 @@ class Daemon:
         q = self._queue
         perf = time.perf_counter_ns
         observer = self.step_observer
+        feed = self._open_feed()
         while True:
             item = await q.get()
             if self.wedged.is_set():
@@ -397,7 +399,7 @@ class Daemon:
                     self.stop_event.set()
                 continue
             t0 = perf()
-            res = self.engine.step(item, self.feed.now_ms())
+            res = self.engine.step(item, feed.now_ms())
             t1 = perf()
             persisted = self._commit(res)
             t2 = perf()
@@ -520,7 +522,13 @@ class Daemon:
         pf = self.engine.portfolio
         return (f"{self.settings.mode} {self.engine.state.value} equity={pf.equity:.2f} "
                 f"pos={pf.position.qty} candles={self.candles_processed}"
-                + (" feed=finished" if getattr(self, "feed", None) is not None and self.feed.finished else ""))
+                + (" feed=finished" if self.feed is not None and self.feed.finished else ""))
+
+    def _open_feed(self) -> Feed:
+        """The feed start() built: everything but :meth:`status_line` runs after that, so None here is a bug."""
+        if self.feed is None:
+            raise RuntimeError("the feed is used before start() built it")
+        return self.feed
 
     def notify_status(self) -> None:
         self.notifier.notify(f"STATUS={self.status_line()}")
@@ -688,7 +696,7 @@ class Daemon:
                        "candles_in": self.candles_in, "candles_processed": self.candles_processed,
                        "rejected_candles": sum(self.rejected.values()),
                        "rejected_by_reason": dict(self.rejected), "gaps": self.validator.gaps,
-                       "feed": self.feed.describe()},
+                       "feed": self._open_feed().describe()},
             "exchange": None if self.live is None else {
                 "broker": self.live.describe(),
                 "reconciliation": {"runs": self.reconcile_stats["runs"],
@@ -740,7 +748,7 @@ class Daemon:
     def degraded(self) -> str | None:
         """Why the daemon cannot trade safely although every task is alive (a silent market-data stream):
         /health says 503, the watchdog keeps pinging (a restart would not bring the stream back sooner)."""
-        info = self.feed.describe()
+        info = self._open_feed().describe()
         if info.get("stalled"):
             return (f"market data stream silent for {info.get('last_message_age_s')}s; bars come from REST polling "
                     "while it reconnects, and a bar that arrives late is too stale to trade on")
@@ -749,9 +757,10 @@ class Daemon:
     def health(self) -> tuple[int, dict[str, Any]]:
         problem = self.health_problem() or self.degraded()
         comps = {n: {"state": c.state, "last_progress_age_s": round(c.age_s(), 3)} for n, c in self.components.items()}
-        comps["feed"]["finished"] = self.feed.finished
+        finished = self._open_feed().finished
+        comps["feed"]["finished"] = finished
         body = {
-            "status": "stalled" if problem else ("finished" if self.feed.finished else "ok"),
+            "status": "stalled" if problem else ("finished" if finished else "ok"),
             "problem": problem,
             "mode": self.settings.mode,
             "trading_state": self.engine.state.value,
