@@ -17,7 +17,7 @@ import secrets
 import signal
 import time
 from collections import Counter
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -179,7 +179,7 @@ class Daemon:
         self.client: WeexClient | None = None
         self.live: WeexBroker | None = None
         self.reconcile_stats: Counter[str] = Counter()
-        self._foreign_seen: set[str] = set()  # foreign open orders already reported
+        self._foreign_seen: frozenset[str] = frozenset()  # foreign open orders already reported
         self.last_reconcile_wall: float | None = None
         self.latency = LatencyHistogram()  # candle in -> order acked and committed
         self.inference = LatencyHistogram()
@@ -315,13 +315,8 @@ class Daemon:
         pf = self.engine.portfolio
         ours = AccountView(pf.symbol, pf.position.qty, pf.position.entry_price, pf.cash)
         resolution = reconcile(ours, theirs, broker.order_ids(), qty_tolerance=self.settings.lot_size / 2,
-                               halt_on_position=not expected_difference)
-        # a foreign order that is still there was reported (and halted on) already: say it once
-        foreign = {m.exchange for m in resolution.mismatches if m.kind == "foreign_order"}
-        resolution = replace(resolution, mismatches=tuple(
-            m for m in resolution.mismatches if m.kind != "foreign_order" or m.exchange not in self._foreign_seen),
-            halt=resolution.halt and (resolution.adopt_position is not None or bool(foreign - self._foreign_seen)))
-        self._foreign_seen = foreign
+                               halt_on_position=not expected_difference, reported_foreign=self._foreign_seen)
+        self._foreign_seen = resolution.foreign_orders
         self.reconcile_stats["runs"] += 1
         self.last_reconcile_wall = time.time()
         if not resolution.clean:
