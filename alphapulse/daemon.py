@@ -730,9 +730,10 @@ class Daemon:
             exchange = ExchangeRequests(c.requests, c.errors, c.retries, c.rate_limited)
         last = self.last_candle
         age: dict[str, float] = {}
-        if last is not None and not self.feed.finished:
+        feed = self._open_feed()
+        if last is not None and not feed.finished:
             bar = self.settings.bar_ms
-            now = self.feed.now_ms()
+            now = feed.now_ms()
             close = last.ts + bar
             age[self.settings.symbol] = max(0, (now if now is not None else close) - close) / bar
         return ScrapeView(latency=latency, data_age_bars=age,
