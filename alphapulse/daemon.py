@@ -41,6 +41,7 @@ from alphapulse.features import StreamingSource
 from alphapulse.funding import FundingError
 from alphapulse.log import get_logger, register_secrets
 from alphapulse.market.feed import Feed, FeedError
+from alphapulse.market.replay import check_file_timeframe, default_replay_file
 from alphapulse.market.validate import CandleValidator
 from alphapulse.metrics import LatencyHistogram
 from alphapulse.policy import ModelError, Policy, default_model_path
@@ -205,6 +206,8 @@ class Daemon:
     # ---- start-up ---------------------------------------------------------------------------
     async def start(self) -> None:
         s = self.settings
+        if s.feed_source == "replay":  # a file of another timeframe is a config error before any state exists
+            await asyncio.to_thread(self._check_replay_timeframe)
         self.token, self.token_path = ensure_control_token(s)
         register_secrets([self.token])
         if self.token_path is not None:
@@ -273,6 +276,15 @@ class Daemon:
                  control=f"http://{s.control_host}:{s.control_port}")
         if self.engine.state is not TradingState.ACTIVE:
             log.warning("trading state restored", state=self.engine.state.value, reason=reason)
+
+    def _check_replay_timeframe(self) -> None:
+        """Refuse a replay file of another timeframe (a 5m file under the 1h config) before the store and the
+        control token are created: the opened feed would refuse it too, but only after them."""
+        s = self.settings
+        try:
+            check_file_timeframe(s.replay_file or default_replay_file(s.timeframe), s.bar_ms)
+        except FeedError as e:
+            raise ConfigError("config.yaml", "feed.replay_file", str(e)) from None
 
     async def _start_live(self, broker: WeexBroker, has_state: bool) -> None:
         """Credentials, symbol, leverage and a first reconciliation, all before READY."""
