@@ -16,7 +16,7 @@ import os
 import signal
 import time
 from collections import Counter
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -40,6 +40,7 @@ from alphapulse.features import StreamingSource
 from alphapulse.funding import FundingError
 from alphapulse.log import get_logger, register_secrets
 from alphapulse.market.feed import Feed, FeedError
+from alphapulse.market.replay import check_file_timeframe, default_replay_file
 from alphapulse.market.validate import CandleValidator
 from alphapulse.metrics import LatencyHistogram
 from alphapulse.model_store import model_error, resolve_model
@@ -118,7 +119,7 @@ class Daemon:
         self.client: WeexClient | None = None
         self.live: WeexBroker | None = None
         self.reconcile_stats: Counter[str] = Counter()
-        self._foreign_seen: set[str] = set()  # foreign open orders already reported
+        self._foreign_seen: frozenset[str] = frozenset()  # foreign open orders already reported
         self.last_reconcile_wall: float | None = None
         self.latency = LatencyHistogram()  # candle in -> order acked and committed
         self.inference = LatencyHistogram()
@@ -138,7 +139,7 @@ class Daemon:
         self.engine: Engine
         self.policy: Policy
         self.model_source = "bundled"  # where the policy's file came from: config | store | bundled
-        self.feed: Feed
+        self.feed: Feed | None = None  # built in start() after the broker: live start-up reports STATUS before it
         self.validator: CandleValidator
         self._runner: Any = None
         self._reload_task: asyncio.Task[None] | None = None
@@ -146,6 +147,8 @@ class Daemon:
     # ---- start-up ---------------------------------------------------------------------------
     async def start(self) -> None:
         s = self.settings
+        if s.feed_source == "replay":  # a file of another timeframe is a config error before any state exists
+            await asyncio.to_thread(self._check_replay_timeframe)
         self.token, self.token_path = ensure_control_token(s)
         register_secrets([self.token])
         if self.token_path is not None:
@@ -230,6 +233,15 @@ class Daemon:
                 "version": meta.version, "previous": last, "source": self.model_source, "path": str(path)})
         self.store.set_meta("model_version", meta.version)
 
+    def _check_replay_timeframe(self) -> None:
+        """Refuse a replay file of another timeframe (a 5m file under the 1h config) before the store and the
+        control token are created: the opened feed would refuse it too, but only after them."""
+        s = self.settings
+        try:
+            check_file_timeframe(s.replay_file or default_replay_file(s.timeframe), s.bar_ms)
+        except FeedError as e:
+            raise ConfigError("config.yaml", "feed.replay_file", str(e)) from None
+
     async def _start_live(self, broker: WeexBroker, has_state: bool) -> None:
         """Credentials, symbol, leverage and a first reconciliation, all before READY."""
         s = self.settings
@@ -270,13 +282,8 @@ class Daemon:
         pf = self.engine.portfolio
         ours = AccountView(pf.symbol, pf.position.qty, pf.position.entry_price, pf.cash)
         resolution = reconcile(ours, theirs, broker.order_ids(), qty_tolerance=self.settings.lot_size / 2,
-                               halt_on_position=not expected_difference)
-        # a foreign order that is still there was reported (and halted on) already: say it once
-        foreign = {m.exchange for m in resolution.mismatches if m.kind == "foreign_order"}
-        resolution = replace(resolution, mismatches=tuple(
-            m for m in resolution.mismatches if m.kind != "foreign_order" or m.exchange not in self._foreign_seen),
-            halt=resolution.halt and (resolution.adopt_position is not None or bool(foreign - self._foreign_seen)))
-        self._foreign_seen = foreign
+                               halt_on_position=not expected_difference, reported_foreign=self._foreign_seen)
+        self._foreign_seen = resolution.foreign_orders
         self.reconcile_stats["runs"] += 1
         self.last_reconcile_wall = time.time()
         if not resolution.clean:
@@ -320,7 +327,7 @@ class Daemon:
         comp = self.components["feed"]
         comp.progress()
         v = self.validator
-        async for candle in self.feed.candles():
+        async for candle in self._open_feed().candles():
             self.candles_in += 1
             reason = v.check(candle)
             if reason is not None:
@@ -342,6 +349,7 @@ class Daemon:
         q = self._queue
         perf = time.perf_counter_ns
         observer = self.step_observer
+        feed = self._open_feed()
         while True:
             item = await q.get()
             if self.wedged.is_set():
@@ -353,7 +361,7 @@ class Daemon:
                     self.stop_event.set()
                 continue
             t0 = perf()
-            res = self.engine.step(item, self.feed.now_ms())
+            res = self.engine.step(item, feed.now_ms())
             t1 = perf()
             persisted = self._commit(res)
             t2 = perf()
@@ -476,7 +484,13 @@ class Daemon:
         pf = self.engine.portfolio
         return (f"{self.settings.mode} {self.engine.state.value} equity={pf.equity:.2f} "
                 f"pos={pf.position.qty} candles={self.candles_processed}"
-                + (" feed=finished" if getattr(self, "feed", None) is not None and self.feed.finished else ""))
+                + (" feed=finished" if self.feed is not None and self.feed.finished else ""))
+
+    def _open_feed(self) -> Feed:
+        """The feed start() built: everything but :meth:`status_line` runs after that, so None here is a bug."""
+        if self.feed is None:
+            raise RuntimeError("the feed is used before start() built it")
+        return self.feed
 
     def notify_status(self) -> None:
         self.notifier.notify(f"STATUS={self.status_line()}")
@@ -721,7 +735,7 @@ class Daemon:
                        "candles_in": self.candles_in, "candles_processed": self.candles_processed,
                        "rejected_candles": sum(self.rejected.values()),
                        "rejected_by_reason": dict(self.rejected), "gaps": self.validator.gaps,
-                       "feed": self.feed.describe()},
+                       "feed": self._open_feed().describe()},
             "exchange": None if self.live is None else {
                 "broker": self.live.describe(),
                 "reconciliation": {"runs": self.reconcile_stats["runs"],
@@ -761,9 +775,10 @@ class Daemon:
             exchange = ExchangeRequests(c.requests, c.errors, c.retries, c.rate_limited)
         last = self.last_candle
         age: dict[str, float] = {}
-        if last is not None and not self.feed.finished:
+        feed = self._open_feed()
+        if last is not None and not feed.finished:
             bar = self.settings.bar_ms
-            now = self.feed.now_ms()
+            now = feed.now_ms()
             close = last.ts + bar
             age[self.settings.symbol] = max(0, (now if now is not None else close) - close) / bar
         return ScrapeView(latency=latency, data_age_bars=age,
@@ -773,7 +788,7 @@ class Daemon:
     def degraded(self) -> str | None:
         """Why the daemon cannot trade safely although every task is alive (a silent market-data stream):
         /health says 503, the watchdog keeps pinging (a restart would not bring the stream back sooner)."""
-        info = self.feed.describe()
+        info = self._open_feed().describe()
         if info.get("stalled"):
             return (f"market data stream silent for {info.get('last_message_age_s')}s; bars come from REST polling "
                     "while it reconnects, and a bar that arrives late is too stale to trade on")
@@ -782,9 +797,10 @@ class Daemon:
     def health(self) -> tuple[int, dict[str, Any]]:
         problem = self.health_problem() or self.degraded()
         comps = {n: {"state": c.state, "last_progress_age_s": round(c.age_s(), 3)} for n, c in self.components.items()}
-        comps["feed"]["finished"] = self.feed.finished
+        finished = self._open_feed().finished
+        comps["feed"]["finished"] = finished
         body = {
-            "status": "stalled" if problem else ("finished" if self.feed.finished else "ok"),
+            "status": "stalled" if problem else ("finished" if finished else "ok"),
             "problem": problem,
             "mode": self.settings.mode,
             "trading_state": self.engine.state.value,
