@@ -321,3 +321,18 @@ def test_configured_production_profile_pins_a_walk_forward_run() -> None:
     spec = load_walk_forward()
     assert gate["fold"] == spec.production_fold and gate["configuration"] in spec.configurations
     assert gate["seed"] in spec.seeds
+
+
+SHARED = REPO.parent / "shared" / "data"
+
+
+@pytest.mark.skipif(not (SHARED / "BTC_USDT-1h.csv.gz").is_file(), reason="needs ../shared/data (the real histories)")
+def test_the_shipped_model_is_what_the_production_profile_builds(tmp_path: Path) -> None:
+    """`alphapulse train --config production` on ../shared/data writes the shipped file's exact bytes."""
+    from alphapulse.training.train import train_main
+    from alphapulse.training.walkforward import SHIPPED_MODEL
+
+    out = tmp_path / "gated_rule_1h.onnx"
+    assert train_main(["--config", "production", "--out", str(out)]) == 0
+    assert out.read_bytes() == SHIPPED_MODEL.read_bytes()
+    assert Policy.load(SHIPPED_MODEL).meta.version == "gate-2024-25-prior_strong-s1"
