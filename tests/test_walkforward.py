@@ -336,3 +336,24 @@ def test_the_shipped_model_is_what_the_production_profile_builds(tmp_path: Path)
     assert train_main(["--config", "production", "--out", str(out)]) == 0
     assert out.read_bytes() == SHIPPED_MODEL.read_bytes()
     assert Policy.load(SHIPPED_MODEL).meta.version == "gate-2024-25-prior_strong-s1"
+
+
+def test_the_daemon_trades_the_shipped_gated_model(tmp_path: Path) -> None:
+    """The real daemon on the bundled 1h replay with the shipped gated model: warm-up from the replay, one decision
+    a day at 00:00 UTC taken by the network (the decision's target is on the model's grid), trades, exit 0."""
+    from alphapulse.training.walkforward import SHIPPED_MODEL
+    from tests.daemon_harness import DaemonProc
+
+    d = DaemonProc(tmp_path, shipped_defaults=True, args=("--exit-at-end",),
+                   env={"ALPHAPULSE_MODEL_PATH": str(SHIPPED_MODEL)})
+    try:
+        d.start()
+        assert d.wait_exit(timeout=180) == 0, d.stderr()
+    finally:
+        d.close()
+    decisions = [json.loads(line) for line in (d.log_dir / "ai_decisions.json").read_text().splitlines()]
+    trades = (d.log_dir / "trades.csv").read_text().splitlines()
+    assert len(decisions) > 100 and all(x["candle_time"].endswith("T23:00:00.000Z") for x in decisions)
+    assert set(decisions[0]["probabilities"]) == set(read_model_meta(SHIPPED_MODEL).action_meanings)
+    assert all(x["target"] in GRID_TARGETS for x in decisions)
+    assert len([t for t in trades[1:] if ",funding" not in t]) > 5
