@@ -357,3 +357,17 @@ def test_the_daemon_trades_the_shipped_gated_model(tmp_path: Path) -> None:
     assert set(decisions[0]["probabilities"]) == set(read_model_meta(SHIPPED_MODEL).action_meanings)
     assert all(x["target"] in GRID_TARGETS for x in decisions)
     assert len([t for t in trades[1:] if ",funding" not in t]) > 5
+
+
+def test_process_backend_gives_the_serial_numbers(tmp_path: Path) -> None:
+    """`--walk-forward`'s process pool and a serial loop return the same baseline sets, in job order."""
+    from alphapulse.training.walkforward import BaselineJob, run_baseline_job, run_jobs
+
+    cfg = quick_config(tmp_path)
+    jobs = [BaselineJob(str(cfg), str(REPO), "q", p) for p in ("BTC_USDT", "ETH_USDT")]
+    pooled = run_jobs(run_baseline_job, jobs, "process", workers=2)
+    serial = run_jobs(run_baseline_job, jobs, "serial")
+    assert pooled == serial and [r["pair"] for r in pooled] == ["BTC_USDT", "ETH_USDT"]
+    assert all(r["flat"]["sharpe"] == 0.0 and r["direction"] in ("falling", "rising") for r in pooled)
+    with pytest.raises(WalkForwardError, match="unknown backend"):
+        run_jobs(run_baseline_job, jobs, "dask")
