@@ -23,7 +23,7 @@ $(VENV)/.installed: $(BIN)/python setup.cfg pyproject.toml
 
 # Test and lint tools on top.
 $(VENV)/.dev-installed: $(VENV)/.installed
-	$(PIP) install -q -e '.[test,dev,train,ccxt]'
+	$(PIP) install -q -e '.[test,dev,train,ccxt,sweep]'
 	touch $@
 
 install: $(VENV)/.installed

@@ -93,6 +93,37 @@ def _plain(settings: Settings) -> Settings:
         settings.risk, daily_loss_limit_frac=1.0, max_drawdown_frac=1.0, target_vol=0.0))
 
 
+def run_baseline(strat: Any, full: dict[str, np.ndarray], first_i: int, end_i: int, plain: Settings, *,
+                 symbol: str, timeframe: str, funding: FundingSchedule | None, funding_source: str | None,
+                 keep_curve: bool = False) -> dict[str, Any]:
+    """One baseline over bars ``first_i .. end_i - 1`` of ``full`` (valid candles), warmed up on the bars before.
+
+    Returns the metrics of :data:`METRIC_KEYS` (plus ``final_equity``, ``funding``; with ``keep_curve`` the
+    evaluated ``equity`` array too), or ``{"skipped": reason}``.  Shared by ``evaluate`` and the walk-forward
+    (:mod:`alphapulse.training.walkforward`), so both measure the baselines the same way."""
+    bar_ms = TIMEFRAME_MS[timeframe]
+    fs = policy_feature_set(strat)
+    if fs.timeframe is not None and fs.timeframe != timeframe:
+        return {"skipped": f"needs {fs.timeframe} candles ({fs.name} features)"}
+    lo = first_i - (fs.warmup_bars - 1)
+    if lo < 0:
+        return {"skipped": not_enough_history(full["ts"], fs.warmup_bars, first_i)}
+    cadence = policy_cadence(strat)
+    if isinstance(strat, TsMomentum):  # the rule decides once a day, so the engine asks it once a day
+        strat.reset()
+        cadence = Cadence(86_400_000 // bar_ms, strat.decision_hour_utc)
+    sub = {k: v[lo:end_i] for k, v in full.items()}
+    res = run_backtest(strat, sub, plain, symbol=symbol, timeframe=timeframe, funding=funding,
+                       funding_source=funding_source, cadence=cadence)
+    skip = fs.warmup_bars - 1
+    m = summarize(res.equity[skip:], res.position[skip:], res.fills, bar_ms)
+    out: dict[str, Any] = {k: m[k] for k in METRIC_KEYS} | {"final_equity": float(res.final_equity),
+                                                            "funding": float(res.funding)}
+    if keep_curve:
+        out["equity"] = res.equity[skip:]
+    return out
+
+
 def evaluate(policy: Policy, data: Path, settings: Settings, *, period: str = "all", quick: bool = False,
              use_test_split: bool = False, start_ms: int | None = None, end_ms: int | None = None,
              funding: FundingSchedule | None = None, funding_source: str | None = None) -> dict[str, Any]:
@@ -140,27 +171,12 @@ def evaluate(policy: Policy, data: Path, settings: Settings, *, period: str = "a
         if name == "policy":
             res = run_backtest(strat, cols, settings, symbol=symbol, timeframe=timeframe, funding=funding,
                                funding_source=funding_source)
-            skip = first
-        else:
-            fs = policy_feature_set(strat)
-            if fs.timeframe is not None and fs.timeframe != timeframe:
-                strategies[name] = {"skipped": f"needs {fs.timeframe} candles ({fs.name} features)"}
-                continue
-            lo = first_i - (fs.warmup_bars - 1)
-            if lo < 0:
-                strategies[name] = {"skipped": not_enough_history(full["ts"], fs.warmup_bars, first_i)}
-                continue
-            cadence = policy_cadence(strat)
-            if isinstance(strat, TsMomentum):  # the rule decides once a day, so the engine asks it once a day
-                strat.reset()
-                cadence = Cadence(86_400_000 // bar_ms, strat.decision_hour_utc)
-            sub = {k: v[lo:end_i] for k, v in full.items()}
-            res = run_backtest(strat, sub, plain, symbol=symbol, timeframe=timeframe, funding=funding,
-                               funding_source=funding_source, cadence=cadence)
-            skip = fs.warmup_bars - 1
-        m = summarize(res.equity[skip:], res.position[skip:], res.fills, bar_ms)
-        strategies[name] = {k: m[k] for k in METRIC_KEYS} | {"final_equity": float(res.final_equity),
-                                                             "funding": float(res.funding)}
+            m = summarize(res.equity[first:], res.position[first:], res.fills, bar_ms)
+            strategies[name] = {k: m[k] for k in METRIC_KEYS} | {"final_equity": float(res.final_equity),
+                                                                 "funding": float(res.funding)}
+            continue
+        strategies[name] = run_baseline(strat, full, first_i, end_i, plain, symbol=symbol, timeframe=timeframe,
+                                        funding=funding, funding_source=funding_source)
     return {
         "data": {"file": str(data), "symbol": symbol, "timeframe": timeframe,
                  "from": iso_ms(int(cols["ts"][first])), "to": iso_ms(int(cols["ts"][-1]) + bar_ms),

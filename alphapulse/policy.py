@@ -44,7 +44,7 @@ from alphapulse.features import DEFAULT_FEATURE_SET, FEATURE_SETS, FeatureSet, f
 INPUT_NAME = "obs"
 OUTPUT_NAME = "probs"
 META_PREFIX = "alphapulse."
-KNOWN_KINDS = ("baseline", "ppo")
+KNOWN_KINDS = ("baseline", "ppo", "gated_rule")
 #: Metadata keys every model must carry; ``alphapulse.created`` is kept in ``ModelMeta.extra``.
 REQUIRED_META_KEYS = (
     "alphapulse.feature_names",
@@ -128,20 +128,25 @@ ACTION_MEANINGS: tuple[str, ...] = ("short_full", "short_half", "flat", "long_ha
 
 def contract_metadata(*, kind: str, version: str, timeframe: str, training_data_range: str, created: str,
                       extra: Mapping[str, Any] | None = None, feature_set_name: str | None = None,
-                      decision_every_bars: int | None = None, decision_hour_utc: int | None = None
-                      ) -> dict[str, str]:
+                      decision_every_bars: int | None = None, decision_hour_utc: int | None = None,
+                      action_targets: Sequence[float] = ACTION_TARGETS,
+                      action_meanings: Sequence[str] = ACTION_MEANINGS) -> dict[str, str]:
     """The ``alphapulse.*`` metadata a model file must carry (what :func:`parse_model_meta` checks), plus
     provenance: ``extra`` keys get the ``alphapulse.`` prefix, non-string values are stored as JSON.
     Both the baseline builder and the PPO exporter write their metadata through this one function.
 
     ``feature_set_name`` (default: none written, i.e. ``short_v1``) sets the feature names and writes
-    ``alphapulse.feature_set``; ``decision_every_bars``/``decision_hour_utc`` write the decision cadence."""
+    ``alphapulse.feature_set``; ``decision_every_bars``/``decision_hour_utc`` write the decision cadence.
+    ``action_targets``/``action_meanings`` default to the five targets of every PPO model; a model whose output
+    is a finer grid of targets (the rule-gated policy of :mod:`alphapulse.training.gate`) names its own."""
+    if len(action_targets) != len(action_meanings):
+        raise ValueError(f"{len(action_targets)} action targets but {len(action_meanings)} meanings")
     names = feature_set(feature_set_name).feature_names
     meta = {
         "alphapulse.feature_names": json.dumps(list(names)),
         "alphapulse.obs_size": str(len(names)),
-        "alphapulse.action_targets": json.dumps(list(ACTION_TARGETS)),
-        "alphapulse.action_meanings": json.dumps(list(ACTION_MEANINGS)),
+        "alphapulse.action_targets": json.dumps([float(t) for t in action_targets]),
+        "alphapulse.action_meanings": json.dumps(list(action_meanings)),
         "alphapulse.version": version,
         "alphapulse.kind": kind,
         "alphapulse.timeframe": timeframe,

@@ -398,7 +398,7 @@ def test_training_config_rejects_typos(tmp_path: Path, repo_dir: Path) -> None:
     bad.write_text(text.replace('validation_start: "2025-07-01"', 'validation_start: "2025-02-01"', 1))
     with pytest.raises(TrainingConfigError, match="split dates must increase"):
         load_training_config("quick", bad)
-    prod = load_training_config("production")
+    prod = load_training_config("ppo_1h")
     assert prod.pairs == ("BTC_USDT", "ETH_USDT", "SOL_USDT", "BNB_USDT") and prod.timeframe == "1h"
     assert prod.data_dir == (repo_dir / ".." / "shared" / "data").resolve()
     assert prod.ppo.n_envs == 8 and prod.ppo.learning_rate == 3e-4  # profile overrides merge into common

@@ -124,13 +124,17 @@ def check_actor_matches_sb3(actor: ExportActor, model: PPO, vecnorm: VecNormaliz
     return diff
 
 
-def onnx_bytes(actor: nn.Module) -> bytes:
+def onnx_bytes(actor: nn.Module, n_obs: int | None = None) -> bytes:
     """The actor as a serialized ONNX graph (no metadata): input ``obs`` [batch, n_obs], output ``probs``; the
-    width is the actor's normalisation vector's (its feature set's observation size)."""
+    width is ``n_obs``, else the actor's ``obs_size`` attribute, else its normalisation vector's (its feature set's
+    observation size)."""
     actor.eval()
     buf = io.BytesIO()
     mean = getattr(actor, "obs_mean", None)
-    n_obs = int(mean.shape[0]) if isinstance(mean, torch.Tensor) and mean.ndim == 1 else OBS_SIZE
+    if n_obs is None:
+        n_obs = getattr(actor, "obs_size", None)
+    if n_obs is None:
+        n_obs = int(mean.shape[0]) if isinstance(mean, torch.Tensor) and mean.ndim == 1 else OBS_SIZE
     dummy = torch.zeros((1, n_obs), dtype=torch.float32)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # "legacy TorchScript-based ONNX export" deprecation; see module docstring

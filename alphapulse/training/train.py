@@ -3,7 +3,8 @@
 Usage::
 
     .venv/bin/python -m alphapulse.training.train --config quick          # ~1-2 min, committed data
-    .venv/bin/python -m alphapulse.training.train --config production     # ../shared/data, hours
+    .venv/bin/python -m alphapulse.training.train --config ppo_1h         # ../shared/data, ~20 min
+    .venv/bin/python -m alphapulse.training.train --config production     # the rule-gated policy (walkforward.py)
     ... --out models/my.onnx --seed 7 --timesteps 100000 --data-dir /path/to/candles
 
 What a run does, and why:
@@ -62,7 +63,7 @@ from alphapulse.training.export import (
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_CONFIG = REPO_ROOT / "config" / "training.yaml"
-PROFILES = ("quick", "production")
+PROFILES = ("quick", "production", "ppo_1h")
 #: Observations from random-action rollouts on the training data added to the export check, so that
 #: position and PnL features are exercised even if the trained policy never leaves "flat" on validation.
 RANDOM_CHECK_STEPS = 512
@@ -190,7 +191,7 @@ def load_training_config(profile: str, path: Path = DEFAULT_CONFIG, root: Path =
         doc = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
     except (OSError, yaml.YAMLError) as exc:
         raise TrainingConfigError(f"{path}: cannot read: {exc}") from None
-    _check_keys(str(path), doc, {"common", "profiles"})
+    _check_keys(str(path), doc, {"common", "profiles", "walk_forward"})
     profiles = doc.get("profiles") or {}
     if not isinstance(profiles, dict) or profile not in profiles:
         raise TrainingConfigError(f"{path}: no profile {profile!r} (available: {sorted(profiles)})")
@@ -564,7 +565,29 @@ def _summary_lines(res: TrainingResult) -> list[str]:
 
 
 def train_main(argv: list[str] | None = None) -> int:
-    """CLI entry point; returns the process exit status (0 ok, 2 bad config/data, 1 export refused)."""
+    """CLI entry point; returns the process exit status (0 ok, 2 bad config/data, 1 export refused).
+
+    ``--sweep`` (Ray) and ``--walk-forward`` (local process pool) run the walk-forward of the rule-gated policy
+    instead (:func:`alphapulse.training.walkforward.sweep_main`)."""
+    args_in = list(sys.argv[1:] if argv is None else argv)
+    if "--sweep" in args_in or "--walk-forward" in args_in:
+        from alphapulse.training.walkforward import sweep_main
+
+        return sweep_main(args_in)
+    from alphapulse.training.walkforward import WalkForwardError, gated_profile, production_main
+
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--config", default="quick")
+    pre.add_argument("--config-file", type=Path, default=DEFAULT_CONFIG)
+    pre.add_argument("--out", type=Path)
+    known, _rest = pre.parse_known_args(args_in)
+    try:
+        gate = gated_profile(known.config, known.config_file)
+    except WalkForwardError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    if gate is not None:  # the rule-gated policy (the shipped model): pinned fold, configuration and seed
+        return production_main(gate, known.config_file, known.out)
     ap = argparse.ArgumentParser(prog="alphapulse train", description=__doc__.splitlines()[0])
     ap.add_argument("--config", default="quick", help="profile in the training config: quick | production")
     ap.add_argument("--config-file", type=Path, default=DEFAULT_CONFIG, help="training config YAML")
@@ -573,6 +596,9 @@ def train_main(argv: list[str] | None = None) -> int:
     ap.add_argument("--timesteps", type=int, help="override the profile's total_timesteps")
     ap.add_argument("--data-dir", type=Path, help="override the profile's data directory")
     ap.add_argument("--no-progress", action="store_true", help="no progress bar")
+    ap.add_argument("--sweep", action="store_true", help="walk-forward seeds x folds x configurations of the "
+                    "rule-gated policy on Ray (see alphapulse train --sweep --help)")
+    ap.add_argument("--walk-forward", action="store_true", help="the same on a local process pool")
     args = ap.parse_args(argv)
     try:
         cfg = load_training_config(args.config, args.config_file)
