@@ -235,7 +235,7 @@ def build_parser() -> argparse.ArgumentParser:
     ctl.set_defaults(func=cmd_ctl)
     for name, func, text in (("backtest", cmd_backtest, "replay stored candles through the daemon's pipeline"),
                              ("evaluate", cmd_evaluate, "out-of-sample metrics against baselines; --validate"),
-                             ("train", cmd_train, "train a PPO policy and export it to ONNX"),
+                             ("train", cmd_train, "train a policy and export it to ONNX (--walk-forward, --sweep)"),
                              ("report", cmd_report, "daily or weekly performance report with charts"),
                              ("model", cmd_model, "versioned models: list, promote (validated), rollback"),
                              ("fetch", cmd_fetch, "exchange checks (--test), data and store checks (--validate), "

@@ -184,8 +184,8 @@ ENV_KEYS: dict[str, tuple[str, str]] = {
     "WEEX_WS_URL": ("service", "exchange.ws_url"),
 }
 SECRET_ENV = ("WEEX_API_KEY", "WEEX_SECRET_KEY", "WEEX_PASSPHRASE")
-# Read by other commands from the same environment file (``alphapulse monitor``: alphapulse/monitor/settings.py;
-# ``alphapulse backup``), so the daemon must accept them.
+# Read by other commands sharing the daemon's environment file (``alphapulse monitor``, ``alphapulse backup``), so
+# the daemon must accept them.
 OTHER_ENV = ("ALPHAPULSE_CONFIG_DIR", "ALPHAPULSE_MONITOR_PORT", "ALPHAPULSE_BACKUP_DIR", "ALPHAPULSE_BACKUP_KEY")
 
 

@@ -40,11 +40,13 @@ from alphapulse.features import StreamingSource
 from alphapulse.funding import FundingError
 from alphapulse.log import get_logger, register_secrets, reopen_log_file
 from alphapulse.market.feed import Feed, FeedError
+from alphapulse.market.replay import check_file_timeframe, default_replay_file
 from alphapulse.market.validate import CandleValidator
 from alphapulse.metrics import LatencyHistogram
 from alphapulse.model_store import model_error, resolve_model
 from alphapulse.policy import ModelError, Policy
-from alphapulse.reconcile import AccountView, Resolution, reconcile
+from alphapulse.prometheus import ExchangeRequests, LatencySeries, ScrapeView
+from alphapulse.reconcile import MISMATCH_KINDS, AccountView, Resolution, reconcile
 from alphapulse.sdnotify import SystemdNotifier, watchdog_interval_s
 from alphapulse.store import OperatorFiles, Persisted, Store, iso_ms
 
@@ -139,6 +141,7 @@ class Daemon:
         self.engine: Engine
         self.policy: Policy
         self.model_source = "bundled"  # where the policy's file came from: config | store | bundled
+        self.feed: Feed | None = None  # built in start() after the broker: live start-up reports STATUS before it
         self.validator: CandleValidator
         self._runner: Any = None
         self._reload_task: asyncio.Task[None] | None = None
@@ -146,6 +149,8 @@ class Daemon:
     # ---- start-up ---------------------------------------------------------------------------
     async def start(self) -> None:
         s = self.settings
+        if s.feed_source == "replay":  # a file of another timeframe is a config error before any state exists
+            await asyncio.to_thread(self._check_replay_timeframe)
         self.token, self.token_path = ensure_control_token(s)
         register_secrets([self.token])
         if self.token_path is not None:
@@ -210,7 +215,7 @@ class Daemon:
         self._runner = await start_control_server(self, s.control_host, s.control_port,
                                                   fault_injection=s.fault_injection)
         log.info("daemon started", version=__version__, mode=s.mode, symbol=s.symbol, timeframe=s.timeframe,
-                 model=self.policy.meta.version, model_source=self.model_source, feed=feed.describe(),
+                 model=self.policy.meta.version, model_source=self.model_source, feed=self.feed.describe(),
                  resumed_after=iso_ms(last_ts) if last_ts is not None else None,
                  state=self.engine.state.value, equity=str(portfolio.equity),
                  control=f"http://{s.control_host}:{s.control_port}")
@@ -229,6 +234,15 @@ class Daemon:
             self.files.note(int(time.time() * 1000), "MODEL_LOADED", {
                 "version": meta.version, "previous": last, "source": self.model_source, "path": str(path)})
         self.store.set_meta("model_version", meta.version)
+
+    def _check_replay_timeframe(self) -> None:
+        """Refuse a replay file of another timeframe (a 5m file under the 1h config) before the store and the
+        control token are created: the opened feed would refuse it too, but only after them."""
+        s = self.settings
+        try:
+            check_file_timeframe(s.replay_file or default_replay_file(s.timeframe), s.bar_ms)
+        except FeedError as e:
+            raise ConfigError("config.yaml", "feed.replay_file", str(e)) from None
 
     async def _start_live(self, broker: WeexBroker, has_state: bool) -> None:
         """Credentials, symbol, leverage and a first reconciliation, all before READY."""
@@ -743,7 +757,7 @@ class Daemon:
                 "broker": self.live.describe(),
                 "reconciliation": {"runs": self.reconcile_stats["runs"],
                                    "mismatches": {k: v for k, v in self.reconcile_stats.items()
-                                                  if k in ("position", "balance", "foreign_order")},
+                                                  if k in MISMATCH_KINDS},
                                    "errors": self.reconcile_stats["errors"],
                                    "skipped_in_flight": self.reconcile_stats["skipped_in_flight"],
                                    "last_run_age_s": None if self.last_reconcile_wall is None else
@@ -754,6 +768,39 @@ class Daemon:
                        "tick_to_order_us": self.latency.summary(), "db_commits": self.store.commits,
                        "ready": self.ready, "watchdog": watchdog_interval_s() is not None},
         }
+
+    def scrape_view(self) -> ScrapeView:
+        """The histograms and clocks Prometheus reads beyond :meth:`metrics`, as they are at this moment."""
+        sym = {"symbol": self.settings.symbol}
+        latency = [
+            LatencySeries("alphapulse_tick_to_order_seconds", "Candle in to its step (decision, risk, order) "
+                          "durably committed, per candle", sym, self.latency),
+            LatencySeries("alphapulse_inference_seconds", "ONNX policy inference, per decision", sym, self.inference),
+        ]
+        if self.live is not None:
+            latency += [
+                LatencySeries("alphapulse_decision_to_ack_seconds", "Engine submit to the exchange's answer, first "
+                              "leg of each order", sym, self.live.decision_to_ack),
+                LatencySeries("alphapulse_decision_to_last_ack_seconds", "Engine submit to the exchange's answer "
+                              "for the last leg of an order", sym, self.live.decision_to_last_ack),
+            ]
+        exchange = None
+        if self.client is not None:
+            c = self.client
+            latency.append(LatencySeries("alphapulse_exchange_request_seconds", "One REST request to the "
+                                         "exchange, sent to answered or failed", {}, c.latency))
+            exchange = ExchangeRequests(c.requests, c.errors, c.retries, c.rate_limited)
+        last = self.last_candle
+        age: dict[str, float] = {}
+        feed = self._open_feed()
+        if last is not None and not feed.finished:
+            bar = self.settings.bar_ms
+            now = feed.now_ms()
+            close = last.ts + bar
+            age[self.settings.symbol] = max(0, (now if now is not None else close) - close) / bar
+        return ScrapeView(latency=latency, data_age_bars=age,
+                          last_candle_s={} if last is None else {self.settings.symbol: last.ts / 1000},
+                          bar_seconds=self.settings.bar_ms / 1000, exchange=exchange)
 
     def degraded(self) -> str | None:
         """Why the daemon cannot trade safely although every task is alive (a silent market-data stream):

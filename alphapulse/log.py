@@ -54,7 +54,6 @@ __all__ = [
     "current_log_file",
     "get_logger",
     "register_secrets",
-    "reopen_log_file",
     "repair_tail",
 ]
 
@@ -327,7 +326,7 @@ class DailyFile:
 
     def _open(self, day: str) -> None:
         """Switch to ``day``'s file (``YYYY-MM-DD``), repairing its tail. Caller holds the lock."""
-        path = self.directory / daily_log_name(day)
+        path = self.directory / daily_log_name(day, self.prefix)
         fd = os.open(path, os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o640)
         try:
             self.repaired_bytes += repair_tail(fd)

@@ -25,6 +25,7 @@ import os
 import pwd
 import sys
 import time
+import urllib.request
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -176,16 +177,30 @@ def _warn_if_overridden(settings: Settings) -> None:
               "active model, until it is emptied", file=sys.stderr)
 
 
+def running_version(settings: Settings, timeout_s: float = 2.0) -> str | None:
+    """The model version the daemon on this configuration's control port trades now (its ``/metrics``), or None
+    when no daemon answers: after a promotion, the difference says a restart (or SIGHUP) is still due."""
+    url = f"http://{settings.control_host}:{settings.control_port}/metrics"
+    try:
+        with urllib.request.urlopen(url, timeout=timeout_s) as resp:
+            version = orjson.loads(resp.read())["model"]["version"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return version if isinstance(version, str) else None
+
+
 def cmd_list(run: _Run, as_json: bool) -> int:
     ptr = run.store.pointer()
     models = run.store.versions()
     path, source = resolve_model(run.settings)
+    running = running_version(run.settings)
     rows = [{"version": m.version, "active": m.version == ptr.active, "previous": m.version == ptr.previous,
              **{k: m.info.get(k) for k in ("kind", "timeframe", "feature_set", "training_data_range", "imported",
                                            "sha256")}} for m in models]
     if as_json:
         print(orjson.dumps({"store": str(run.store.root), "active": ptr.active, "previous": ptr.previous,
                             "changed": ptr.changed, "daemon_loads": {"path": str(path), "source": source},
+                            "running": running,
                             "models": rows}).decode())
         return 0
     if not rows:
@@ -198,7 +213,13 @@ def cmd_list(run: _Run, as_json: bool) -> int:
             print(f"{mark} {r['version']:<28}{r['kind'] or '':<10}{r['timeframe'] or '':<5}"
                   f"{r['feature_set'] or '':<10}{r['imported'] or '':<26}{str(r['sha256'] or '')[:12]}")
         print("(* active, - previous: the target of 'alphapulse model rollback')")
-    print(f"the daemon loads: {path} ({source})")
+    print(f"the daemon loads: {path} ({source}) at its next start")
+    if running is None:
+        print(f"no daemon answers on {run.settings.control_host}:{run.settings.control_port}")
+    else:
+        due = source == "store" and running != ptr.active
+        print(f"the daemon runs: {running}" + (f"; the active model is {ptr.active}: restart the daemon (or send "
+                                                f"it SIGHUP) to trade it" if due else ""))
     return 0
 
 

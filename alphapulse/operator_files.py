@@ -2,9 +2,9 @@
 
 The daemon (and a backtest) append four files to the log directory for people and tools that never open
 the SQLite store: ``trades.csv``, ``ai_decisions.json``, ``risk_alerts.json`` and ``incidents.log``.  Their
-writer (:class:`alphapulse.store.OperatorFiles`) and every reader (``alphapulse report``, the backup, the
-health check, the monitor) import the names and formats from here, so a column added by the writer cannot be
-missed by a reader, and no reader depends on the order in which the writer happens to emit JSON keys.
+writer (:class:`alphapulse.store.OperatorFiles`) and their readers (``alphapulse report``; the health check
+and the monitor are meant to do the same) import the names and formats from here, so a column added by the
+writer cannot be missed by a reader, and no reader depends on the order in which the writer emits JSON keys.
 
 Line formats (UTF-8, one record per ``\\n``-terminated line, appended with one ``write`` each):
 
@@ -23,7 +23,6 @@ counted too, never parsed as a shorter record.
 from __future__ import annotations
 
 import csv
-import gzip
 import math
 import os
 from collections import Counter
@@ -39,10 +38,11 @@ from alphapulse.timeutil import iso_ms, parse_utc_ms
 
 __all__ = [
     "ALERTS_FILE", "ALERT_EVENT", "ALERT_KEYS", "DAILY_LOG_GLOB", "DAILY_LOG_PREFIX", "DAILY_LOG_SUFFIX",
-    "DECISIONS_FILE", "DECISION_KEYS", "INCIDENTS_FILE", "OPERATOR_FILES", "TRADES_COLUMNS", "TRADES_FILE",
-    "TRADES_HEADER", "AlertRow", "DecisionRow", "IncidentRow", "TradeRow", "alert_line", "append_incident",
-    "daily_log_name", "decision_line", "incident_line", "last_incident_id", "read_alerts", "read_decisions",
-    "read_incidents", "read_trades", "repair_tail", "rotated_chain", "trade_line",
+    "DECISIONS_FILE", "DECISION_KEYS", "INCIDENTS_FILE", "INCIDENT_FIELDS", "OPERATOR_FILES", "TRADES_COLUMNS",
+    "TRADES_FILE", "TRADES_HEADER", "AlertRow", "DecisionRow", "IncidentRow", "TradeRow", "alert_from",
+    "alert_line", "append_incident", "daily_log_name", "decision_from", "decision_line", "incident_line",
+    "last_incident_id", "parse_incident", "read_alerts", "read_decisions", "read_incidents", "read_trades",
+    "repair_tail", "trade_line",
 ]
 
 TRADES_FILE = "trades.csv"
@@ -70,9 +70,10 @@ INCIDENT_FIELDS = ("timestamp", "kind", "incident_id", "detail")
 _INCIDENT_ID = "incident_id="
 
 
-def daily_log_name(day: str) -> str:
-    """The daily log file's name for ``day`` (``YYYY-MM-DD``): ``alphapulse_YYYYMMDD.log``."""
-    return f"{DAILY_LOG_PREFIX}{day[0:4]}{day[5:7]}{day[8:10]}{DAILY_LOG_SUFFIX}"
+def daily_log_name(day: str, prefix: str = DAILY_LOG_PREFIX) -> str:
+    """The daily log file's name for ``day`` (``YYYY-MM-DD``): ``alphapulse_YYYYMMDD.log`` (the monitor writes its
+    own, ``monitor_YYYYMMDD.log``, beside it)."""
+    return f"{prefix}{day[0:4]}{day[5:7]}{day[8:10]}{DAILY_LOG_SUFFIX}"
 
 
 # --------------------------------------------------------------------------------------------------
@@ -232,37 +233,12 @@ class IncidentRow:
     detail: dict[str, Any] = field(default_factory=dict)
 
 
-def rotated_chain(path: Path, limit: int = 400) -> Iterator[Path]:
-    """``path`` and then its logrotate predecessors, newest first: ``name.1`` (kept uncompressed by
-    ``delaycompress``), ``name.2.gz``, ... up to the first missing number."""
-    yield path
-    for i in range(1, limit + 1):
-        found = False
-        for cand in (path.with_name(f"{path.name}.{i}"), path.with_name(f"{path.name}.{i}.gz")):
-            if cand.exists():
-                found = True
-                yield cand
-        if not found:
-            return
-
-
 def _complete_lines(path: Path, name: str, skipped: Counter[str] | None) -> Iterator[str]:
-    """The whole lines of a possibly huge, possibly being-appended file, one at a time, preceded by those of
-    its logrotate generations (oldest first): after a rotation yesterday's records are in ``name.1``, and a
-    reader such as the daily report must still see them.
+    """The whole lines of a possibly huge, possibly being-appended file, one at a time.
 
     Blank lines are ignored; a last line without ``\\n`` is torn and counted as skipped."""
-    for gen in reversed(list(rotated_chain(path))):
-        yield from _file_lines(gen, name, skipped)
-
-
-def _file_lines(path: Path, name: str, skipped: Counter[str] | None) -> Iterator[str]:
-    """The whole lines of one file (gzip-compressed when its name ends in ``.gz``)."""
     try:
-        if path.suffix == ".gz":
-            f = gzip.open(path, "rt", encoding="utf-8", errors="replace", newline="")
-        else:
-            f = path.open("r", encoding="utf-8", errors="replace", newline="")
+        f = path.open("r", encoding="utf-8", errors="replace", newline="")
     except FileNotFoundError:
         return
     with f:

@@ -43,9 +43,7 @@ from alphapulse.operator_files import (
     decision_line,
     incident_line,
     last_incident_id,
-    parse_incident,
     repair_tail,
-    rotated_chain,
     trade_line,
 )
 from alphapulse.timeutil import iso_ms, parse_utc_ms
@@ -396,53 +394,6 @@ def _last_line(path: Path) -> bytes | None:
 _FILL_ID_COLUMN = TRADES_COLUMNS.index("fill_id")
 
 
-def _last_line_gz(path: Path) -> bytes | None:
-    last: bytes | None = None
-    with gzip.open(path, "rb") as f:
-        for line in f:
-            if line.strip():
-                last = line.rstrip(b"\n")
-    return last
-
-
-def _last_record(path: Path, header: bytes | None = None) -> bytes | None:
-    """The last record written to ``path``'s stream: in the file itself or, when logrotate has just moved it
-    away (the file is empty or only a header), in the newest rotated file that has one.  Without this the
-    restart after a rotation would find "no record" and append the whole history again."""
-    for cand in rotated_chain(path):
-        try:
-            last = _last_line_gz(cand) if cand.suffix == ".gz" else _last_line(cand)
-        except (OSError, EOFError):
-            continue
-        if last and not (header is not None and last.startswith(header)):
-            return last
-    return None
-
-
-def _last_incident_in_chain(path: Path) -> int:
-    """The last store ``incident_id`` in incidents.log or, when logrotate has just moved it away, in the newest
-    rotated generation that has one (0 when none), so a restart after a rotation appends only what is missing."""
-    for cand in rotated_chain(path):
-        if cand.suffix != ".gz":
-            found = last_incident_id(cand)
-        else:
-            found = 0
-            try:
-                with gzip.open(cand, "rt", encoding="utf-8", errors="replace") as f:
-                    for line in f:
-                        try:
-                            row = parse_incident(line)
-                        except ValueError:
-                            continue
-                        if row.incident_id is not None:
-                            found = row.incident_id
-            except (OSError, EOFError):
-                continue
-        if found:
-            return found
-    return 0
-
-
 def _fmt_dec(text: str) -> str:
     return format(Decimal(text).normalize(), "f") if "E" in text or "e" in text else text
 
@@ -574,7 +525,7 @@ class OperatorFiles:
         added = {"trades": 0, "decisions": 0, "alerts": 0, "incidents": 0}
         last = _last_record(self.paths["trades"], header=b"timestamp,")
         last_fill = 0
-        if last:
+        if last and not last.startswith(b"timestamp,"):
             last_fill = int(last.split(b",")[_FILL_ID_COLUMN])
         rows = list(store.fills_after(last_fill))
         reasons = store.fill_reasons(r[1] for r in rows)
@@ -593,7 +544,8 @@ class OperatorFiles:
         for row in store.alerts_after(orjson.loads(last)["alert_id"] if last else 0):
             self.alert(row)
             added["alerts"] += 1
-        for row in store.incidents_after(_last_incident_in_chain(self.paths["incidents"])):
+        # the last line with an id: lines of ``alphapulse model`` (no id, not in the store) may follow it
+        for row in store.incidents_after(last_incident_id(self.paths["incidents"])):
             self.incident(row)
             added["incidents"] += 1
         return added

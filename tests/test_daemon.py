@@ -5,13 +5,16 @@ from __future__ import annotations
 import json
 import signal
 import statistics
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
-from tests.daemon_harness import DaemonProc, slice_bundled
+from tests.daemon_harness import REPO, DaemonProc, slice_bundled
 
 
 @pytest.fixture
@@ -206,6 +209,25 @@ def test_invalid_replay_file_is_a_config_error(tmp_path: Path, procs: list[Daemo
     assert len(lines) == 1 and "replay_file" in lines[0] and "missing.csv.gz" in lines[0], lines
 
 
+def test_replay_file_of_another_timeframe_is_a_config_error_before_any_state(tmp_path: Path,
+                                                                             procs: list[DaemonProc]) -> None:
+    """The bundled 1h file under the 5m configuration: one config error naming both timeframes, at start and in
+    check-config, instead of 11 candles in 12 rejected one by one; no database or control token is created."""
+    hourly = REPO / "alphapulse" / "data" / "BTC_USDT_USDT-1h.csv.gz"
+    d = DaemonProc(tmp_path, replay_file=hourly)
+    procs.append(d)
+    d.start()
+    assert d.wait_exit(timeout=20) == 78
+    lines = [ln for ln in d.stderr().splitlines() if ln.startswith("alphapulse: config error")]
+    assert len(lines) == 1, d.stderr()
+    assert "feed.replay_file" in lines[0] and "1h apart" in lines[0] and "configured timeframe is 5m" in lines[0]
+    assert not (d.data_dir / "alphapulse.db").exists() and not (d.data_dir / "control_token").exists()
+    check = subprocess.run([sys.executable, "-m", "alphapulse", "check-config"], env=d.env, capture_output=True,
+                           text=True, timeout=60, stdin=subprocess.DEVNULL)
+    assert check.returncode == 78, check.stdout + check.stderr
+    assert check.stderr.count("\n") == 1 and "1h apart" in check.stderr and "timeframe is 5m" in check.stderr
+
+
 def test_bad_candles_are_rejected_counted_and_never_decided(tmp_path: Path, procs: list[DaemonProc]) -> None:
     src = slice_bundled(tmp_path / "good.csv", 300).read_text().splitlines()
     header, rows = src[0], src[1:]
@@ -232,7 +254,10 @@ def test_bad_candles_are_rejected_counted_and_never_decided(tmp_path: Path, proc
     assert set(m["market"]["rejected_by_reason"]) >= {"non_finite", "duplicate_ts"}
     assert m["market"]["candles_processed"] == 301 - 4  # 300 rows + 1 duplicate, 4 rejected
     status, text, _ = d.http("GET", "/metrics?format=prometheus")
-    assert "alphapulse_rejected_candles_total 4.0" in text
+    rejected = {s.labels["reason"]: s.value for f in text_string_to_metric_families(text)
+                for s in f.samples if s.name == "alphapulse_rejected_candles_total"}
+    assert sum(rejected.values()) == 4 and {r for r, n in rejected.items() if n} == set(
+        m["market"]["rejected_by_reason"]), rejected
     assert d.stop() == 0
     decided = {json.loads(ln)["candle_time"] for ln in (d.log_dir / "ai_decisions.json").read_text().splitlines()}
     from alphapulse.store import iso_ms

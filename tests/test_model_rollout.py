@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import stat
 import subprocess
@@ -210,8 +211,15 @@ def test_a_daemon_restarted_after_promote_and_rollback_trades_that_model(tmp_pat
         first = run_daemon()
         assert (first["version"], first["source"]) == (V1, "store")
 
+        d.start()  # the usual order: promote while the daemon trades, then restart it
+        d.wait_ready(60)
         r = model("promote", str(models["v2"]))
         assert r.returncode == 0, r.stderr
+        listed = json.loads(model("list", "--json").stdout)
+        assert (listed["running"], listed["active"]) == (V1, "baseline-momentum-2")  # a restart is due
+        assert "the daemon runs: baseline-momentum-1; the active model is baseline-momentum-2" in model("list").stdout
+        assert d.stop() == 0
+        assert json.loads(model("list", "--json").stdout)["running"] is None
         assert (run_daemon()["version"]) == "baseline-momentum-2"
 
         r = model("promote", str(models["bad"]))
@@ -380,3 +388,33 @@ def test_a_stored_model_that_no_longer_loads_names_the_pointer(settings: Setting
     assert model_main(["promote", str(models["v2"])], settings) == 0
     assert model_main(["rollback"], settings) == 1
     assert store.pointer().active == "baseline-momentum-2"
+
+
+def test_a_models_backup_restores_the_store_with_its_pointer(settings: Settings, models: dict[str, Path],
+                                                             tmp_path: Path) -> None:
+    """`alphapulse backup --type models` (issue 11 part 1) carries this store: after a restore the same versions,
+    the same active and previous, byte-identical files."""
+    assert model_main(["promote", str(models["v1"])], settings) == 0
+    assert model_main(["promote", str(models["v2"])], settings) == 0
+    store = ModelStore(settings.data_dir)
+    before = {p.relative_to(store.root): p.read_bytes() for p in store.root.rglob("*") if p.is_file()}
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("ALPHAPULSE_", "TRADING_MODE", "WEEX_",
+                                                                    "BACKUP_S3_", "AWS_"))}
+    env.update({"ALPHAPULSE_CONFIG_DIR": str(tmp_path / "config"), "ALPHAPULSE_DATA_DIR": str(settings.data_dir),
+                "ALPHAPULSE_LOG_DIR": str(settings.log_dir), "ALPHAPULSE_BACKUP_DIR": str(tmp_path / "backups")})
+
+    def backup(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "alphapulse", "backup", *args], env=env, capture_output=True,
+                              text=True, timeout=120)
+
+    r = backup("create", "--type", "models")
+    assert r.returncode == 0, r.stderr
+    name = next(p.name for p in (tmp_path / "backups").iterdir() if p.name.startswith("alphapulse-models"))
+    shutil.rmtree(store.root)
+    assert resolve_model(settings)[1] == "bundled"
+    r = backup("restore", "--backup-name", name, "--components", "models")
+    assert r.returncode == 0, r.stderr
+    after = {p.relative_to(store.root): p.read_bytes() for p in store.root.rglob("*") if p.is_file()}
+    assert after == before
+    assert (store.pointer().active, store.pointer().previous) == ("baseline-momentum-2", V1)
+    assert model_main(["rollback"], settings) == 0 and store.pointer().active == V1

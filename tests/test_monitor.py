@@ -461,3 +461,99 @@ def test_exchange_errors_of_a_live_daemon_raise_the_api_error_rate_alert(tmp_pat
         mon.close()
         daemon.close()
         fake.stop()
+
+
+class _Hook:
+    """A webhook receiver on 127.0.0.1 (stdlib HTTP server in a thread) recording the JSON bodies it gets."""
+
+    def __init__(self) -> None:
+        import http.server
+        import threading
+
+        received = self.received = []  # type: list[dict[str, Any]]
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_POST(self) -> None:
+                body = self.rfile.read(int(self.headers.get("Content-Length", "0")))
+                received.append(json.loads(body))
+                self.send_response(200)
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+
+            def log_message(self, *args: Any) -> None:
+                return
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/hook"
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+
+    def wait(self, pred: Any, timeout: float = 15.0) -> list[dict[str, Any]]:
+        end = time.monotonic() + timeout
+        while time.monotonic() < end:
+            if pred(self.received):
+                return self.received
+            time.sleep(0.05)
+        raise AssertionError(f"webhook did not get it within {timeout}s: {self.received}")
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def test_alert_transitions_reach_people_through_the_delivery_dispatcher(tmp_path: Path) -> None:
+    """The monitor hands every transition to the delivery dispatcher (alphapulse.monitor.delivery) when a channel
+    is enabled: here a webhook on 127.0.0.1 gets the daemon_down P1 and then its acknowledgement."""
+    hook = _Hook()
+    daemon = DaemonProc(tmp_path / "run")
+    mon = MonitorProc(daemon, monitoring={"delivery": {"webhook": {"enabled": True, "url": hook.url}}},
+                      env={"NO_PROXY": "127.0.0.1,localhost", "no_proxy": "127.0.0.1,localhost"})
+    try:
+        mon.start()
+        mon.wait_ready(30)
+        got = hook.wait(lambda r: any("daemon_down" in json.dumps(m) for m in r))
+        first = next(m for m in got if "daemon_down" in json.dumps(m))
+        assert "P1" in first["title"] + first["message"]
+        alert_id = mon.active()["daemon_down"]["id"]
+        status, _, _ = mon.http("POST", f"/api/alerts/{alert_id}/acknowledge", token=mon.token())
+        assert status == 200
+        hook.wait(lambda r: any("acknowledged" in (m["title"] + m["message"]).lower() for m in r))
+        # the dispatcher counts a message once the receiver's answer is back, just after the receiver has it
+        end = time.monotonic() + 10
+        sent: dict[str, float] = {}
+        while time.monotonic() < end:
+            fams = {f.name: f for f in text_string_to_metric_families(mon.http("GET", "/metrics")[1])}
+            sent = {s.labels["channel"]: s.value for s in fams["alphapulse_monitor_delivery_sent"].samples}
+            if sent.get("webhook", 0) >= 2:
+                break
+            time.sleep(0.05)
+        assert sent["webhook"] >= 2, sent
+        mon.signal(signal.SIGTERM)
+        assert mon.wait_exit(20) == 0, mon.stderr()
+    finally:
+        mon.close()
+        hook.close()
+
+
+@pytest.mark.slow
+def test_a_wedged_daemon_pipeline_is_a_p1_unhealthy_alert(tmp_path: Path) -> None:
+    """The daemon's fault injection wedges its engine: its /health turns 503 and the monitor opens
+    daemon_unhealthy (P1) with the daemon's own reason, while daemon_down stays closed (it still answers)."""
+    daemon = DaemonProc(tmp_path / "run", speed="3000",
+                        service={"control": {"fault_injection": True}, "watchdog": {"stall_timeout_s": 1.5}})
+    mon = MonitorProc(daemon)
+    try:
+        daemon.start()
+        daemon.wait_ready(60)
+        mon.start()
+        mon.wait_ready(20)
+        wait_seen_up(mon)
+        status, body, _ = daemon.http("POST", "/debug/wedge_engine", token=daemon.token())
+        assert status == 200, body
+        body = mon.wait_alerts(lambda b: "daemon_unhealthy" in {a["rule"] for a in b["active_alerts"]}, 20)
+        alert = next(a for a in body["active_alerts"] if a["rule"] == "daemon_unhealthy")
+        assert alert["severity"] == "P1" and "HTTP 503" in alert["message"] and "engine" in alert["message"]
+        assert "daemon_down" not in {a["rule"] for a in body["active_alerts"]}
+    finally:
+        mon.close()
+        daemon.close()

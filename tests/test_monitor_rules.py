@@ -107,7 +107,8 @@ def test_shipped_monitoring_yaml_matches_the_built_in_defaults(tmp_path: Path) -
     assert s.thresholds == Thresholds()
     assert (s.scrape_interval_s, s.scrape_timeout_s, s.retention_days, s.port) == (5.0, 2.0, 14.0, 8081)
     assert s.daemon_url == "http://127.0.0.1:8080" and s.db_path == tmp_path / "monitor.db"
-    assert s.delivery == {}
+    assert s.delivery["webhook"]["enabled"] is False  # the raw section, passed through
+    assert s.delivery_config.channels == ()  # validated by alphapulse.monitor.delivery_config: all off
 
 
 def _config_dir(tmp_path: Path, doc: Any) -> Path:
@@ -148,10 +149,14 @@ def test_monitor_port_comes_from_the_environment_and_is_checked(tmp_path: Path) 
         load_monitor_settings(d, env={"ALPHAPULSE_MONITOR_PORT": "70000"})
 
 
-def test_delivery_section_passes_through_opaque(tmp_path: Path) -> None:
-    d = _config_dir(tmp_path, {"delivery": {"urls": ["mailto://ops@example.invalid"], "min_severity": "P2"}})
-    assert load_monitor_settings(d, env={}).delivery == {"urls": ["mailto://ops@example.invalid"],
-                                                          "min_severity": "P2"}
+def test_delivery_section_is_passed_on_and_validated_by_its_owner(tmp_path: Path) -> None:
+    hook = {"webhook": {"enabled": True, "url": "http://127.0.0.1:9/hook", "min_severity": "P2"}}
+    s = load_monitor_settings(_config_dir(tmp_path, {"delivery": hook}), env={})
+    assert s.delivery == hook
+    assert [(c.kind, c.min_severity) for c in s.delivery_config.channels] == [("webhook", "P2")]
+    with pytest.raises(ConfigError) as e:
+        load_monitor_settings(_config_dir(tmp_path, {"delivery": {"webhook": {"enabled": True}}}), env={})
+    assert e.value.key == "delivery.webhook.url" and e.value.source.endswith("monitoring.yaml")
 
 
 def test_daemon_accepts_the_monitor_port_variable(tmp_path: Path) -> None:
@@ -438,6 +443,26 @@ def test_a_down_daemon_leaves_the_daemon_rules_as_they_were() -> None:
     assert b.active() == {"drawdown": "P3"}
     b.feed(sample(T0 + 5, up=False))
     assert b.active() == {"drawdown": "P3", "daemon_down": "P1"}
+
+
+@pytest.mark.parametrize("odd", [
+    {"portfolio": [], "trading": "ACTIVE", "model": {"inference_us": 5, "decisions": "many"}, "risk": None,
+     "market": {"feed": 3, "last_candle": {"time": "not a time"}}, "exchange": {"broker": []}, "system": None},
+    {"portfolio": {"equity": float("nan"), "daily_pnl": True, "drawdown": "0.1"}, "model": {"avg_confidence": None},
+     "market": {"last_candle": None, "feed": {"kind": "weex", "timeframe": "7m"}}},
+    {},
+])
+def test_an_unexpected_metrics_shape_is_no_data_not_a_crash(odd: dict[str, Any]) -> None:
+    """A daemon of another version may answer differently: every rule reads it as no data."""
+    from alphapulse.monitor.service import series_of
+
+    s = sample(T0, metrics=odd)
+    checks = rules.evaluate(s, sample(T0 - 5, metrics=odd), s, s, TH)
+    daemon_rules = {c.rule: c.value for c in checks if c.rule not in ("daemon_down", "daemon_unhealthy", "cpu",
+                                                                       "memory", "disk", "api_response_time")}
+    assert set(daemon_rules.values()) <= {None, 0.0}, daemon_rules
+    series = series_of(s, checks)
+    assert series["equity"] is None and series["trading_state"] is None
 
 
 def test_every_rule_is_evaluated_once_per_sample() -> None:

@@ -321,3 +321,53 @@ def test_configured_production_profile_pins_a_walk_forward_run() -> None:
     spec = load_walk_forward()
     assert gate["fold"] == spec.production_fold and gate["configuration"] in spec.configurations
     assert gate["seed"] in spec.seeds
+
+
+SHARED = REPO.parent / "shared" / "data"
+
+
+@pytest.mark.skipif(not (SHARED / "BTC_USDT-1h.csv.gz").is_file(), reason="needs ../shared/data (the real histories)")
+def test_the_shipped_model_is_what_the_production_profile_builds(tmp_path: Path) -> None:
+    """`alphapulse train --config production` on ../shared/data writes the shipped file's exact bytes."""
+    from alphapulse.training.train import train_main
+    from alphapulse.training.walkforward import SHIPPED_MODEL
+
+    out = tmp_path / "gated_rule_1h.onnx"
+    assert train_main(["--config", "production", "--out", str(out)]) == 0
+    assert out.read_bytes() == SHIPPED_MODEL.read_bytes()
+    assert Policy.load(SHIPPED_MODEL).meta.version == "gate-2024-25-prior_strong-s1"
+
+
+def test_the_daemon_trades_the_shipped_gated_model(tmp_path: Path) -> None:
+    """The real daemon on the bundled 1h replay with the shipped gated model: warm-up from the replay, one decision
+    a day at 00:00 UTC taken by the network (the decision's target is on the model's grid), trades, exit 0."""
+    from alphapulse.training.walkforward import SHIPPED_MODEL
+    from tests.daemon_harness import DaemonProc
+
+    d = DaemonProc(tmp_path, shipped_defaults=True, args=("--exit-at-end",),
+                   env={"ALPHAPULSE_MODEL_PATH": str(SHIPPED_MODEL)})
+    try:
+        d.start()
+        assert d.wait_exit(timeout=180) == 0, d.stderr()
+    finally:
+        d.close()
+    decisions = [json.loads(line) for line in (d.log_dir / "ai_decisions.json").read_text().splitlines()]
+    trades = (d.log_dir / "trades.csv").read_text().splitlines()
+    assert len(decisions) > 100 and all(x["candle_time"].endswith("T23:00:00.000Z") for x in decisions)
+    assert set(decisions[0]["probabilities"]) == set(read_model_meta(SHIPPED_MODEL).action_meanings)
+    assert all(x["target"] in GRID_TARGETS for x in decisions)
+    assert len([t for t in trades[1:] if ",funding" not in t]) > 5
+
+
+def test_process_backend_gives_the_serial_numbers(tmp_path: Path) -> None:
+    """`--walk-forward`'s process pool and a serial loop return the same baseline sets, in job order."""
+    from alphapulse.training.walkforward import BaselineJob, run_baseline_job, run_jobs
+
+    cfg = quick_config(tmp_path)
+    jobs = [BaselineJob(str(cfg), str(REPO), "q", p) for p in ("BTC_USDT", "ETH_USDT")]
+    pooled = run_jobs(run_baseline_job, jobs, "process", workers=2)
+    serial = run_jobs(run_baseline_job, jobs, "serial")
+    assert pooled == serial and [r["pair"] for r in pooled] == ["BTC_USDT", "ETH_USDT"]
+    assert all(r["flat"]["sharpe"] == 0.0 and r["direction"] in ("falling", "rising") for r in pooled)
+    with pytest.raises(WalkForwardError, match="unknown backend"):
+        run_jobs(run_baseline_job, jobs, "dask")

@@ -168,7 +168,9 @@ def step(check: Check, alert: OpenAlert | None, streak: Streak,
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def _get(d: Mapping[str, Any] | None, *path: str) -> Any:
+def _get(d: Any, *path: str) -> Any:
+    """``d[path[0]][path[1]]...``, or None as soon as a level is missing or not a mapping: the daemon's JSON is
+    read defensively, so an older or newer daemon (a changed shape) means "no data", never a crashed monitor."""
     cur: Any = d
     for p in path:
         if not isinstance(cur, Mapping):
@@ -182,6 +184,16 @@ def _num(v: Any) -> float | None:
         return None
     f = float(v)
     return f if math.isfinite(f) else None
+
+
+def value_at(d: Any, *path: str) -> Any:
+    """Public form of the defensive lookup, for the service's per-sample series."""
+    return _get(d, *path)
+
+
+def number_at(d: Any, *path: str) -> float | None:
+    """A finite number at ``path``, else None."""
+    return _num(_get(d, *path))
 
 
 def daemon_down(s: Sample) -> Check:

@@ -226,6 +226,19 @@ class _MonitorCollector(Collector):
         for a in mon.book.open.values():
             firing.add_metric([a.rule, a.severity, a.state], 1.0)
         yield firing
+        if mon.dispatcher is not None:
+            stats = mon.dispatcher.stats()
+            for key in ("sent", "failed", "retried", "rate_limited", "suppressed_quiet", "dropped"):
+                fam = CounterMetricFamily(f"alphapulse_monitor_delivery_{key}", f"Alert delivery: {key} per channel",
+                                          labels=["channel"])
+                for channel, st in stats.items():
+                    fam.add_metric([channel], st.get(key, 0))
+                yield fam
+            waiting = GaugeMetricFamily("alphapulse_monitor_delivery_queued", "Alerts waiting to be delivered",
+                                        labels=["channel"])
+            for channel, st in stats.items():
+                waiting.add_metric([channel], st.get("queued", 0) + st.get("held", 0))
+            yield waiting
         uptime = GaugeMetricFamily("alphapulse_monitor_uptime_seconds", "Seconds since the monitor started")
         uptime.add_metric([], mon.clock() - mon.started_wall)
         yield uptime

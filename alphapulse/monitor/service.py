@@ -25,6 +25,7 @@ from alphapulse import __version__
 from alphapulse.control import ensure_control_token
 from alphapulse.log import get_logger, register_secrets
 from alphapulse.monitor import rules
+from alphapulse.monitor.delivery import Dispatcher, build_dispatcher
 from alphapulse.monitor.rules import RuleBook, Sample
 from alphapulse.monitor.scraper import Scraper
 from alphapulse.monitor.settings import MonitorSettings
@@ -53,14 +54,15 @@ class MonitorError(Exception):
 
 def series_of(s: Sample, checks: list[rules.Check]) -> dict[str, Any]:
     """The compact figures kept per sample for /api/metrics (the full daemon metrics would be kilobytes)."""
-    m = s.metrics or {}
-    pf = m.get("portfolio") or {}
+    m = s.metrics
     out: dict[str, Any] = {"health_status": s.health_status, "scrape_ms": None if s.scrape_ms is None else
                            round(s.scrape_ms, 3), "cpu_pct": s.cpu_pct, "memory_pct": s.memory_pct,
-                           "disk_pct": s.disk_pct, "equity": pf.get("equity"), "daily_pnl": pf.get("daily_pnl"),
-                           "trading_state": (m.get("trading") or {}).get("state"),
-                           "decisions": (m.get("model") or {}).get("decisions"),
-                           "candles_processed": (m.get("market") or {}).get("candles_processed")}
+                           "disk_pct": s.disk_pct}
+    for key, path in (("equity", ("portfolio", "equity")), ("daily_pnl", ("portfolio", "daily_pnl")),
+                      ("decisions", ("model", "decisions")), ("candles_processed", ("market", "candles_processed"))):
+        out[key] = rules.number_at(m, *path)
+    state = rules.value_at(m, "trading", "state")
+    out["trading_state"] = state if isinstance(state, str) else None
     for c in checks:
         out[c.rule] = c.value
     return out
@@ -80,7 +82,8 @@ class Monitor:
         self.store: MonitorStore | None = None
         self.book = RuleBook(settings.thresholds)
         self.scraper = Scraper(settings.daemon_url, settings.scrape_timeout_s, settings.daemon.data_dir)
-        self.sinks: list[AlertSink] = []  # the delivery dispatcher goes here (alphapulse.monitor.delivery)
+        self.sinks: list[AlertSink] = []  # every transition goes to each (the delivery dispatcher among them)
+        self.dispatcher: Dispatcher | None = None
         self.streams: set[asyncio.Queue[dict[str, Any]]] = set()
         self.last: Sample | None = None
         self.last_scrape_mono: float | None = None
@@ -102,6 +105,11 @@ class Monitor:
             raise MonitorError(f"cannot open the monitor's state in {s.daemon.data_dir}: {e}") from None
         register_secrets([self.token])
         self.book = RuleBook(s.thresholds, open_alerts)
+        if s.delivery_config.channels:
+            # apprise builds its plugins synchronously (about half a second the first time): in a thread
+            self.dispatcher = await asyncio.to_thread(build_dispatcher, s.delivery_config)
+            await self.dispatcher.start()
+            self.sinks.append(self.dispatcher)
         await self._refresh_snapshot()
         from alphapulse.monitor.server import create_app
 
@@ -115,7 +123,8 @@ class Monitor:
             raise MonitorError(f"cannot listen on {s.host}:{s.port}: {e.strerror or e}") from None
         log.info("monitor started", version=__version__, listen=f"http://{s.host}:{s.port}",
                  daemon=s.daemon_url, db=str(s.db_path), scrape_interval_s=s.scrape_interval_s,
-                 open_alerts=len(open_alerts), config=str(s.config_file) if s.config_file else "built-in defaults")
+                 open_alerts=len(open_alerts), config=str(s.config_file) if s.config_file else "built-in defaults",
+                 delivery=[ch.kind for ch in s.delivery_config.channels] or "off")
 
     async def shutdown(self) -> None:
         for q in list(self.streams):  # end the event streams first: the server waits for open handlers
@@ -126,6 +135,10 @@ class Monitor:
             await self._runner.cleanup()
             self._runner = None
         await self.scraper.close()
+        if self.dispatcher is not None:  # what waits is sent within delivery.drain_timeout_s
+            await self.dispatcher.close()
+            self.sinks.remove(self.dispatcher)
+            self.dispatcher = None
         if self.store is not None:
             await asyncio.to_thread(self.store.close)
             self.store = None
@@ -186,9 +199,13 @@ class Monitor:
         while True:
             assert self.store is not None
             cut = int((self.clock() - self.settings.retention_days * 86400) * 1000)
-            removed = await asyncio.to_thread(self.store.prune, cut)
-            if any(removed.values()):
-                log.info("retention", older_than=iso_ms(cut), **removed)
+            try:
+                removed = await asyncio.to_thread(self.store.prune, cut)
+            except sqlite3.Error as e:  # retried in an hour; the scrape loop reports a store that cannot write
+                log.error("retention failed", db=str(self.settings.db_path), error=str(e))
+            else:
+                if any(removed.values()):
+                    log.info("retention", older_than=iso_ms(cut), **removed)
             await asyncio.sleep(RETENTION_EVERY_S)
 
     def scrape_age_s(self) -> float | None:

@@ -22,6 +22,7 @@ from alphapulse.config import (
     load_settings,
     load_yaml_file,
 )
+from alphapulse.monitor.delivery_config import DeliveryConfig
 
 MONITORING_FILE = "monitoring.yaml"
 PORT_ENV = "ALPHAPULSE_MONITOR_PORT"
@@ -87,7 +88,8 @@ class MonitorSettings:
     scrape_timeout_s: float
     retention_days: float
     thresholds: Thresholds
-    delivery: dict[str, Any] = field(default_factory=dict)  # opaque here: alphapulse.monitor.delivery owns it
+    delivery: dict[str, Any] = field(default_factory=dict)  # the raw `delivery:` section
+    delivery_config: DeliveryConfig = field(default_factory=DeliveryConfig)  # validated by its owner's module
 
     @property
     def db_path(self) -> Path:
@@ -144,6 +146,8 @@ def load_monitor_settings(config_dir: Path | None = None, env: Mapping[str, str]
         stale_data_bars=rules["stale_data_bars"],
         hysteresis_pct=values["hysteresis_pct"],
     )
+    # the delivery section is validated by the module that owns it, here, so a mistake there exits 78 too
+    delivery_config = DeliveryConfig.from_mapping(extra.get("delivery"), source, env)
     return MonitorSettings(
         daemon=daemon,
         config_file=path,
@@ -154,4 +158,5 @@ def load_monitor_settings(config_dir: Path | None = None, env: Mapping[str, str]
         retention_days=values["retention_days"],
         thresholds=thresholds,
         delivery=extra.get("delivery", {}),
+        delivery_config=delivery_config,
     )

@@ -3,7 +3,8 @@
 Usage::
 
     .venv/bin/python -m alphapulse.training.train --config quick          # ~1-2 min, committed data
-    .venv/bin/python -m alphapulse.training.train --config production     # ../shared/data, hours
+    .venv/bin/python -m alphapulse.training.train --config ppo_1h         # ../shared/data, ~20 min
+    .venv/bin/python -m alphapulse.training.train --config production     # the rule-gated policy (walkforward.py)
     ... --out models/my.onnx --seed 7 --timesteps 100000 --data-dir /path/to/candles
 
 What a run does, and why:

@@ -463,15 +463,13 @@ class WeexClient:
         self._synced_at: float | None = None  # time.monotonic() of the last sync
         self._sync_lock = asyncio.Lock()
         self._consecutive_429 = 0
-        # counters for /health and tests
+        # counters for /health, Prometheus and tests
         self.requests = 0
+        self.errors = 0  # requests not answered with success (timeout, connection error, HTTP error, error body)
         self.retries = 0
         self.rate_limited = 0
         self.time_syncs = 0
-        # for the monitor's API error-rate and response-time rules: every request sent that did not come back as
-        # a success (timeout, connection error, 5xx, 429, an error body), and how long each answer took
-        self.errors = 0
-        self.latency = LatencyHistogram()
+        self.latency = LatencyHistogram()  # µs per request, sent to answered or failed (the API response time)
 
     # -- lifecycle -------------------------------------------------------------------------
 
@@ -639,35 +637,44 @@ class WeexClient:
         self.requests += 1
         t0 = time.monotonic()
         try:
+            body = await self._exchange_once(session, method, path, url, body_text, headers, weight, attempt,
+                                             endpoint, t0)
+        except asyncio.CancelledError:
+            raise  # we stopped waiting (shutdown): neither an answer nor the exchange's error
+        except Exception:
+            self.latency.add((time.monotonic() - t0) * 1e6)
+            self.errors += 1
+            raise
+        self.latency.add((time.monotonic() - t0) * 1e6)
+        return body
+
+    async def _exchange_once(self, session: aiohttp.ClientSession, method: str, path: str, url: yarl.URL,
+                             body_text: str, headers: dict[str, str], weight: int, attempt: int, endpoint: str,
+                             t0: float) -> Any:
+        """One HTTP round trip and its answer, parsed or raised as a :class:`WeexError`."""
+        try:
             async with session.request(method, url, data=body_text.encode() if body_text else None,
                                        headers=headers, timeout=self._timeout, allow_redirects=False) as resp:
                 raw = await resp.read()
                 status = resp.status
                 retry_after = resp.headers.get("Retry-After")
         except TimeoutError as exc:
-            self._answered(t0, ok=False)
             log.debug("weex_request", method=method, path=path, status=None, weight=weight, attempt=attempt,
                       latency_ms=round((time.monotonic() - t0) * 1000, 1), error="timeout")
             raise ExchangeUnavailable(None, f"timeout after {self.timeout_s}s", None, endpoint) from exc
         except aiohttp.ClientError as exc:
-            self._answered(t0, ok=False)
             log.debug("weex_request", method=method, path=path, status=None, weight=weight, attempt=attempt,
                       latency_ms=round((time.monotonic() - t0) * 1000, 1), error=type(exc).__name__)
             raise ExchangeUnavailable(None, f"{type(exc).__name__}: {exc}", None, endpoint) from exc
         log.debug("weex_request", method=method, path=path, status=status, weight=weight, attempt=attempt,
                   latency_ms=round((time.monotonic() - t0) * 1000, 1))
         try:
-            try:
-                body = orjson.loads(raw) if raw.strip() else None
-            except orjson.JSONDecodeError:
-                body = None
-                if 200 <= status < 300:
-                    raise ExchangeUnavailable(None, f"unparseable body: {raw[:200]!r}", status, endpoint) from None
-            raise_for_body(status, body, endpoint, retry_after)
-        except WeexError:
-            self._answered(t0, ok=False)
-            raise
-        self._answered(t0, ok=True)
+            body = orjson.loads(raw) if raw.strip() else None
+        except orjson.JSONDecodeError:
+            body = None
+            if 200 <= status < 300:
+                raise ExchangeUnavailable(None, f"unparseable body: {raw[:200]!r}", status, endpoint) from None
+        raise_for_body(status, body, endpoint, retry_after)
         return body
 
     # -- market data -----------------------------------------------------------------------
@@ -867,11 +874,6 @@ class WeexClient:
         data = await self._request("GET", PATH_USER_TRADES, [("symbol", symbol), ("orderId", order_id),
                                                               ("startTime", start_ms)], signed=True, weight=5)
         return [Trade.parse(r) for r in _rows(data) if isinstance(r, dict)]
-
-    def _answered(self, t0: float, ok: bool) -> None:
-        self.latency.add((time.monotonic() - t0) * 1e6)
-        if not ok:
-            self.errors += 1
 
     def describe(self) -> dict[str, object]:
         """JSON-able counters for /health and /metrics (the monitor's API error-rate and response-time rules)."""
