@@ -7,6 +7,7 @@ The monitor is a stand-in HTTP server on an ephemeral port answering ``GET /heal
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import importlib
 import json
@@ -311,3 +312,55 @@ def test_service_verdicts_from_systemctl(tmp_path: Path, monkeypatch: pytest.Mon
         assert (r.status, r.detail) == (verdict, f"alphapulse-trading.service is {state}")
     r = health.check_service(opts, systemd_dir=tmp_path / "absent")
     assert r.status == "degraded" and r.detail.startswith("unknown: systemd is not running as PID 1")
+
+
+def test_clock_skew_against_the_exchange_time_endpoint(tmp_path: Path) -> None:
+    """Live mode asks the exchange's time endpoint through the real WEEX client; here a real HTTP server on
+    127.0.0.1 answers ``GET /capi/v3/market/time`` with a clock offset the test chooses."""
+    skew_ms = {"value": 0}
+
+    class Exchange(_MonitorHandler):
+        def do_GET(self) -> None:
+            if self.path.split("?")[0] != "/capi/v3/market/time":
+                self.send_response(404)
+                self.end_headers()
+                return
+            body = json.dumps({"serverTime": int(time.time() * 1000) + skew_ms["value"]}).encode()
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Exchange)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        url = f"http://127.0.0.1:{server.server_address[1]}"
+        live = _settings(tmp_path, TRADING_MODE="live", WEEX_API_KEY="k" * 8, WEEX_SECRET_KEY="s" * 8,
+                         WEEX_PASSPHRASE="p" * 8, WEEX_REST_URL=url)
+        opts = health.HealthOptions(timeout_s=5)
+        for skew, verdict in ((0, "ok"), (5_000, "degraded"), (-45_000, "failing")):
+            skew_ms["value"] = skew
+            r = asyncio.run(health.check_clock(live, opts))
+            assert r.status == verdict, r
+            assert url in r.detail
+            if skew:
+                assert ("behind" if skew > 0 else "ahead of") in r.detail
+        # the command line in live mode: stdout is the one JSON object, the client's log lines stay off it
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("ALPHAPULSE_", "TRADING_MODE", "WEEX_"))}
+        env.update({"TRADING_MODE": "live", "WEEX_API_KEY": "k" * 8, "WEEX_SECRET_KEY": "s" * 8,
+                    "WEEX_PASSPHRASE": "p" * 8, "WEEX_REST_URL": url, "PYTHONPATH": str(REPO),
+                    "ALPHAPULSE_DATA_DIR": str(tmp_path / "data"), "ALPHAPULSE_LOG_DIR": str(tmp_path / "log"),
+                    "ALPHAPULSE_LOG_LEVEL": "DEBUG"})
+        proc = subprocess.run([sys.executable, "-m", "alphapulse", "health", "--json", "--skip", "service"],
+                              env=env, cwd=tmp_path, capture_output=True, text=True, timeout=120)
+        out = json.loads(proc.stdout)
+        assert by_name(out)["clock"]["status"] == "failing" and proc.returncode == 2
+        assert "s" * 8 not in proc.stdout + proc.stderr and "p" * 8 not in proc.stdout + proc.stderr
+        server.shutdown()
+        r = asyncio.run(health.check_clock(live, opts))  # the exchange unreachable: cannot tell, degraded
+        assert r.status == "degraded" and "cannot read the exchange's time" in r.detail
+        paper = asyncio.run(health.check_clock(_settings(tmp_path), opts))
+        assert paper.status == "ok" and paper.detail.startswith("n/a")
+    finally:
+        server.server_close()

@@ -422,6 +422,11 @@ def health_main(argv: Sequence[str] | None = None, config_dir: Path | None = Non
         monitor_port = args.monitor_port or _monitor_port(os.environ)
     except ConfigError as e:
         return report_config_error(e)
+    from alphapulse.log import configure_logging, register_secrets
+
+    # stdout carries the report (one JSON object with --json): library log lines go to stderr, errors only
+    configure_logging(None, "ERROR", console=True)
+    register_secrets(s.secrets())
     opts = HealthOptions(timeout_s=args.timeout, unit=args.unit, monitor_port=monitor_port,
                          backup_dir=args.backup_dir, skip=frozenset(args.skip))
     results = asyncio.run(run_checks(s, opts))
