@@ -8,6 +8,7 @@ The monitor is a stand-in HTTP server on an ephemeral port answering ``GET /heal
 from __future__ import annotations
 
 import asyncio
+import collections
 import dataclasses
 import importlib
 import json
@@ -185,16 +186,21 @@ def test_table_output_names_every_check(daemon: DaemonProc, monitor: int) -> Non
     assert lines[-1] == "overall: healthy (skipped: service)"
 
 
-def test_stopped_daemon_is_failing(tmp_path: Path, monitor: int) -> None:
+def test_halted_then_stopped_daemon(tmp_path: Path, monitor: int) -> None:
     d = DaemonProc(tmp_path, replay_file=slice_bundled(tmp_path / "r.csv", 120), speed="max")
+    (d.data_dir / "backups").mkdir(parents=True)
+    (d.data_dir / "backups" / "b").write_text("x")
     d.start()
     try:
         d.wait_ready(60)
+        status, body, _ = d.http("POST", "/emergency_stop", token=d.token(), body=b'{"reason": "health test"}')
+        assert status == 200, body
+        rc, out, _ = run_health(d, "--skip", "service", "--monitor-port", str(monitor))
+        control = by_name(out)["control"]
+        assert rc == 1 and control["status"] == "degraded" and "EMERGENCY_STOP" in control["detail"], out
         assert d.stop() == 0
     finally:
         d.close()
-    (d.data_dir / "backups").mkdir()
-    (d.data_dir / "backups" / "b").write_text("x")
     rc, out, _ = run_health(d, "--skip", "service", "--monitor-port", str(monitor))
     checks = by_name(out)
     assert rc == 2 and out["status"] == "failing"
@@ -364,3 +370,19 @@ def test_clock_skew_against_the_exchange_time_endpoint(tmp_path: Path) -> None:
         assert paper.status == "ok" and paper.detail.startswith("n/a")
     finally:
         server.server_close()
+
+
+def test_disk_thresholds(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The free-space rules; the filesystem's figures are set, since a full disk cannot be made safely here."""
+    s = _settings(tmp_path)
+    mib = 1048576
+    usage_t = collections.namedtuple("usage_t", "total used free")
+    for free_mb, total_mb, verdict in ((50_000, 100_000, "ok"), (900, 10_000, "degraded"),
+                                       (4_000, 100_000, "degraded"), (90, 100_000, "failing"),
+                                       (500, 100_000, "failing")):
+        usage = usage_t(total_mb * mib, (total_mb - free_mb) * mib, free_mb * mib)
+        monkeypatch.setattr(health.shutil, "disk_usage", lambda _p, u=usage: u)
+        r = health.check_disk(s)
+        assert r.status == verdict, (free_mb, r)
+        assert f"{free_mb:,} MiB free" in r.detail
+    assert health.check_disk(s).detail.count("dir") == 2  # data and log directories both named
