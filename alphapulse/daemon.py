@@ -197,6 +197,7 @@ class Daemon:
         self.feed: Feed
         self.validator: CandleValidator
         self._runner: Any = None
+        self._reopen_failing = False
 
     # ---- start-up ---------------------------------------------------------------------------
     async def start(self) -> None:
@@ -484,8 +485,11 @@ class Daemon:
             if reopen_log_file():
                 files.append("log")
         except OSError as e:
-            log.error("cannot reopen rotated log files; still writing to the old ones", error=str(e))
+            if not self._reopen_failing:  # once, not every second, until it works again
+                log.error("cannot reopen rotated log files; still writing to the old ones", error=str(e))
+            self._reopen_failing = True
             return
+        self._reopen_failing = False
         if files:
             log.info("log files reopened after rotation", files=files)
 
