@@ -35,6 +35,7 @@ set -euo pipefail
 
 SRC=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 unset PYTHONPATH PYTHONHOME  # a release is built from, and checked against, its own copy of the package
+umask 022  # the service user must read the release (a root umask of 027 would make the venv unreadable to it)
 ROOT=""
 SVC_USER=alphapulse
 SVC_GROUP=""
