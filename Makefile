@@ -33,7 +33,7 @@ dev: $(VENV)/.dev-installed
 run: install
 	$(BIN)/alphapulse run
 
-# Tools some tests need (systemd-analyze); the script installs them with apt when missing.
+# Tools some tests need (systemd-analyze, promtool); the script installs them with apt when missing.
 tools:
 	@bash scripts/install_test_tools.sh
 

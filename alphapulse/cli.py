@@ -161,6 +161,12 @@ def cmd_health(args: argparse.Namespace) -> int:
     return health_main(args.rest)
 
 
+def cmd_backup(args: argparse.Namespace) -> int:
+    from alphapulse.ops.backup_cli import backup_main
+
+    return backup_main(args.rest)
+
+
 def cmd_fake_weex(args: argparse.Namespace) -> int:
     from alphapulse.exchange.weex.fake import main as fake_main
 
@@ -189,6 +195,8 @@ def build_parser() -> argparse.ArgumentParser:
                               "candle download"),
                              ("health", cmd_health, "is the service fit to trade? service, control API, monitor, "
                               "feed, model, store, disk, clock, backup; exit 0 healthy, 1 degraded, 2 failing"),
+                             ("backup", cmd_backup, "backups: create, list, verify, restore (daemon stopped), "
+                              "prune"),
                              ("fake-weex", cmd_fake_weex, "a local fake WEEX exchange on 127.0.0.1 for tests and "
                               "demos")):
         sp = sub.add_parser(name, help=text, add_help=False)  # the command's own parser handles its options

@@ -179,7 +179,8 @@ ENV_KEYS: dict[str, tuple[str, str]] = {
     "WEEX_WS_URL": ("service", "exchange.ws_url"),
 }
 SECRET_ENV = ("WEEX_API_KEY", "WEEX_SECRET_KEY", "WEEX_PASSPHRASE")
-OTHER_ENV = ("ALPHAPULSE_CONFIG_DIR",)
+# Read by other commands sharing the daemon's environment file (``alphapulse backup``), so the daemon must accept them.
+OTHER_ENV = ("ALPHAPULSE_CONFIG_DIR", "ALPHAPULSE_BACKUP_DIR", "ALPHAPULSE_BACKUP_KEY")
 
 
 def _coerce(value: Any, typ: type, source: str, key: str) -> Any:
@@ -322,6 +323,12 @@ def _dec(v: float) -> Decimal:
     return Decimal(repr(v))
 
 
+# Secrets of the monitor's alert delivery (alphapulse/monitor/delivery_config.py reads them): the daemon and
+# the monitor share one environment file, so the daemon must know these names too.
+DELIVERY_ENV = ("ALPHAPULSE_WEBHOOK_URL", "ALPHAPULSE_SLACK_WEBHOOK_URL", "ALPHAPULSE_TELEGRAM_TOKEN",
+                "ALPHAPULSE_SMTP_PASSWORD")
+
+
 def default_config_dir(env: Mapping[str, str] | None = None) -> Path | None:
     """``$ALPHAPULSE_CONFIG_DIR``, else ``./config`` when it exists, else built-in defaults only."""
     value = (os.environ if env is None else env).get("ALPHAPULSE_CONFIG_DIR")
@@ -346,7 +353,7 @@ def load_settings(config_dir: Path | None = None, env: Mapping[str, str] | None 
             if path.exists():
                 _merge(schema, target, _read_yaml(path), str(path))
 
-    known_env = set(ENV_KEYS) | set(SECRET_ENV) | set(OTHER_ENV)
+    known_env = set(ENV_KEYS) | set(SECRET_ENV) | set(OTHER_ENV) | set(DELIVERY_ENV)
     for name in env:
         # A typo in an override must not silently fall back to a default.
         if name.startswith("ALPHAPULSE_") and name not in known_env:

@@ -14,10 +14,12 @@ from typing import Any, Protocol
 
 import orjson
 from aiohttp import web
+from prometheus_client.registry import CollectorRegistry
 
 from alphapulse.domain import StateConflict
 from alphapulse.log import get_logger
-from alphapulse.metrics import prometheus_text
+from alphapulse.prometheus import CONTENT_TYPE as PROMETHEUS_CONTENT_TYPE
+from alphapulse.prometheus import ScrapeView, new_registry, render
 
 log = get_logger("alphapulse.control")
 
@@ -39,6 +41,10 @@ class ControlTarget(Protocol):
 
     def metrics(self) -> dict[str, Any]: ...
 
+    def scrape_view(self) -> ScrapeView:
+        """Latency histograms and clocks for the Prometheus exposition (alphapulse.prometheus)."""
+        ...
+
     def operator_action(self, action: str, reason: str) -> dict[str, Any]: ...
 
     def trading_state(self) -> str: ...
@@ -49,6 +55,7 @@ class ControlTarget(Protocol):
 
 
 DAEMON: web.AppKey[ControlTarget] = web.AppKey("daemon")
+PROMETHEUS: web.AppKey[CollectorRegistry] = web.AppKey("prometheus")
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
@@ -115,66 +122,20 @@ async def health(request: web.Request) -> web.Response:
 
 
 async def metrics(request: web.Request) -> web.Response:
-    daemon = request.app[DAEMON]
+    """JSON by default; the Prometheus text format with ``?format=prometheus`` or ``Accept: text/plain``.
+
+    The Prometheus answer is collected at this moment from the daemon's state by the app's own registry, on the
+    loop thread like the JSON view (the state is only consistent there), then formatted in slices (see
+    alphapulse.prometheus.render).
+    """
     fmt = request.query.get("format", "")
     if fmt not in ("", "json", "prometheus"):
         return _error(400, "format must be json or prometheus")
     accept = request.headers.get("Accept", "")
-    data = daemon.metrics()
     if fmt == "prometheus" or (fmt == "" and "text/plain" in accept and "application/json" not in accept):
-        return web.Response(body=_prometheus(data).encode(),
-                            headers={"Content-Type": "text/plain; version=0.0.4; charset=utf-8"})
-    return _json(data)
-
-
-def _prometheus(m: dict[str, Any]) -> str:
-    p, t, mo, r, mk, sy = (m["portfolio"], m["trading"], m["model"], m["risk"], m["market"], m["system"])
-    sym = {"symbol": t["symbol"]}
-    samples: list[tuple[str, str, str, dict[str, str], float]] = [
-        ("alphapulse_equity", "gauge", "Account equity in quote currency", {}, p["equity"]),
-        ("alphapulse_cash", "gauge", "Wallet balance (initial + realized - fees)", {}, p["cash"]),
-        ("alphapulse_daily_pnl", "gauge", "PnL since the start of the UTC day", {}, p["daily_pnl"]),
-        ("alphapulse_drawdown_ratio", "gauge", "Drawdown from peak equity (fraction)", {}, p["drawdown"]),
-        ("alphapulse_realized_pnl", "gauge", "Cumulative gross realized PnL", {}, p["realized_pnl"]),
-        ("alphapulse_unrealized_pnl", "gauge", "Unrealized PnL at the last mark", {}, p["unrealized_pnl"]),
-        ("alphapulse_fees_paid_total", "counter", "Fees paid", {}, p["fees_paid"]),
-        ("alphapulse_fills_total", "counter", "Fills booked", {}, p["fills"]),
-        ("alphapulse_orders_total", "counter", "Orders acknowledged", {}, t["orders"]),
-        ("alphapulse_position_qty", "gauge", "Signed position quantity", sym,
-         p["positions"][0]["qty"] if p["positions"] else 0.0),
-    ]
-    for state in ("ACTIVE", "REDUCE_ONLY", "HALTED", "MAINTENANCE", "EMERGENCY_STOP"):
-        samples.append(("alphapulse_trading_state", "gauge", "1 for the current trading state", {"state": state},
-                        1.0 if t["state"] == state else 0.0))
-    samples += [
-        ("alphapulse_model_info", "gauge", "Model in use", {"version": mo["version"], "kind": mo["kind"]}, 1.0),
-        ("alphapulse_model_avg_confidence", "gauge", "Average confidence of decisions", {}, mo["avg_confidence"]),
-        ("alphapulse_decisions_total", "counter", "Policy decisions", {}, mo["decisions"]),
-        ("alphapulse_inference_us", "gauge", "ONNX inference latency quantiles", {"quantile": "0.5"},
-         mo["inference_us"]["p50"]),
-        ("alphapulse_inference_us", "gauge", "ONNX inference latency quantiles", {"quantile": "0.99"},
-         mo["inference_us"]["p99"]),
-        ("alphapulse_tick_to_order_us", "gauge", "Candle in to order acknowledged and committed",
-         {"quantile": "0.5"}, sy["tick_to_order_us"]["p50"]),
-        ("alphapulse_tick_to_order_us", "gauge", "Candle in to order acknowledged and committed",
-         {"quantile": "0.99"}, sy["tick_to_order_us"]["p99"]),
-        ("alphapulse_risk_alerts_total", "counter", "RISK_LIMIT_EXCEEDED events", {}, r["alerts"]),
-    ]
-    for k, v in r["usage"].items():
-        samples.append(("alphapulse_risk_limit_usage_ratio", "gauge", "Measured value / limit", {"limit": k}, v))
-    samples += [
-        ("alphapulse_candles_processed_total", "counter", "Candles through the pipeline", {}, mk["candles_processed"]),
-        ("alphapulse_rejected_candles_total", "counter", "Candles rejected by validation", {}, mk["rejected_candles"]),
-    ]
-    for reason, n in mk["rejected_by_reason"].items():
-        samples.append(("alphapulse_rejected_candles_by_reason_total", "counter", "Rejected candles by reason",
-                        {"reason": reason}, n))
-    samples += [
-        ("alphapulse_rss_bytes", "gauge", "Resident set size", {}, sy["rss_mb"] * 1048576),
-        ("alphapulse_uptime_seconds", "gauge", "Seconds since start", {}, sy["uptime_s"]),
-        ("alphapulse_queue_depth", "gauge", "Candles waiting for the engine", {}, sy["queue_depth"]),
-    ]
-    return prometheus_text(samples)
+        body = await render(request.app[PROMETHEUS])
+        return web.Response(body=body, headers={"Content-Type": PROMETHEUS_CONTENT_TYPE})
+    return _json(request.app[DAEMON].metrics())
 
 
 def _action(name: str) -> Handler:
@@ -234,6 +195,7 @@ async def debug_block_loop(request: web.Request) -> web.Response:
 def create_app(target: ControlTarget, fault_injection: bool = False) -> web.Application:
     app = web.Application(middlewares=[errors_as_json], client_max_size=64 * 1024)
     app[DAEMON] = target
+    app[PROMETHEUS] = new_registry(target)
     app.router.add_get("/health", health)
     app.router.add_get("/metrics", metrics)
     for name in OPERATOR_ACTIONS:

@@ -44,12 +44,16 @@ from alphapulse.market.feed import Feed, FeedError
 from alphapulse.market.validate import CandleValidator
 from alphapulse.metrics import LatencyHistogram
 from alphapulse.policy import ModelError, Policy, default_model_path
-from alphapulse.reconcile import AccountView, Resolution, reconcile
+from alphapulse.prometheus import ExchangeRequests, LatencySeries, ScrapeView
+from alphapulse.reconcile import MISMATCH_KINDS, AccountView, Resolution, reconcile
 from alphapulse.store import OperatorFiles, Persisted, Store, iso_ms
 
 log = get_logger("alphapulse.daemon")
 
 _END = object()  # queue sentinel: the feed is exhausted
+# Longest the operator files of a step wait for its orders' acknowledgement (live): a slow exchange delays the files,
+# never the decisions (the engine sends no new order while one is pending anyway).
+ANSWER_WAIT_S = 0.5
 
 
 class SystemdNotifier:
@@ -401,7 +405,9 @@ class Daemon:
             # the order is acknowledged once durable: the files and log lines below are views derived from it
             self.latency.add((t2 - t0) / 1000)
             if res.orders and self.live is not None:
-                await asyncio.sleep(0)  # let the released order leave for the exchange before the files
+                # the files and log lines wait until the exchange has answered (bounded): written meanwhile, they
+                # would hold the loop while the acknowledgement is waiting to be read
+                await self.live.wait_answered(ANSWER_WAIT_S)
             self._publish(res, persisted)
             if observer is not None:
                 observer(res, t0, t1, t2, perf())
@@ -706,7 +712,7 @@ class Daemon:
                 "broker": self.live.describe(),
                 "reconciliation": {"runs": self.reconcile_stats["runs"],
                                    "mismatches": {k: v for k, v in self.reconcile_stats.items()
-                                                  if k in ("position", "balance", "foreign_order")},
+                                                  if k in MISMATCH_KINDS},
                                    "errors": self.reconcile_stats["errors"],
                                    "skipped_in_flight": self.reconcile_stats["skipped_in_flight"],
                                    "last_run_age_s": None if self.last_reconcile_wall is None else
@@ -717,6 +723,38 @@ class Daemon:
                        "tick_to_order_us": self.latency.summary(), "db_commits": self.store.commits,
                        "ready": self.ready, "watchdog": watchdog_interval_s() is not None},
         }
+
+    def scrape_view(self) -> ScrapeView:
+        """The histograms and clocks Prometheus reads beyond :meth:`metrics`, as they are at this moment."""
+        sym = {"symbol": self.settings.symbol}
+        latency = [
+            LatencySeries("alphapulse_tick_to_order_seconds", "Candle in to its step (decision, risk, order) "
+                          "durably committed, per candle", sym, self.latency),
+            LatencySeries("alphapulse_inference_seconds", "ONNX policy inference, per decision", sym, self.inference),
+        ]
+        if self.live is not None:
+            latency += [
+                LatencySeries("alphapulse_decision_to_ack_seconds", "Engine submit to the exchange's answer, first "
+                              "leg of each order", sym, self.live.decision_to_ack),
+                LatencySeries("alphapulse_decision_to_last_ack_seconds", "Engine submit to the exchange's answer "
+                              "for the last leg of an order", sym, self.live.decision_to_last_ack),
+            ]
+        exchange = None
+        if self.client is not None:
+            c = self.client
+            latency.append(LatencySeries("alphapulse_exchange_request_seconds", "One REST request to the "
+                                         "exchange, sent to answered or failed", {}, c.latency))
+            exchange = ExchangeRequests(c.requests, c.errors, c.retries, c.rate_limited)
+        last = self.last_candle
+        age: dict[str, float] = {}
+        if last is not None and not self.feed.finished:
+            bar = self.settings.bar_ms
+            now = self.feed.now_ms()
+            close = last.ts + bar
+            age[self.settings.symbol] = max(0, (now if now is not None else close) - close) / bar
+        return ScrapeView(latency=latency, data_age_bars=age,
+                          last_candle_s={} if last is None else {self.settings.symbol: last.ts / 1000},
+                          bar_seconds=self.settings.bar_ms / 1000, exchange=exchange)
 
     def degraded(self) -> str | None:
         """Why the daemon cannot trade safely although every task is alive (a silent market-data stream):

@@ -1,26 +1,38 @@
-"""Bounded-memory latency statistics and Prometheus text exposition.
+"""Bounded-memory latency statistics.
 
 A long-running bot must not keep every sample: :class:`LatencyHistogram` has fixed log-spaced buckets
-(about 4 % wide), so p50/p99 over millions of candles cost a few kilobytes, forever.
+(about 4 % wide), so p50/p99 over millions of candles cost a few kilobytes, forever.  It also counts the same
+samples on :data:`PROM_LE_US`, the fixed ladder the Prometheus histograms expose, so a scrape reads exact
+``le`` counts instead of re-binning log buckets whose edges never coincide with the ladder's.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
+from bisect import bisect_left
 
 _GROWTH = 1.04
 _MIN_US = 0.5
 _N_BUCKETS = 400  # 0.5 µs .. ~3e6 µs
 
+#: Upper bounds (µs, inclusive as Prometheus' ``le``) of the exported histogram buckets: 10 µs .. 10 s in
+#: 1-2.5-5 steps, so the alert thresholds (inference 500 ms / 1 s, API 1 s / 5 s) are bucket edges and the
+#: sub-millisecond candle path still has several buckets for ``histogram_quantile``.  ``+Inf`` is implicit.
+PROM_LE_US: tuple[float, ...] = (
+    10.0, 25.0, 50.0, 100.0, 250.0, 500.0,
+    1e3, 2.5e3, 5e3, 1e4, 2.5e4, 5e4,
+    1e5, 2.5e5, 5e5, 1e6, 2.5e6, 5e6, 1e7,
+)
+
 
 class LatencyHistogram:
     """Log-bucketed histogram of microsecond durations; quantiles are accurate to a bucket width."""
 
-    __slots__ = ("count", "counts", "max", "total")
+    __slots__ = ("count", "counts", "le_counts", "max", "total")
 
     def __init__(self) -> None:
         self.counts = [0] * _N_BUCKETS
+        self.le_counts = [0] * (len(PROM_LE_US) + 1)  # per ladder step (not cumulative); last: above 10 s
         self.count = 0
         self.total = 0.0
         self.max = 0.0
@@ -37,6 +49,7 @@ class LatencyHistogram:
 
     def add(self, us: float) -> None:
         self.counts[self._bucket(us)] += 1
+        self.le_counts[bisect_left(PROM_LE_US, us)] += 1  # first edge >= us: counted where us <= le
         self.count += 1
         self.total += us
         if us > self.max:
@@ -54,6 +67,16 @@ class LatencyHistogram:
                 return min(self._upper(i), self.max)
         return self.max
 
+    def cumulative(self) -> tuple[list[int], float]:
+        """Cumulative counts at each :data:`PROM_LE_US` edge then ``+Inf`` (which equals :attr:`count`), and the
+        sum of all samples in µs: a Prometheus histogram's ``_bucket`` and ``_sum``, read in one go."""
+        out: list[int] = []
+        seen = 0
+        for c in self.le_counts:
+            seen += c
+            out.append(seen)
+        return out, self.total
+
     def summary(self) -> dict[str, float]:
         return {
             "count": self.count,
@@ -62,32 +85,3 @@ class LatencyHistogram:
             "max": round(self.max, 2),
             "mean": round(self.total / self.count, 2) if self.count else 0.0,
         }
-
-
-def prometheus_text(samples: Iterable[tuple[str, str, str, dict[str, str], float]]) -> str:
-    """Render ``(name, type, help, labels, value)`` samples in the Prometheus text format 0.0.4."""
-    lines: list[str] = []
-    seen: set[str] = set()
-    for name, typ, help_, labels, value in samples:
-        if name not in seen:
-            seen.add(name)
-            lines.append(f"# HELP {name} {help_}")
-            lines.append(f"# TYPE {name} {typ}")
-        if labels:
-            lab = ",".join(f'{k}="{_escape(v)}"' for k, v in sorted(labels.items()))
-            lines.append(f"{name}{{{lab}}} {_num(value)}")
-        else:
-            lines.append(f"{name} {_num(value)}")
-    return "\n".join(lines) + "\n"
-
-
-def _escape(v: str) -> str:
-    return v.replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
-
-
-def _num(v: float) -> str:
-    if math.isnan(v):
-        return "NaN"
-    if math.isinf(v):
-        return "+Inf" if v > 0 else "-Inf"
-    return repr(float(v))

@@ -36,9 +36,13 @@ class AccountView:
     open_order_ids: tuple[str, ...] = ()  # client order ids of open orders
 
 
+#: Every :attr:`Mismatch.kind` (counted per kind in /metrics; exported as zeros before the first one).
+MISMATCH_KINDS: tuple[str, ...] = ("position", "balance", "foreign_order")
+
+
 @dataclass(frozen=True)
 class Mismatch:
-    kind: str  # "position", "balance", "foreign_order"
+    kind: str  # one of MISMATCH_KINDS
     symbol: str
     ours: str
     exchange: str

@@ -766,7 +766,8 @@ def live_daemon_acks(root: Path, fake_port: int, orders: int, timeout_s: float) 
     b = final["exchange"]["broker"]
     return {"decision_to_ack_us": b["decision_to_ack_us"], "decision_to_last_ack_us": b["decision_to_last_ack_us"],
             "acked_legs": b["acked"], "sent_legs": b["sent"], "rejected": b["rejected"], "errors": b["errors"],
-            "recovered": b["recovered"], "client": b["client"], "candles": final["market"]["candles_processed"],
+            "recovered": b["recovered"], "client": b["client"],
+            "stages_us": b.get("decision_to_ack_stages_us"), "candles": final["market"]["candles_processed"],
             "tick_to_order_us": final["system"]["tick_to_order_us"], "wall_s": round(wall, 2)}
 
 

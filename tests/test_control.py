@@ -72,7 +72,7 @@ def test_metrics_prometheus_exposition(daemon: DaemonProc, how: str) -> None:
         assert PROM_LINE.match(line), line
         names.add(line.split("{")[0].split(" ")[0])
     assert {"alphapulse_equity", "alphapulse_drawdown_ratio", "alphapulse_trading_state",
-            "alphapulse_rejected_candles_total", "alphapulse_tick_to_order_us"} <= names
+            "alphapulse_rejected_candles_total", "alphapulse_tick_to_order_seconds_bucket"} <= names
     assert 'alphapulse_trading_state{state="' in text
 
 

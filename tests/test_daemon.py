@@ -10,6 +10,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from tests.daemon_harness import DaemonProc, slice_bundled
 
@@ -232,7 +233,10 @@ def test_bad_candles_are_rejected_counted_and_never_decided(tmp_path: Path, proc
     assert set(m["market"]["rejected_by_reason"]) >= {"non_finite", "duplicate_ts"}
     assert m["market"]["candles_processed"] == 301 - 4  # 300 rows + 1 duplicate, 4 rejected
     status, text, _ = d.http("GET", "/metrics?format=prometheus")
-    assert "alphapulse_rejected_candles_total 4.0" in text
+    rejected = {s.labels["reason"]: s.value for f in text_string_to_metric_families(text)
+                for s in f.samples if s.name == "alphapulse_rejected_candles_total"}
+    assert sum(rejected.values()) == 4 and {r for r, n in rejected.items() if n} == set(
+        m["market"]["rejected_by_reason"]), rejected
     assert d.stop() == 0
     decided = {json.loads(ln)["candle_time"] for ln in (d.log_dir / "ai_decisions.json").read_text().splitlines()}
     from alphapulse.store import iso_ms

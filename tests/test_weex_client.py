@@ -243,6 +243,25 @@ async def test_get_retried_after_timeout(stub: WeexStub) -> None:
     assert len(stub.calls(KLINES)) == 2
 
 
+async def test_requests_errors_and_response_times_are_counted(stub: WeexStub) -> None:
+    """What /metrics?format=prometheus exposes as the exchange's request, error and response-time series: a 5xx and
+    a timeout are errors, and every request that was answered or gave up is timed."""
+    async def answer(s: WeexStub, r: Recorded) -> tuple[int, Any] | None:
+        n = len(s.calls(KLINES))
+        if n == 1:
+            return 503, {"msg": "busy"}
+        if n == 2:
+            await asyncio.sleep(1.0)
+        return None
+
+    stub.route("GET", KLINES, answer)
+    async with client_for(stub, timeout_s=0.2) as c:
+        assert len(await c.klines("BTCUSDT", "5m", limit=2)) == 2
+        assert (c.requests, c.errors, c.retries) == (3, 2, 2)
+        assert c.latency.count == 3 and c.latency.max >= 0.2e6  # µs: the timed-out request waited its timeout
+        assert c.latency.cumulative()[0][-1] == 3
+
+
 async def test_writes_are_not_blindly_retried(stub: WeexStub) -> None:
     async def slow(s: WeexStub, r: Recorded) -> None:
         await asyncio.sleep(1.0)

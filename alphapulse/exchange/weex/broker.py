@@ -89,6 +89,7 @@ class Tracked:
     cancel_requested: bool = False
     booked: Decimal = ZERO  # quantity of the fills handed to the sink
     submitted_mono: float = field(default_factory=time.monotonic)
+    released_mono: float = 0.0  # when the daemon's commit let it go (0: not yet)
 
     @property
     def done(self) -> bool:
@@ -144,6 +145,7 @@ class WeexBroker:
         self._orders: dict[str, Tracked] = {}
         self._position: Callable[[], Decimal] = lambda: ZERO
         self._wake = asyncio.Event()
+        self._answered = asyncio.Event()  # a first leg got its answer (see wait_answered)
         self._booked_trades: set[str] = set()
         self.funding_since_ms: int | None = None
         self._last_funding_poll = 0.0
@@ -160,6 +162,10 @@ class WeexBroker:
         # (the same for a one-leg order; after the closing leg was also followed for one that crosses zero).
         self.decision_to_ack = LatencyHistogram()
         self.decision_to_last_ack = LatencyHistogram()
+        # Where that time goes, for the first leg: the step and its commit (decision -> release), the wait for this
+        # task's turn on the loop (release -> send), and the request itself (send -> ack).
+        self.stage_us = {"decision_to_release": LatencyHistogram(), "release_to_send": LatencyHistogram(),
+                         "send_to_ack": LatencyHistogram()}
 
     # ---- wiring --------------------------------------------------------------------------------
     def bind(self, position_qty: Callable[[], Decimal]) -> None:
@@ -212,10 +218,28 @@ class WeexBroker:
         self.activity += 1
         return True
 
+    async def wait_answered(self, timeout_s: float) -> bool:
+        """Wait (at most ``timeout_s``) until every released order's first leg has the exchange's answer.
+
+        The daemon calls it after a commit that released orders and before writing the operator files, so that its
+        own bookkeeping does not hold the loop while the acknowledgement is on its way back.  Returns False on
+        time-out (an exchange that is slow or down): the caller goes on, the order is followed as ever."""
+        try:
+            async with asyncio.timeout(timeout_s):
+                while any(t.released and t.legs and t.legs[0].state in ("new", "unknown")
+                          for t in self._orders.values()):
+                    self._answered.clear()
+                    await self._answered.wait()
+        except TimeoutError:
+            return False
+        return True
+
     def release(self) -> None:
         """The daemon committed the orders' intents: they may now leave for the exchange."""
+        now = time.monotonic()
         for t in self._orders.values():
-            t.released = True
+            if not t.released:
+                t.released, t.released_mono = True, now
         self._wake.set()
 
     def on_candle(self, candle: Candle) -> list[Fill]:
@@ -261,8 +285,11 @@ class WeexBroker:
         backoff = self.poll_interval_s
         while True:
             busy = any(t.released for t in self._orders.values())
+            # asyncio.timeout, not wait_for: on 3.11 wait_for wraps the wait in a task of its own, so a release()
+            # reached this task two loop turns later, behind whatever the daemon's loop did in between.
             try:
-                await asyncio.wait_for(self._wake.wait(), self.poll_interval_s if busy else self.idle_poll_s)
+                async with asyncio.timeout(self.poll_interval_s if busy else self.idle_poll_s):
+                    await self._wake.wait()
             except TimeoutError:
                 pass
             self._wake.clear()
@@ -304,6 +331,7 @@ class WeexBroker:
                 for leg in t.legs:  # only unfinished orders need their trade ids: memory stays bounded
                     self._booked_trades.difference_update(leg.trade_ids)
                 self._finish(t, sink)
+        self._answered.set()  # waiters re-check their condition
 
     def _finish(self, t: Tracked, sink: ExecutionSink) -> None:
         legs = [leg for leg in t.legs if leg.state != "rejected" or leg.exchange_order_id]
@@ -322,6 +350,7 @@ class WeexBroker:
     async def _send(self, t: Tracked, leg: Leg, sink: ExecutionSink) -> None:
         leg.sent_ms = int(time.time() * 1000)
         self.sent += 1
+        send_mono = time.monotonic()
         try:
             ack = await self.client.place_order(self.symbol, leg.side, leg.position_side, leg.qty, leg.client_order_id,
                                                 reduce_only=leg.reduce_only)
@@ -333,6 +362,7 @@ class WeexBroker:
             for other in t.legs:  # nothing after a rejected leg is sent
                 if other.state == "new":
                     other.state = "rejected"
+            self._answered.set()
             return
         except (ExchangeUnavailable, RateLimitError):
             raise  # outcome unknown even after the client's own recovery: stays "new", retried with the same id
@@ -340,12 +370,19 @@ class WeexBroker:
         self.acked += 1
         if ack.recovered:
             self.recovered += 1
-        us = (time.monotonic() - t.submitted_mono) * 1e6
+        acked_mono = time.monotonic()
+        us = (acked_mono - t.submitted_mono) * 1e6
         if leg is t.legs[0]:
             self.decision_to_ack.add(us)
+            if t.released_mono:
+                st = self.stage_us
+                st["decision_to_release"].add((t.released_mono - t.submitted_mono) * 1e6)
+                st["release_to_send"].add((send_mono - t.released_mono) * 1e6)
+                st["send_to_ack"].add((acked_mono - send_mono) * 1e6)
         if leg is t.legs[-1]:
             self.decision_to_last_ack.add(us)
         sink.on_order_status(t.order.client_order_id, "open", ack.order_id, "acknowledged")
+        self._answered.set()
         await self._follow(t, leg, sink)
 
     async def _look_up(self, t: Tracked, leg: Leg, sink: ExecutionSink) -> None:
@@ -436,4 +473,5 @@ class WeexBroker:
                 "not_sent": self.not_sent, "errors": self.errors,
                 "ack_ms_p50": round(first.quantile(0.5) / 1000, 3) if first.count else None,
                 "decision_to_ack_us": first.summary(), "decision_to_last_ack_us": self.decision_to_last_ack.summary(),
+                "decision_to_ack_stages_us": {k: h.summary() for k, h in self.stage_us.items()},
                 "client": self.client.describe()}

@@ -49,6 +49,7 @@ from alphapulse.exchange.weex.errors import (
     raise_for_body,
 )
 from alphapulse.log import get_logger, register_secrets
+from alphapulse.metrics import LatencyHistogram
 
 log = get_logger(__name__)
 
@@ -462,11 +463,13 @@ class WeexClient:
         self._synced_at: float | None = None  # time.monotonic() of the last sync
         self._sync_lock = asyncio.Lock()
         self._consecutive_429 = 0
-        # counters for /health and tests
+        # counters for /health, Prometheus and tests
         self.requests = 0
+        self.errors = 0  # requests not answered with success (timeout, connection error, HTTP error, error body)
         self.retries = 0
         self.rate_limited = 0
         self.time_syncs = 0
+        self.latency = LatencyHistogram()  # µs per request, sent to answered or failed (the API response time)
 
     # -- lifecycle -------------------------------------------------------------------------
 
@@ -633,6 +636,22 @@ class WeexClient:
         url = yarl.URL(self.rest_url + path + (f"?{query}" if query else ""), encoded=True)
         self.requests += 1
         t0 = time.monotonic()
+        try:
+            body = await self._exchange_once(session, method, path, url, body_text, headers, weight, attempt,
+                                             endpoint, t0)
+        except asyncio.CancelledError:
+            raise  # we stopped waiting (shutdown): neither an answer nor the exchange's error
+        except Exception:
+            self.latency.add((time.monotonic() - t0) * 1e6)
+            self.errors += 1
+            raise
+        self.latency.add((time.monotonic() - t0) * 1e6)
+        return body
+
+    async def _exchange_once(self, session: aiohttp.ClientSession, method: str, path: str, url: yarl.URL,
+                             body_text: str, headers: dict[str, str], weight: int, attempt: int, endpoint: str,
+                             t0: float) -> Any:
+        """One HTTP round trip and its answer, parsed or raised as a :class:`WeexError`."""
         try:
             async with session.request(method, url, data=body_text.encode() if body_text else None,
                                        headers=headers, timeout=self._timeout, allow_redirects=False) as resp:
