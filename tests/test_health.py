@@ -10,10 +10,8 @@ from __future__ import annotations
 import asyncio
 import collections
 import dataclasses
-import importlib
 import json
 import os
-import shutil
 import sqlite3
 import subprocess
 import sys
@@ -59,16 +57,8 @@ def monitor() -> Iterator[int]:
 
 
 def _make_backup(d: DaemonProc) -> None:
-    """A fresh backup where health looks for one (the backup tool's own command once it is installed)."""
-    try:
-        importlib.import_module("alphapulse.ops.backup")
-    except ImportError:
-        backups = d.data_dir / "backups"
-        backups.mkdir(parents=True, exist_ok=True)
-        shutil.copy2(d.data_dir / "alphapulse.db", backups / "stand-in-full.db")
-        os.utime(backups / "stand-in-full.db")
-        return
-    rc = subprocess.run([sys.executable, "-m", "alphapulse", "backup", "create", "--type", "full"], env=d.env,
+    """A fresh backup where health looks for one, made by the backup tool itself."""
+    rc = subprocess.run([sys.executable, "-m", "alphapulse", "backup", "create", "--type", "data"], env=d.env,
                         cwd=d.root, capture_output=True, text=True, timeout=120)
     assert rc.returncode == 0, rc.stderr
 
@@ -188,11 +178,10 @@ def test_table_output_names_every_check(daemon: DaemonProc, monitor: int) -> Non
 
 def test_halted_then_stopped_daemon(tmp_path: Path, monitor: int) -> None:
     d = DaemonProc(tmp_path, replay_file=slice_bundled(tmp_path / "r.csv", 120), speed="max")
-    (d.data_dir / "backups").mkdir(parents=True)
-    (d.data_dir / "backups" / "b").write_text("x")
     d.start()
     try:
         d.wait_ready(60)
+        _make_backup(d)
         status, body, _ = d.http("POST", "/emergency_stop", token=d.token(), body=b'{"reason": "health test"}')
         assert status == 200, body
         rc, out, _ = run_health(d, "--skip", "service", "--monitor-port", str(monitor))
@@ -235,20 +224,27 @@ def _settings(tmp_path: Path, **env: str) -> Any:
     return load_settings(None, base)
 
 
-def test_backup_age_rules(tmp_path: Path) -> None:
-    s = _settings(tmp_path)
+def test_backup_age_rules(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Backups made by alphapulse.ops.backup itself, dated an hour and over two days back."""
+    from alphapulse.ops.backup import Roots, create_backup
+
+    env = {"ALPHAPULSE_BACKUP_DIR": str(tmp_path / "backups")}
+    s = _settings(tmp_path, **env)
     opts = health.HealthOptions(backup_dir=tmp_path / "backups")
-    assert health.check_backup(s, opts).status == "degraded"  # none at all
-    (tmp_path / "backups").mkdir()
-    f = tmp_path / "backups" / "full-1.tar"
-    f.write_text("x")
-    now = time.time()
-    os.utime(f, (now - 3600, now - 3600))
     r = health.check_backup(s, opts)
-    assert r.status == "ok" and "1.0 h old" in r.detail
-    os.utime(f, (now - 2 * 86400 - 60, now - 2 * 86400 - 60))
+    assert r.status == "degraded" and r.detail.startswith("no backup in")
+    (tmp_path / "log").mkdir()
+    (tmp_path / "log" / "trades.csv").write_text("timestamp,symbol\n")
+    roots = Roots.from_settings(s, env)
+    create_backup(roots, "logs", now=time.time() - 2 * 86400 - 600)
     r = health.check_backup(s, opts)
     assert r.status == "degraded" and "older than 2 days" in r.detail
+    create_backup(roots, "logs", now=time.time() - 3600)
+    r = health.check_backup(s, opts)
+    assert r.status == "ok" and "1.0 h old" in r.detail
+    # the default directory is the backup tool's: ALPHAPULSE_BACKUP_DIR, read the same way
+    monkeypatch.setenv("ALPHAPULSE_BACKUP_DIR", env["ALPHAPULSE_BACKUP_DIR"])
+    assert health.check_backup(s, health.HealthOptions()).status == "ok"
 
 
 def test_missing_and_broken_model_fail(tmp_path: Path) -> None:

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import importlib
 import json
 import os
 import shutil
@@ -287,38 +286,13 @@ async def check_clock(s: Settings, opts: HealthOptions) -> CheckResult:
     return CheckResult("clock", OK, detail)
 
 
-# --------------------------------------------------------------------------------------------------
-# Backups: the one place that knows where they are and how old the newest is
-# --------------------------------------------------------------------------------------------------
-
-
-def backup_source(s: Settings, override: Path | None) -> tuple[Path, Callable[[Path], float | None]]:
-    """The backup directory and a reader of the newest backup's time.
-
-    alphapulse.ops.backup (``alphapulse backup``) owns both; until it is installed this falls back to
-    ``<data_dir>/backups`` and the newest entry's modification time there."""
-    try:
-        _backup = importlib.import_module("alphapulse.ops.backup")  # typed or not, merged later or not
-
-        directory = override or Path(_backup.default_backup_dir(s))
-        return directory, _backup.latest_backup_time
-    except (ImportError, AttributeError):
-        return override or (s.data_dir / "backups"), _newest_entry_time
-
-
-def _newest_entry_time(directory: Path) -> float | None:
-    try:
-        times = [e.stat().st_mtime for e in os.scandir(directory) if not e.name.startswith(".")]
-    except FileNotFoundError:
-        return None
-    return max(times, default=None)
-
-
 def check_backup(s: Settings, opts: HealthOptions, now: Callable[[], float] = time.time) -> CheckResult:
     """No backup, or one older than two days, is degraded: trading goes on, recovery would lose more."""
-    directory, latest = backup_source(s, opts.backup_dir)
+    from alphapulse.ops.backup import default_backup_dir, latest_backup_time
+
+    directory = opts.backup_dir or default_backup_dir(s)  # where `alphapulse backup create` puts them
     try:
-        t = latest(directory)
+        t = latest_backup_time(directory)
     except OSError as e:
         return CheckResult("backup", DEGRADED, f"cannot read {directory}: {e.strerror or e}")
     if t is None:
@@ -402,7 +376,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--unit", default=UNIT, help=f"systemd unit of the daemon (default {UNIT})")
     p.add_argument("--monitor-port", type=int, default=None,
                    help=f"the monitor's port (default ${MONITOR_PORT_ENV}, else {DEFAULT_MONITOR_PORT})")
-    p.add_argument("--backup-dir", type=Path, default=None, help="where backups are (default: the backup tool's)")
+    p.add_argument("--backup-dir", type=Path, default=None,
+                   help="where backups are (default: $ALPHAPULSE_BACKUP_DIR, else beside the data directory, "
+                        "as for alphapulse backup)")
     p.add_argument("--skip", action="append", default=[], choices=CHECK_NAMES, metavar="CHECK",
                    help=f"leave a check out (repeatable): {', '.join(CHECK_NAMES)}")
     return p
