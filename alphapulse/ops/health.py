@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import importlib
 import json
 import os
 import shutil
@@ -205,9 +206,12 @@ def check_feed(s: Settings, opts: HealthOptions, now: Callable[[], float] = time
 
 def check_model(s: Settings) -> CheckResult:
     """The configured model file exists, its metadata passes the contract, and its timeframe is the daemon's."""
-    from alphapulse.policy import ModelError, default_model_path, read_model_meta
+    from alphapulse.policy import ModelError, read_model_meta
 
-    path = s.model_path or default_model_path()
+    try:
+        path, source = _resolve_model(s)
+    except (OSError, ValueError, LookupError) as e:  # the model store's pointer unreadable or dangling
+        return CheckResult("model", FAILING, f"cannot tell which model the daemon loads: {e}")
     if not path.is_file():
         return CheckResult("model", FAILING, f"model file missing: {path}")
     try:
@@ -217,7 +221,22 @@ def check_model(s: Settings) -> CheckResult:
     if meta.timeframe and meta.timeframe != s.timeframe:
         return CheckResult("model", FAILING, f"{path.name} ({meta.version}) is a {meta.timeframe} model but the "
                            f"daemon trades {s.timeframe}")
-    return CheckResult("model", OK, f"{path} version {meta.version}, {meta.timeframe}, {meta.n_actions} actions")
+    return CheckResult("model", OK, f"{path} ({source}) version {meta.version}, {meta.timeframe}, "
+                       f"{meta.n_actions} actions")
+
+
+def _resolve_model(s: Settings) -> tuple[Path, str]:
+    """The model file the daemon loads, as the daemon resolves it: with the versioned model store
+    (alphapulse.model_store, issue 11 part 5) its active version unless the configuration pins a file;
+    without it the configured file or the bundled model."""
+    try:
+        store = importlib.import_module("alphapulse.model_store")
+    except ImportError:
+        from alphapulse.policy import default_model_path
+
+        return (s.model_path, "config") if s.model_path is not None else (default_model_path(), "bundled")
+    path, source = store.resolve_model(s)
+    return Path(path), str(source)
 
 
 def check_store(s: Settings) -> CheckResult:
