@@ -13,7 +13,6 @@ from __future__ import annotations
 import re
 import time
 from dataclasses import dataclass, field
-from datetime import UTC
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
@@ -29,7 +28,8 @@ from alphapulse.features import FeatureSet, FeatureSource, PrecomputedFeatures
 from alphapulse.funding import DEFAULT_FUNDING_RATE, FundingSchedule
 from alphapulse.market.validate import valid_mask
 from alphapulse.performance import FillRecord, summarize
-from alphapulse.store import OperatorFiles, RowIds, build_rows, iso_ms
+from alphapulse.store import OperatorFiles, RowIds, build_rows
+from alphapulse.timeutil import iso_ms, parse_utc_ms
 
 _NAME = re.compile(r"^(?P<base>[A-Z0-9]+)_(?P<quote>[A-Z0-9]+)(?:_[A-Z0-9]+)?-(?P<tf>\d+[mhd])(?:-[a-z]+)?$")
 
@@ -60,16 +60,12 @@ def infer_market(path: Path, ts: np.ndarray) -> tuple[str, str]:
 
 
 def parse_time(text: str, flag: str) -> int:
-    """ISO date or datetime (UTC when no zone) -> ms."""
-    from datetime import datetime
-
+    """ISO date or datetime (UTC when no zone) -> ms (:func:`alphapulse.timeutil.parse_utc_ms`), as a
+    :class:`BacktestError` naming ``flag`` when it is not one."""
     try:
-        dt = datetime.fromisoformat(text.replace("Z", "+00:00"))
-    except ValueError:
-        raise BacktestError(f"{flag}: not an ISO date or datetime: {text!r}") from None
-    if dt.tzinfo is None:
-        dt = dt.replace(tzinfo=UTC)
-    return int(dt.timestamp() * 1000)
+        return parse_utc_ms(text)
+    except ValueError as e:
+        raise BacktestError(f"{flag}: {e}") from None
 
 
 def select(cols: dict[str, np.ndarray], start_ms: int | None, end_ms: int | None, bar_ms: int) -> dict[str, np.ndarray]:

@@ -161,14 +161,19 @@ def warmup_check(settings: Settings, policy: Any) -> tuple[bool, str]:
     if settings.feed_source != "replay":
         return True, f"{head}; the {settings.feed_source} feed fetches them at start"
     from alphapulse.market.feed import FeedError
-    from alphapulse.market.replay import default_replay_file, load_candles
+    from alphapulse.market.replay import check_spacing, default_replay_file, load_candles
     from alphapulse.market.validate import valid_mask
 
     path = settings.replay_file or default_replay_file(settings.timeframe)
     try:
-        have = int(valid_mask(load_candles(path), settings.bar_ms).sum())
+        cols = load_candles(path)
     except FeedError as e:
         return False, f"{head}; replay file {path} cannot be read: {e}"
+    try:  # a file of another timeframe: its few aligned candles would look like enough
+        check_spacing(path, cols["ts"], settings.bar_ms)
+    except FeedError as e:
+        return False, str(e)
+    have = int(valid_mask(cols, settings.bar_ms).sum())
     if have < need:
         return False, (f"{head}; replay file {path} has only {have} valid candles, so the daemon would never "
                        "decide: use a longer file")

@@ -62,16 +62,52 @@ def cmd_run(args: argparse.Namespace) -> int:
         close_logging()
 
 
+def cmd_monitor(args: argparse.Namespace) -> int:
+    """The monitoring service (alphapulse/monitor/): its own process next to the daemon."""
+    from alphapulse.monitor.settings import LOG_PREFIX, load_monitor_settings
+
+    try:
+        settings = load_monitor_settings(Path(args.config_dir) if args.config_dir else None)
+        check_paths_monitor(settings.daemon)
+    except ConfigError as e:
+        return report_config_error(e)
+
+    from alphapulse.log import close_logging, configure_logging, register_secrets
+    from alphapulse.monitor.service import main as monitor_main
+
+    configure_logging(settings.daemon.log_dir, settings.daemon.log_level, console=settings.daemon.log_console,
+                      file_prefix=LOG_PREFIX)
+    register_secrets(settings.daemon.secrets())
+    try:
+        return monitor_main(settings)
+    finally:
+        close_logging()
+
+
+def check_paths_monitor(s: Settings) -> None:
+    """The monitor writes only under the data and log directories; unlike the daemon it needs no model or
+    replay file (it must start, and alert, whatever state the daemon's files are in)."""
+    for key, d in (("paths.data_dir", s.data_dir), ("paths.log_dir", s.log_dir)):
+        try:
+            d.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise ConfigError("config.yaml", key, f"cannot create directory {d}: {e.strerror or e}") from None
+        if not os.access(d, os.W_OK):
+            raise ConfigError("config.yaml", key, f"directory not writable: {d}")
+
+
 def cmd_check_config(args: argparse.Namespace) -> int:
-    from alphapulse.policy import ModelError, default_model_path, read_model_meta
+    from alphapulse.model_store import model_error, resolve_model
+    from alphapulse.policy import ModelError, read_model_meta
 
     try:
         s = _load(args)
         check_paths(s)
+        model_path, model_source = resolve_model(s)
         try:
-            meta = read_model_meta(s.model_path or default_model_path())
+            meta = read_model_meta(model_path)
         except ModelError as e:
-            raise ConfigError("config.yaml", "model.path", str(e)) from None
+            raise model_error(s, model_source, str(e)) from None
         if meta.timeframe != s.timeframe:
             raise ConfigError("trading_params.yaml", "timeframe",
                               f"{s.timeframe} but model {meta.version} was built for {meta.timeframe}")
@@ -84,6 +120,7 @@ def cmd_check_config(args: argparse.Namespace) -> int:
         return report_config_error(e)
     print(f"config ok: mode={s.mode} symbol={s.symbol} timeframe={s.timeframe} data_dir={s.data_dir} "
           f"log_dir={s.log_dir} control={s.control_host}:{s.control_port}")
+    print(f"model: {meta.version} from {model_path} ({model_source})")
     print(warmup)
     return 0
 
@@ -149,6 +186,12 @@ def cmd_report(args: argparse.Namespace) -> int:
     return report_main(args.rest)
 
 
+def cmd_model(args: argparse.Namespace) -> int:
+    from alphapulse.model_cli import model_main
+
+    return model_main(args.rest)
+
+
 def cmd_fetch(args: argparse.Namespace) -> int:
     from alphapulse.fetch import fetch_main
 
@@ -182,6 +225,9 @@ def build_parser() -> argparse.ArgumentParser:
     run = sub.add_parser("run", help="start the trading daemon")
     run.add_argument("--exit-at-end", action="store_true", help="exit 0 when the replay ends instead of serving on")
     run.set_defaults(func=cmd_run)
+    mon = sub.add_parser("monitor", help="the monitoring service: scrapes the daemon and the host, raises alerts, "
+                         "serves them on 127.0.0.1:$ALPHAPULSE_MONITOR_PORT (8081)")
+    mon.set_defaults(func=cmd_monitor)
     chk = sub.add_parser("check-config", help="validate the configuration and exit (78 when invalid)")
     chk.set_defaults(func=cmd_check_config)
     ctl = sub.add_parser("ctl", help="call the running daemon's control API")
@@ -191,6 +237,7 @@ def build_parser() -> argparse.ArgumentParser:
                              ("evaluate", cmd_evaluate, "out-of-sample metrics against baselines; --validate"),
                              ("train", cmd_train, "train a PPO policy and export it to ONNX"),
                              ("report", cmd_report, "daily or weekly performance report with charts"),
+                             ("model", cmd_model, "versioned models: list, promote (validated), rollback"),
                              ("fetch", cmd_fetch, "exchange checks (--test), data and store checks (--validate), "
                               "candle download"),
                              ("health", cmd_health, "is the service fit to trade? service, control API, monitor, "

@@ -140,12 +140,17 @@ SERVICE_SCHEMA: dict[str, Any] = {
     },
 }
 
+#: Built-in defaults other tools fall back on when no configuration loads (``alphapulse report`` on a copy of
+#: the logs): the same values the schema gives a missing key.
+DEFAULT_TIMEFRAME = "1h"
+DEFAULT_CONFIDENCE_THRESHOLD = 0.6
+
 TRADING_SCHEMA: dict[str, Any] = {
     "symbol": (str, "BTCUSDT", None),
-    "timeframe": (str, "1h", _choice(*TIMEFRAME_MS)),
+    "timeframe": (str, DEFAULT_TIMEFRAME, _choice(*TIMEFRAME_MS)),
     "initial_equity": (float, 10_000.0, _range(0, lo_open=True)),
     "lot_size": (float, 0.001, _range(0, lo_open=True)),
-    "confidence_threshold": (float, 0.6, _range(0, 1)),
+    "confidence_threshold": (float, DEFAULT_CONFIDENCE_THRESHOLD, _range(0, 1)),
     "fees": {
         "taker_fee": (float, 0.0006, _range(0, 0.01)),
         "slippage_bps": (float, 2.0, _range(0, 500)),
@@ -179,8 +184,9 @@ ENV_KEYS: dict[str, tuple[str, str]] = {
     "WEEX_WS_URL": ("service", "exchange.ws_url"),
 }
 SECRET_ENV = ("WEEX_API_KEY", "WEEX_SECRET_KEY", "WEEX_PASSPHRASE")
-# Read by other commands sharing the daemon's environment file (``alphapulse backup``), so the daemon must accept them.
-OTHER_ENV = ("ALPHAPULSE_CONFIG_DIR", "ALPHAPULSE_BACKUP_DIR", "ALPHAPULSE_BACKUP_KEY")
+# Read by other commands sharing the daemon's environment file (``alphapulse monitor``, ``alphapulse backup``), so
+# the daemon must accept them.
+OTHER_ENV = ("ALPHAPULSE_CONFIG_DIR", "ALPHAPULSE_MONITOR_PORT", "ALPHAPULSE_BACKUP_DIR", "ALPHAPULSE_BACKUP_KEY")
 
 
 def _coerce(value: Any, typ: type, source: str, key: str) -> Any:
@@ -444,3 +450,34 @@ def check_paths(settings: Settings) -> None:
             raise ConfigError(SERVICE_FILE, key, f"cannot create directory {d}: {e.strerror or e}") from None
         if not os.access(d, os.W_OK):
             raise ConfigError(SERVICE_FILE, key, f"directory not writable: {d}")
+
+
+#: Public name of the numeric range check, for the schemas of other configuration files (monitoring.yaml).
+in_range = _range
+
+
+def load_yaml_file(path: Path | None, schema: Mapping[str, Any],
+                   opaque: tuple[str, ...] = ()) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The schema's defaults overlaid with ``path`` (defaults alone when the file does not exist), validated
+    like config.yaml: unknown keys, wrong types and out-of-range values raise :class:`ConfigError`.
+
+    Top-level keys named in ``opaque`` are not checked here: they must be mappings and come back apart, for
+    the component that owns them to validate (the monitor's ``delivery:`` section).
+    """
+    values = _defaults(schema)
+    extra: dict[str, Any] = {}
+    if path is None or not path.exists():
+        return values, extra
+    data = _read_yaml(path)
+    if isinstance(data, dict):
+        data = dict(data)
+        for key in opaque:
+            if key in data:
+                section = data.pop(key)
+                if section is None:
+                    section = {}
+                if not isinstance(section, dict):
+                    raise ConfigError(str(path), key, f"must be a mapping, got {type(section).__name__}")
+                extra[key] = section
+    _merge(schema, values, data, str(path))
+    return values, extra

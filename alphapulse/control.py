@@ -8,9 +8,12 @@ from __future__ import annotations
 
 import asyncio
 import hmac
+import os
+import secrets
 import time
 from collections.abc import Awaitable, Callable
-from typing import Any, Protocol
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Protocol
 
 import orjson
 from aiohttp import web
@@ -20,6 +23,9 @@ from alphapulse.domain import StateConflict
 from alphapulse.log import get_logger
 from alphapulse.prometheus import CONTENT_TYPE as PROMETHEUS_CONTENT_TYPE
 from alphapulse.prometheus import ScrapeView, new_registry, render
+
+if TYPE_CHECKING:
+    from alphapulse.config import Settings
 
 log = get_logger("alphapulse.control")
 
@@ -67,6 +73,11 @@ def _error(status: int, message: str, **extra: Any) -> web.Response:
     return _json({"error": message, "status": status, **extra}, status)
 
 
+#: Public names for the JSON helpers, so the package's other servers (the monitor) answer in the same shape.
+json_response = _json
+error_response = _error
+
+
 @web.middleware
 async def errors_as_json(request: web.Request, handler: Handler) -> web.StreamResponse:
     """Turn every failure into a JSON answer: 4xx for the client's mistakes, 500 (logged) for ours."""
@@ -87,19 +98,58 @@ async def errors_as_json(request: web.Request, handler: Handler) -> web.StreamRe
         return _error(500, "internal error; see the daemon log")
 
 
-def _authorized(request: web.Request) -> web.Response | None:
-    daemon = request.app[DAEMON]
-    header = request.headers.get("Authorization", "")
-    scheme, _, token = header.partition(" ")
-    if scheme.lower() != "bearer" or not token:
+def check_bearer(header: str, token: str) -> web.Response | None:
+    """None when ``header`` is ``Bearer <token>``; else the 401 answer.  Shared by every process whose POSTs
+    take the control token (the daemon's control API, the monitor's acknowledgements)."""
+    scheme, _, given = header.partition(" ")
+    if scheme.lower() != "bearer" or not given:
         return _error(401, "missing bearer token", how="send 'Authorization: Bearer <token>'; the token is "
                       "ALPHAPULSE_CONTROL_TOKEN or the control_token file in the state directory")
-    if not hmac.compare_digest(token.strip().encode(), daemon.token.encode()):
+    if not hmac.compare_digest(given.strip().encode(), token.encode()):
         return _error(401, "wrong bearer token", how="send 'Authorization: Bearer <token>'; the token is "
                       "ALPHAPULSE_CONTROL_TOKEN or the control_token file in the state directory")
     return None
 
 
+def _authorized(request: web.Request) -> web.Response | None:
+    return check_bearer(request.headers.get("Authorization", ""), request.app[DAEMON].token)
+
+
+def ensure_control_token(settings: Settings) -> tuple[str, Path | None]:
+    """The configured token, or the one in ``<data_dir>/control_token``, created (mode 0600) when missing.
+
+    The daemon and the monitor both call this and may start at the same moment: the file is written under a
+    temporary name and hard-linked into place, so exactly one token wins and the loser reads the winner's.
+    """
+    if settings.control_token:
+        return settings.control_token, None
+    path = settings.data_dir / "control_token"
+    for _ in range(3):
+        try:
+            token = path.read_text().strip()
+            if token:
+                return token, path
+        except FileNotFoundError:
+            pass
+        token = secrets.token_urlsafe(32)
+        tmp = path.with_name(f".control_token.{os.getpid()}.{secrets.token_hex(4)}")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        try:
+            os.write(fd, (token + "\n").encode())
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        try:
+            os.link(tmp, path)
+            return token, path
+        except FileExistsError:
+            continue  # another process made it first: read theirs
+        finally:
+            tmp.unlink(missing_ok=True)
+    raise OSError(f"cannot create or read {path}")
+
+
+#: Public names for the JSON helpers, so other servers of the package answer in the same shape.
 async def _body(request: web.Request) -> dict[str, Any] | web.Response:
     """Optional JSON object body ({} when empty); a malformed one is a 400."""
     if not request.body_exists:

@@ -13,11 +13,10 @@ from __future__ import annotations
 import asyncio
 import gc
 import os
-import secrets
 import signal
 import time
 from collections import Counter
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -31,7 +30,7 @@ from alphapulse.builder import (
     policy_feature_set,
 )
 from alphapulse.config import ConfigError, Settings
-from alphapulse.control import start_control_server
+from alphapulse.control import ensure_control_token, start_control_server
 from alphapulse.domain import Candle, Fill, TradingState
 from alphapulse.engine import Engine, StepResult
 from alphapulse.exchange.weex.broker import WeexBroker
@@ -41,11 +40,14 @@ from alphapulse.features import StreamingSource
 from alphapulse.funding import FundingError
 from alphapulse.log import get_logger, register_secrets, reopen_log_file
 from alphapulse.market.feed import Feed, FeedError
+from alphapulse.market.replay import check_file_timeframe, default_replay_file
 from alphapulse.market.validate import CandleValidator
 from alphapulse.metrics import LatencyHistogram
-from alphapulse.policy import ModelError, Policy, default_model_path
+from alphapulse.model_store import model_error, resolve_model
+from alphapulse.policy import ModelError, Policy
 from alphapulse.prometheus import ExchangeRequests, LatencySeries, ScrapeView
 from alphapulse.reconcile import MISMATCH_KINDS, AccountView, Resolution, reconcile
+from alphapulse.sdnotify import SystemdNotifier, watchdog_interval_s
 from alphapulse.store import OperatorFiles, Persisted, Store, iso_ms
 
 log = get_logger("alphapulse.daemon")
@@ -54,68 +56,6 @@ _END = object()  # queue sentinel: the feed is exhausted
 # Longest the operator files of a step wait for its orders' acknowledgement (live): a slow exchange delays the files,
 # never the decisions (the engine sends no new order while one is pending anyway).
 ANSWER_WAIT_S = 0.5
-
-
-class SystemdNotifier:
-    """sd_notify(3) over $NOTIFY_SOCKET; a no-op outside systemd. Datagrams never block."""
-
-    def __init__(self) -> None:
-        import socket
-
-        addr = os.environ.get("NOTIFY_SOCKET")
-        self._sock: socket.socket | None = None
-        self._addr: str | bytes | None = None
-        if addr:
-            self._addr = "\0" + addr[1:] if addr.startswith("@") else addr
-            self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
-            self._sock.setblocking(False)
-
-    @property
-    def enabled(self) -> bool:
-        return self._sock is not None
-
-    def notify(self, msg: str) -> bool:
-        if self._sock is None or self._addr is None:
-            return False
-        try:
-            self._sock.sendto(msg.encode(), self._addr)
-            return True
-        except OSError as e:
-            log.warning("sd_notify failed", error=str(e))
-            return False
-
-
-def watchdog_interval_s() -> float | None:
-    """Half of systemd's WatchdogSec (sd_watchdog_enabled semantics), or None when not supervised."""
-    usec = os.environ.get("WATCHDOG_USEC")
-    pid = os.environ.get("WATCHDOG_PID")
-    if not usec or (pid and pid.isdigit() and int(pid) != os.getpid()):
-        return None
-    try:
-        return max(0.05, int(usec) / 2e6)
-    except ValueError:
-        return None
-
-
-def ensure_control_token(settings: Settings) -> tuple[str, Path | None]:
-    """The configured token, or one created at first start in the state directory (mode 0600)."""
-    if settings.control_token:
-        return settings.control_token, None
-    path = settings.data_dir / "control_token"
-    try:
-        token = path.read_text().strip()
-        if token:
-            return token, path
-    except FileNotFoundError:
-        pass
-    token = secrets.token_urlsafe(32)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    try:
-        os.write(fd, (token + "\n").encode())
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    return token, path
 
 
 def rss_mb() -> float:
@@ -179,7 +119,7 @@ class Daemon:
         self.client: WeexClient | None = None
         self.live: WeexBroker | None = None
         self.reconcile_stats: Counter[str] = Counter()
-        self._foreign_seen: set[str] = set()  # foreign open orders already reported
+        self._foreign_seen: frozenset[str] = frozenset()  # foreign open orders already reported
         self.last_reconcile_wall: float | None = None
         self.latency = LatencyHistogram()  # candle in -> order acked and committed
         self.inference = LatencyHistogram()
@@ -198,25 +138,30 @@ class Daemon:
         self.files: OperatorFiles
         self.engine: Engine
         self.policy: Policy
-        self.feed: Feed
+        self.model_source = "bundled"  # where the policy's file came from: config | store | bundled
+        self.feed: Feed | None = None  # built in start() after the broker: live start-up reports STATUS before it
         self.validator: CandleValidator
         self._runner: Any = None
         self._reopen_failing = False
+        self._reload_task: asyncio.Task[None] | None = None
 
     # ---- start-up ---------------------------------------------------------------------------
     async def start(self) -> None:
         s = self.settings
+        if s.feed_source == "replay":  # a file of another timeframe is a config error before any state exists
+            await asyncio.to_thread(self._check_replay_timeframe)
         self.token, self.token_path = ensure_control_token(s)
         register_secrets([self.token])
         if self.token_path is not None:
             log.info("control token file", path=str(self.token_path),
                      hint="send it as 'Authorization: Bearer <token>' to the POST endpoints")
 
-        model_path = s.model_path or default_model_path()
+        # model.path when set, else the active version of the model store (alphapulse model promote), else bundled
+        model_path, self.model_source = await asyncio.to_thread(resolve_model, s)
         try:
             self.policy = await asyncio.to_thread(Policy.load, model_path)
         except ModelError as e:
-            raise ConfigError("config.yaml", "model.path", str(e)) from None
+            raise model_error(s, self.model_source, str(e)) from None
         if self.policy.meta.timeframe and self.policy.meta.timeframe != s.timeframe:
             raise ConfigError("trading_params.yaml", "timeframe", f"{s.timeframe} but model "
                               f"{self.policy.meta.version} was built for {self.policy.meta.timeframe}")
@@ -229,6 +174,7 @@ class Daemon:
         if any(added.values()):
             log.warning("operator files were behind the database (crash between commit and append); restored",
                         **added)
+        self._note_model_change(model_path)
         fs = policy_feature_set(self.policy)  # the model's feature set: its streaming form and warm-up
         self.features: StreamingSource = fs.streaming()
         if s.mode == "live" or s.feed_source == "weex":
@@ -268,12 +214,34 @@ class Daemon:
         self._runner = await start_control_server(self, s.control_host, s.control_port,
                                                   fault_injection=s.fault_injection)
         log.info("daemon started", version=__version__, mode=s.mode, symbol=s.symbol, timeframe=s.timeframe,
-                 model=self.policy.meta.version, feed=self.feed.describe(),
+                 model=self.policy.meta.version, model_source=self.model_source, feed=self.feed.describe(),
                  resumed_after=iso_ms(last_ts) if last_ts is not None else None,
                  state=self.engine.state.value, equity=str(portfolio.equity),
                  control=f"http://{s.control_host}:{s.control_port}")
         if self.engine.state is not TradingState.ACTIVE:
             log.warning("trading state restored", state=self.engine.state.value, reason=reason)
+
+    def _note_model_change(self, path: Path) -> None:
+        """An incidents.log line when the daemon starts on another model than last time (a promotion or a
+        rollback taking effect), so the file tells which model traded from when.  The first start of a store
+        only records the version: there is no change to report."""
+        meta = self.policy.meta
+        last = self.store.get_meta("model_version")
+        if last == meta.version:
+            return
+        if last is not None:
+            self.files.note(int(time.time() * 1000), "MODEL_LOADED", {
+                "version": meta.version, "previous": last, "source": self.model_source, "path": str(path)})
+        self.store.set_meta("model_version", meta.version)
+
+    def _check_replay_timeframe(self) -> None:
+        """Refuse a replay file of another timeframe (a 5m file under the 1h config) before the store and the
+        control token are created: the opened feed would refuse it too, but only after them."""
+        s = self.settings
+        try:
+            check_file_timeframe(s.replay_file or default_replay_file(s.timeframe), s.bar_ms)
+        except FeedError as e:
+            raise ConfigError("config.yaml", "feed.replay_file", str(e)) from None
 
     async def _start_live(self, broker: WeexBroker, has_state: bool) -> None:
         """Credentials, symbol, leverage and a first reconciliation, all before READY."""
@@ -315,13 +283,8 @@ class Daemon:
         pf = self.engine.portfolio
         ours = AccountView(pf.symbol, pf.position.qty, pf.position.entry_price, pf.cash)
         resolution = reconcile(ours, theirs, broker.order_ids(), qty_tolerance=self.settings.lot_size / 2,
-                               halt_on_position=not expected_difference)
-        # a foreign order that is still there was reported (and halted on) already: say it once
-        foreign = {m.exchange for m in resolution.mismatches if m.kind == "foreign_order"}
-        resolution = replace(resolution, mismatches=tuple(
-            m for m in resolution.mismatches if m.kind != "foreign_order" or m.exchange not in self._foreign_seen),
-            halt=resolution.halt and (resolution.adopt_position is not None or bool(foreign - self._foreign_seen)))
-        self._foreign_seen = foreign
+                               halt_on_position=not expected_difference, reported_foreign=self._foreign_seen)
+        self._foreign_seen = resolution.foreign_orders
         self.reconcile_stats["runs"] += 1
         self.last_reconcile_wall = time.time()
         if not resolution.clean:
@@ -365,7 +328,7 @@ class Daemon:
         comp = self.components["feed"]
         comp.progress()
         v = self.validator
-        async for candle in self.feed.candles():
+        async for candle in self._open_feed().candles():
             self.candles_in += 1
             reason = v.check(candle)
             if reason is not None:
@@ -387,6 +350,7 @@ class Daemon:
         q = self._queue
         perf = time.perf_counter_ns
         observer = self.step_observer
+        feed = self._open_feed()
         while True:
             item = await q.get()
             if self.wedged.is_set():
@@ -398,7 +362,7 @@ class Daemon:
                     self.stop_event.set()
                 continue
             t0 = perf()
-            res = self.engine.step(item, self.feed.now_ms())
+            res = self.engine.step(item, feed.now_ms())
             t1 = perf()
             persisted = self._commit(res)
             t2 = perf()
@@ -539,7 +503,13 @@ class Daemon:
         pf = self.engine.portfolio
         return (f"{self.settings.mode} {self.engine.state.value} equity={pf.equity:.2f} "
                 f"pos={pf.position.qty} candles={self.candles_processed}"
-                + (" feed=finished" if getattr(self, "feed", None) is not None and self.feed.finished else ""))
+                + (" feed=finished" if self.feed is not None and self.feed.finished else ""))
+
+    def _open_feed(self) -> Feed:
+        """The feed start() built: everything but :meth:`status_line` runs after that, so None here is a bug."""
+        if self.feed is None:
+            raise RuntimeError("the feed is used before start() built it")
+        return self.feed
 
     def notify_status(self) -> None:
         self.notifier.notify(f"STATUS={self.status_line()}")
@@ -577,6 +547,7 @@ class Daemon:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self._on_signal, sig)
+        loop.add_signal_handler(signal.SIGHUP, self._on_reload)  # also before READY: its default action kills
         try:
             await self.start()
         except BaseException:
@@ -609,6 +580,8 @@ class Daemon:
         self.notifier.notify("STOPPING=1")
         log.info("stopping", candles=self.candles_processed, equity=str(self.engine.portfolio.equity))
         tasks = [c.task for c in self.components.values() if c.task] + ([wd_task] if wd_task else [])
+        if self._reload_task is not None:
+            tasks.append(self._reload_task)
         for t in tasks:
             t.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
@@ -640,6 +613,80 @@ class Daemon:
                     self.exit_code = 1
                     self.stop_event.set()
                     return
+
+    def _on_reload(self) -> None:
+        """SIGHUP (``systemctl reload``): swap in the model the configuration resolves to now, if it is safe."""
+        if not self.ready:
+            log.warning("SIGHUP before READY ignored; the model being loaded is already the current one")
+            return
+        if self._reload_task is not None and not self._reload_task.done():
+            log.warning("SIGHUP ignored: a model reload is already running")
+            return
+        self._reload_task = asyncio.create_task(self._reload_model(), name="model-reload")
+
+    def _reload_problem(self, new: Policy) -> str | None:
+        """Why ``new`` cannot replace the running policy without a restart (None: it can).
+
+        Everything built around the policy at start must stay valid: the feature pipeline and its warm-up,
+        the decision cadence, the timeframe, and the action space the operator files name."""
+        old, meta = self.policy.meta, new.meta
+        if meta.timeframe != self.settings.timeframe:
+            return f"built for {meta.timeframe} bars, the daemon trades {self.settings.timeframe}"
+        for what, a, b in (("feature set", old.feature_set_name, meta.feature_set_name),
+                           ("decision cadence", (old.decision_every_bars, old.decision_hour_utc),
+                            (meta.decision_every_bars, meta.decision_hour_utc)),
+                           ("action targets", old.action_targets, meta.action_targets),
+                           ("action names", old.action_meanings, meta.action_meanings)):
+            if a != b:
+                return f"its {what} differs ({a} -> {b}): restart the daemon to switch"
+        return None
+
+    async def _reload_model(self) -> None:
+        """Tell systemd a reload is under way (``RELOADING=1`` ... ``READY=1``) around :meth:`_swap_model`."""
+        self.notifier.notify(f"RELOADING=1\nMONOTONIC_USEC={time.monotonic_ns() // 1000}")
+        try:
+            await self._swap_model()
+        finally:
+            self.notifier.notify("READY=1")
+            self.notify_status()
+
+    async def _swap_model(self) -> None:
+        """Load and warm the new model in a worker thread, then swap it in on the loop thread.
+
+        The engine's step is synchronous on this thread, so the assignment below lands between two candles:
+        every decision is made wholly by the old model or wholly by the new one.  A model that cannot be
+        swapped safely is refused and the running one keeps trading."""
+        s = self.settings
+        path: Path | None = None
+        try:
+            resolved, source = await asyncio.to_thread(resolve_model, s)
+            path = resolved
+            new = await asyncio.to_thread(Policy.load, resolved)
+            problem = self._reload_problem(new)
+            if problem is None and new.meta.version == self.policy.meta.version:
+                log.info("SIGHUP: the model is unchanged", version=new.meta.version, path=str(path))
+                return
+            if problem is None:
+                await asyncio.to_thread(new.warmup, s.model_warmup_runs)
+        except (ConfigError, ModelError) as e:
+            problem = str(e)
+        if problem is not None:
+            log.error("model reload refused; the running model keeps trading", problem=problem,
+                      version=self.policy.meta.version)
+            self.files.note(int(time.time() * 1000), "MODEL_RELOAD_REFUSED", {
+                "running": self.policy.meta.version, "path": None if path is None else str(path), "problem": problem})
+            return
+        # ---- the swap: no await from here to the end, so no candle is stepped in between ----
+        previous = self.policy.meta.version
+        self.policy = self.engine.policy = new
+        self.model_source = source
+        after = self.engine.last_candle_ts
+        self.files.note(int(time.time() * 1000), "MODEL_RELOADED", {
+            "version": new.meta.version, "previous": previous, "source": source, "path": str(path),
+            "after_candle": None if after is None else iso_ms(after)})
+        self.store.set_meta("model_version", new.meta.version)
+        log.warning("model reloaded", version=new.meta.version, previous=previous, source=source,
+                    after_candle=None if after is None else iso_ms(after))
 
     def _on_signal(self, sig: int) -> None:
         log.info("signal received", signal=signal.Signals(sig).name)
@@ -684,7 +731,7 @@ class Daemon:
             "trading": {"mode": self.settings.mode, "state": eng.state.value, "state_reason": eng.state_reason,
                         "symbol": self.settings.symbol, "timeframe": self.settings.timeframe,
                         "orders": eng.orders_sent, "open_orders": len(eng.broker.open_orders())},
-            "model": {"version": self.policy.meta.version, "kind": self.policy.meta.kind,
+            "model": {"version": self.policy.meta.version, "kind": self.policy.meta.kind, "source": self.model_source,
                       "decisions": decided,
                       "avg_confidence": round(self.confidence_sum / decided, 6) if decided else 0.0,
                       "confidence_threshold": self.settings.confidence_threshold,
@@ -707,7 +754,7 @@ class Daemon:
                        "candles_in": self.candles_in, "candles_processed": self.candles_processed,
                        "rejected_candles": sum(self.rejected.values()),
                        "rejected_by_reason": dict(self.rejected), "gaps": self.validator.gaps,
-                       "feed": self.feed.describe()},
+                       "feed": self._open_feed().describe()},
             "exchange": None if self.live is None else {
                 "broker": self.live.describe(),
                 "reconciliation": {"runs": self.reconcile_stats["runs"],
@@ -747,9 +794,10 @@ class Daemon:
             exchange = ExchangeRequests(c.requests, c.errors, c.retries, c.rate_limited)
         last = self.last_candle
         age: dict[str, float] = {}
-        if last is not None and not self.feed.finished:
+        feed = self._open_feed()
+        if last is not None and not feed.finished:
             bar = self.settings.bar_ms
-            now = self.feed.now_ms()
+            now = feed.now_ms()
             close = last.ts + bar
             age[self.settings.symbol] = max(0, (now if now is not None else close) - close) / bar
         return ScrapeView(latency=latency, data_age_bars=age,
@@ -759,7 +807,7 @@ class Daemon:
     def degraded(self) -> str | None:
         """Why the daemon cannot trade safely although every task is alive (a silent market-data stream):
         /health says 503, the watchdog keeps pinging (a restart would not bring the stream back sooner)."""
-        info = self.feed.describe()
+        info = self._open_feed().describe()
         if info.get("stalled"):
             return (f"market data stream silent for {info.get('last_message_age_s')}s; bars come from REST polling "
                     "while it reconnects, and a bar that arrives late is too stale to trade on")
@@ -768,9 +816,10 @@ class Daemon:
     def health(self) -> tuple[int, dict[str, Any]]:
         problem = self.health_problem() or self.degraded()
         comps = {n: {"state": c.state, "last_progress_age_s": round(c.age_s(), 3)} for n, c in self.components.items()}
-        comps["feed"]["finished"] = self.feed.finished
+        finished = self._open_feed().finished
+        comps["feed"]["finished"] = finished
         body = {
-            "status": "stalled" if problem else ("finished" if self.feed.finished else "ok"),
+            "status": "stalled" if problem else ("finished" if finished else "ok"),
             "problem": problem,
             "mode": self.settings.mode,
             "trading_state": self.engine.state.value,

@@ -66,6 +66,24 @@ def _test_split(policy: Policy) -> tuple[int | None, int | None]:
         return None, None
 
 
+def not_enough_history(ts: np.ndarray, warmup_bars: int, first_i: int) -> str:
+    """Why a strategy cannot run on these bars, and the earliest ``--from`` at which it can.
+
+    A long warm-up (TSMOM: 90 days) comes from the candles before the evaluated period; when the period starts too
+    near the start of the file (the bundled 1h file with the model's test split), the way out is a later start,
+    named here as a date so the user need not count bars."""
+    head = f"not enough history (needs {warmup_bars} bars, {first_i + 1} up to the first evaluated bar; "
+    if len(ts) < warmup_bars:
+        return head + f"the file has {len(ts)}: pass a --data file that starts earlier)"
+    day = 86_400_000
+    earliest = int(ts[warmup_bars - 1])  # the first bar whose warm-up the file holds
+    start = -(-earliest // day) * day  # that bar's UTC day, or the next one when it starts later in the day
+    if start > int(ts[-1]):
+        return head + f"the first bar it can evaluate is {iso_ms(earliest)}: evaluate from there with --from)"
+    day_text = iso_ms(start)[:10]
+    return head + f"evaluate from {day_text} or later with --from {day_text}, or a shorter --period)"
+
+
 def _plain(settings: Settings) -> Settings:
     """The baselines' settings: the daemon's costs and position size, but no halts and fixed-fraction sizing.
 
@@ -130,9 +148,7 @@ def evaluate(policy: Policy, data: Path, settings: Settings, *, period: str = "a
                 continue
             lo = first_i - (fs.warmup_bars - 1)
             if lo < 0:
-                strategies[name] = {"skipped": f"not enough history (needs {fs.warmup_bars} bars, "
-                                               f"{first_i + 1} up to the first evaluated bar; start later with "
-                                               "--from)"}
+                strategies[name] = {"skipped": not_enough_history(full["ts"], fs.warmup_bars, first_i)}
                 continue
             cadence = policy_cadence(strat)
             if isinstance(strat, TsMomentum):  # the rule decides once a day, so the engine asks it once a day

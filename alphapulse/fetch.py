@@ -50,6 +50,7 @@ from alphapulse.log import configure_logging, redact_text
 from alphapulse.market.feed import FeedError
 from alphapulse.market.replay import HEADER, parse_candle_file
 from alphapulse.market.validate import CandleValidator, valid_mask
+from alphapulse.timeutil import parse_utc_ms
 
 EXIT_OK, EXIT_FAIL, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
 #: Clock skew above this is worth a warning; above the signature window (WEEX: 30 s) signed calls fail.
@@ -76,13 +77,9 @@ def _iso(ts_ms: int) -> str:
 def parse_iso(text: str, flag: str) -> int:
     """ISO date or date-time (UTC when no zone given) as ms since the epoch; :class:`UsageError` otherwise."""
     try:
-        dt = datetime.fromisoformat(text.strip().replace("Z", "+00:00"))
-    except ValueError:
-        raise UsageError(f"{flag}: not an ISO date or date-time: {text!r} (e.g. 2025-01-31 or "
-                         "2025-01-31T12:00:00Z)") from None
-    if dt.tzinfo is None:
-        dt = dt.replace(tzinfo=UTC)
-    return int(dt.timestamp() * 1000)
+        return parse_utc_ms(text)
+    except ValueError as e:
+        raise UsageError(f"{flag}: {e}") from None
 
 
 def format_number(x: float) -> str:

@@ -46,6 +46,8 @@ import orjson
 import structlog
 from structlog.typing import EventDict, FilteringBoundLogger, WrappedLogger
 
+from alphapulse.operator_files import DAILY_LOG_PREFIX, DAILY_LOG_SUFFIX, daily_log_name, repair_tail
+
 __all__ = [
     "close_logging",
     "configure_logging",
@@ -53,6 +55,7 @@ __all__ = [
     "get_logger",
     "register_secrets",
     "reopen_log_file",
+    "repair_tail",
 ]
 
 #: Clock for timestamps and the file's day; tests monkeypatch it to cross midnight.
@@ -61,8 +64,8 @@ _now: Callable[[], float] = time.time
 MASK = "***"
 #: Registered values shorter than this are ignored: masking "abc" everywhere would garble the logs.
 MIN_SECRET_LEN = 6
-FILE_PREFIX = "alphapulse_"
-FILE_SUFFIX = ".log"
+FILE_PREFIX = DAILY_LOG_PREFIX  # the names are defined with the other operator files (alphapulse.operator_files)
+FILE_SUFFIX = DAILY_LOG_SUFFIX
 
 _LEVELS: dict[str, int] = {
     "debug": logging.DEBUG,
@@ -289,27 +292,6 @@ def redact_text(text: str) -> str:
 # --------------------------------------------------------------------------------------------------
 
 
-def repair_tail(fd: int) -> int:
-    """Cut a torn last line (no trailing newline) left by a crash; return the bytes removed.
-
-    The one repair for every append-only file (the daily log, the operator files): ``fd`` open read-write."""
-    size = os.fstat(fd).st_size
-    if size == 0 or os.pread(fd, 1, size - 1) == b"\n":
-        return 0
-    end = size
-    keep = 0
-    while end > 0:
-        start = max(0, end - 65536)
-        chunk = os.pread(fd, end - start, start)
-        nl = chunk.rfind(b"\n")
-        if nl >= 0:
-            keep = start + nl + 1
-            break
-        end = start
-    os.ftruncate(fd, keep)
-    return size - keep
-
-
 def _json_default(obj: Any) -> Any:
     """Last resort for orjson; redaction has already turned nearly everything into JSON types."""
     return str(obj)
@@ -330,8 +312,9 @@ class DailyFile:
     number that another thread just closed and the kernel reused for a socket or the database.
     """
 
-    def __init__(self, directory: Path) -> None:
+    def __init__(self, directory: Path, prefix: str = FILE_PREFIX) -> None:
         self.directory = directory
+        self.prefix = prefix  # another process sharing the directory (the monitor) keeps its own files
         self.path: Path | None = None
         self.repaired_bytes = 0
         self.write_errors = 0
@@ -344,7 +327,7 @@ class DailyFile:
 
     def _open(self, day: str) -> None:
         """Switch to ``day``'s file (``YYYY-MM-DD``), repairing its tail. Caller holds the lock."""
-        path = self.directory / f"{FILE_PREFIX}{day[0:4]}{day[5:7]}{day[8:10]}{FILE_SUFFIX}"
+        path = self.directory / daily_log_name(day, self.prefix)
         fd = os.open(path, os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o640)
         try:
             self.repaired_bytes += repair_tail(fd)
@@ -529,6 +512,7 @@ def configure_logging(
     level: str = "INFO",
     console: bool = True,
     json_file: bool = True,
+    file_prefix: str = FILE_PREFIX,
 ) -> None:
     """Set up (or redo) the outputs; safe to call again, e.g. with another ``log_dir`` in tests.
 
@@ -539,7 +523,7 @@ def configure_logging(
     min_level = _parse_level(level)
     with _config_lock:
         old_file = _file
-        _file = DailyFile(Path(log_dir)) if (json_file and log_dir is not None) else None
+        _file = DailyFile(Path(log_dir), file_prefix) if (json_file and log_dir is not None) else None
         if old_file is not None:
             old_file.close()
         _console = Console() if console else None

@@ -3,9 +3,10 @@
 It reads only the operator files that the daemon (or a backtest) appends to the log directory -
 ``trades.csv``, ``ai_decisions.json`` and ``risk_alerts.json`` - never the SQLite store, so it works
 on a copy of the logs, on a machine without the daemon, and while the daemon is writing.  Those
-files grow by one decision per bar forever, so they are streamed line by line: lines outside the
-period are rejected from their leading timestamp by a regex, without decoding the JSON, and only
-the period's values are kept in memory (a week of 5m bars is 2,016 numbers).
+files grow by one decision per bar forever, so they are streamed line by line through the readers of
+:mod:`alphapulse.operator_files` (which define the files' names, columns and keys for every reader and
+the writer, decode each line as JSON whatever the order of its keys, and skip and count a torn line),
+and only the period's values are kept in memory (a week of 5m bars is 2,016 numbers).
 
 Period membership (all UTC, half-open ``[start, end)``):
 
@@ -28,10 +29,7 @@ Exit status: 0 written, 1 no data for the period (or no readable logs), 2 usage 
 from __future__ import annotations
 
 import argparse
-import csv
-import gzip
 import html
-import json
 import math
 import os
 import re
@@ -41,11 +39,24 @@ from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, timedelta
-from decimal import Decimal, InvalidOperation
+from decimal import Decimal
 from itertools import pairwise
 from pathlib import Path
-from typing import Any, TextIO
+from typing import Any
 
+from alphapulse.config import DEFAULT_CONFIDENCE_THRESHOLD, DEFAULT_TIMEFRAME
+from alphapulse.domain import TIMEFRAME_MS, timeframe_ms
+from alphapulse.operator_files import (
+    ALERTS_FILE,
+    DECISIONS_FILE,
+    TRADES_FILE,
+    AlertRow,
+    DecisionRow,
+    TradeRow,
+    read_alerts,
+    read_decisions,
+    read_trades,
+)
 from alphapulse.performance import (
     RATIO_CAP,
     drawdown_series,
@@ -57,15 +68,13 @@ from alphapulse.performance import (
     total_return,
     trade_stats,
 )
-from alphapulse.store import rotated_chain
+from alphapulse.timeutil import EPOCH, iso_ms, parse_utc_ms
 
 PROG = "alphapulse report"
-TRADES_FILE = "trades.csv"
-DECISIONS_FILE = "ai_decisions.json"
-ALERTS_FILE = "risk_alerts.json"
-DEFAULT_THRESHOLD = 0.6
-DEFAULT_BAR_MS = 300_000
-EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+DEFAULT_THRESHOLD = DEFAULT_CONFIDENCE_THRESHOLD
+#: The bar length when neither the decisions nor a loaded configuration say it: the configuration's own
+#: default timeframe (alphapulse.config), not a separate guess.
+DEFAULT_BAR_MS = TIMEFRAME_MS[DEFAULT_TIMEFRAME]
 DAY_MS = 86_400_000
 
 # Reasons a decision is not executed that are not the risk manager saying no: the policy was not
@@ -73,10 +82,6 @@ DAY_MS = 86_400_000
 NOT_RISK_REASONS = frozenset({"below_confidence_threshold", "at_target", "within_rebalance_band",
                               "duplicate_order", "ok", "clamped"})
 
-# The daemon writes {"timestamp":"...","candle_time":"...",...}; reading the two times with a regex
-# lets a year of decisions be skipped without decoding a single JSON object.
-_DECISION_HEAD = re.compile(r'\{"timestamp":"([^"]+)","candle_time":"([^"]+)"')
-_ALERT_HEAD = re.compile(r'\{"timestamp":"([^"]+)"')
 _DATE_ARG = re.compile(r"\d{4}-\d{2}-\d{2}")
 
 
@@ -88,15 +93,8 @@ class ReportError(Exception):
 
 
 def parse_ts_ms(text: str) -> int:
-    """ISO 8601 (``...Z`` or with an offset) to integer ms UTC, exactly (no float rounding)."""
-    dt = datetime.fromisoformat(text)
-    if dt.tzinfo is None:
-        dt = dt.replace(tzinfo=UTC)
-    return (dt - EPOCH) // timedelta(milliseconds=1)
-
-
-def iso_ms(ts_ms: int) -> str:
-    return (EPOCH + timedelta(milliseconds=ts_ms)).strftime("%Y-%m-%dT%H:%M:%S.%f")[:-3] + "Z"
+    """ISO 8601 (``...Z`` or with an offset) to integer ms UTC, exactly: :func:`alphapulse.timeutil.parse_utc_ms`."""
+    return parse_utc_ms(text)
 
 
 def _utc(ts_ms: int) -> datetime:
@@ -144,37 +142,6 @@ def period_for(kind: str, day: date) -> Period:
 # --------------------------------------------------------------------------- reading the operator files
 
 
-@dataclass(frozen=True)
-class TradeRow:
-    ts_ms: int
-    symbol: str
-    side: str
-    qty: Decimal
-    price: Decimal
-    fee: Decimal
-    pnl: Decimal  # realized PnL net of this fill's fee
-    realized_pnl: Decimal  # gross; != 0 means the fill closed (part of) a position
-    order_id: str
-    fill_id: str
-    reason: str
-
-    @property
-    def closing(self) -> bool:
-        """A trade that closed (part of) a position; funding and adjustment rows are cash flows, not trades."""
-        return self.realized_pnl != 0 and self.side in ("buy", "sell")
-
-
-@dataclass(frozen=True)
-class AlertRow:
-    ts_ms: int
-    alert_id: Any
-    limit: str
-    value: float | None
-    threshold: float | None
-    action: str
-    detail: str
-
-
 @dataclass
 class PeriodData:
     """Everything of one period that the metrics need; built in one streaming pass per file."""
@@ -201,76 +168,13 @@ class PeriodData:
         return bool(self.trades or self.alerts or self.confidences)
 
 
-def _streams(path: Path) -> Iterator[TextIO]:
-    """``path``'s logrotate generations oldest first (``name.N.gz`` ... ``name.1``), then ``path`` itself, open
-    as text: after a rotation yesterday's records are in ``name.1``, and a report must still see them."""
-    for p in reversed(list(rotated_chain(path))):
-        if not p.exists():
-            continue
-        if p.suffix == ".gz":
-            with gzip.open(p, "rt", encoding="utf-8", errors="replace", newline="") as f:
-                yield f
-        else:
-            with p.open("r", encoding="utf-8", errors="replace", newline="") as f:
-                yield f
-
-
-def _lines(path: Path) -> Iterator[str]:
-    """Lines of a possibly huge, possibly being-appended file (and its rotated generations), one at a time."""
-    for f in _streams(path):
-        yield from f
-
-
-def _dec(text: str) -> Decimal:
-    value = Decimal(text)
-    if not value.is_finite():
-        raise InvalidOperation(text)
-    return value
-
-
 def iter_trades(path: Path, skipped: Counter[str] | None = None) -> Iterator[TradeRow]:
     """Every well-formed fill of ``trades.csv``; a torn or foreign line is counted and skipped."""
-    for f in _streams(path):
-        for row in csv.reader(f):
-            if not row or row[0] == "timestamp":
-                continue
-            try:
-                ts, symbol, side, qty, price, fee, pnl, realized, order_id, fill_id, reason = row
-                yield TradeRow(parse_ts_ms(ts), symbol, side, _dec(qty), _dec(price), _dec(fee), _dec(pnl),
-                               _dec(realized), order_id, fill_id, reason)
-            except (ValueError, InvalidOperation):
-                if skipped is not None:
-                    skipped[TRADES_FILE] += 1
-
-
-def _decision_times(line: str) -> tuple[int, int, dict[str, Any] | None]:
-    """(timestamp ms, candle_time ms, the record if it had to be decoded to find them)."""
-    m = _DECISION_HEAD.match(line)
-    if m is not None:
-        return parse_ts_ms(m.group(1)), parse_ts_ms(m.group(2)), None
-    rec = json.loads(line)
-    return parse_ts_ms(rec["timestamp"]), parse_ts_ms(rec.get("candle_time") or rec["timestamp"]), rec
-
-
-def _alert_from(rec: dict[str, Any]) -> AlertRow:
-    def num(v: Any) -> float | None:
-        return float(v) if isinstance(v, int | float) and not isinstance(v, bool) else None
-
-    detail = rec.get("detail") or {}
-    return AlertRow(parse_ts_ms(rec["timestamp"]), rec.get("alert_id"), str(rec.get("limit", "?")),
-                    num(rec.get("value")), num(rec.get("threshold")), str(rec.get("action", "")),
-                    json.dumps(detail, sort_keys=True, separators=(",", ":")) if detail else "")
+    return read_trades(path.parent, skipped, path=path)
 
 
 def iter_alerts(path: Path, skipped: Counter[str] | None = None) -> Iterator[AlertRow]:
-    for line in _lines(path):
-        if not line.strip():
-            continue
-        try:
-            yield _alert_from(json.loads(line))
-        except (ValueError, KeyError, TypeError, AttributeError):
-            if skipped is not None:
-                skipped[ALERTS_FILE] += 1
+    return read_alerts(path.parent, skipped, path=path)
 
 
 def last_data_ms(logs: Path) -> int | None:
@@ -279,32 +183,11 @@ def last_data_ms(logs: Path) -> int | None:
     Streams every line because a file can hold several runs (a backtest appended after a live
     run) and so need not end with its newest record.
     """
-    newest: int | None = None
-
-    def see(ts: int) -> None:
-        nonlocal newest
-        newest = ts if newest is None or ts > newest else newest
-
-    for t in iter_trades(logs / TRADES_FILE):
-        see(t.ts_ms)
-    for a in iter_alerts(logs / ALERTS_FILE):
-        see(a.ts_ms)
-    for line in _lines(logs / DECISIONS_FILE):
-        if not line.strip():
-            continue
-        try:
-            see(_decision_times(line)[1])
-        except (ValueError, KeyError, TypeError):
-            continue
+    times = [t.ts_ms for t in read_trades(logs)] + [a.ts_ms for a in read_alerts(logs)]
+    newest = max(times, default=None)
+    for d in read_decisions(logs):
+        newest = d.candle_ms if newest is None or d.candle_ms > newest else newest
     return newest
-
-
-def _opt_float(value: Any) -> float | None:
-    try:
-        out = float(value)
-    except (TypeError, ValueError):
-        return None
-    return out if math.isfinite(out) else None
 
 
 def collect(logs: Path, period: Period) -> PeriodData:
@@ -320,48 +203,31 @@ def collect(logs: Path, period: Period) -> PeriodData:
             data.alerts.append(a)
     data.alerts.sort(key=lambda a: a.ts_ms)
 
-    opening: tuple[int, str] | None = None  # (candle time, raw line) of the last decision before the period
+    opening: DecisionRow | None = None  # the last decision before the period (by candle time)
     marks: dict[int, float] = {}  # mark time -> equity; one account, so several symbols share a mark
-    for line in _lines(logs / DECISIONS_FILE):
-        if not line.strip():
+    for d in read_decisions(logs, data.skipped):
+        if d.candle_ms < period.start_ms:
+            if opening is None or d.candle_ms >= opening.candle_ms:
+                opening = d
             continue
-        try:
-            ts, candle, rec = _decision_times(line)
-            if candle < period.start_ms:
-                if opening is None or candle >= opening[0]:
-                    opening = (candle, line)
-                continue
-            if candle >= period.end_ms:
-                continue
-            rec = rec if rec is not None else json.loads(line)
-            conf = float(rec["confidence"])
-            equity = _opt_float(rec.get("equity"))
-        except (ValueError, KeyError, TypeError, AttributeError):
-            data.skipped[DECISIONS_FILE] += 1
+        if d.candle_ms >= period.end_ms:
             continue
-        data.confidences.append(conf)
-        data.candle_times.append(candle)
-        data.symbols.add(str(rec.get("symbol", "")))
-        data.positions.append(_opt_float(rec.get("position")) or 0.0)
-        if rec.get("allowed"):
+        data.confidences.append(d.confidence)
+        data.candle_times.append(d.candle_ms)
+        data.symbols.add(d.symbol)
+        data.positions.append(d.position or 0.0)
+        if d.allowed:
             data.executed += 1
         else:
-            data.reasons[str(rec.get("reason", "unknown"))] += 1
-        if equity is not None:
-            marks[ts] = equity
+            data.reasons[d.reason] += 1
+        if d.equity is not None:
+            marks[d.ts_ms] = d.equity
     data.symbols.discard("")
 
-    if opening is not None and marks:
-        try:
-            rec = json.loads(opening[1])
-            eq = _opt_float(rec.get("equity"))
-            ts = parse_ts_ms(rec["timestamp"])
-        except (ValueError, KeyError, TypeError):
-            eq = None
-        if eq is not None and ts < min(marks):
-            data.equity_ts.append(ts)
-            data.equity.append(eq)
-            data.opening_from_before = True
+    if opening is not None and marks and opening.equity is not None and opening.ts_ms < min(marks):
+        data.equity_ts.append(opening.ts_ms)
+        data.equity.append(opening.equity)
+        data.opening_from_before = True
     for ts in sorted(marks):
         data.equity_ts.append(ts)
         data.equity.append(marks[ts])
@@ -565,7 +431,7 @@ def summary_sections(r: Report) -> list[tuple[str, Rows]]:
 
 def alert_table(r: Report) -> tuple[list[str], list[list[str]]]:
     headers = ["time (UTC)", "id", "limit", "value", "threshold", "action", "detail"]
-    rows = [[iso_ms(a.ts_ms), str(a.alert_id), a.limit, _num(a.value, 6), _num(a.threshold, 6), a.action, a.detail]
+    rows = [[iso_ms(a.ts_ms), str(a.alert_id), a.limit, _num(a.value, 6), _num(a.threshold, 6), a.action, a.detail_text]
             for a in r.data.alerts]
     return headers, rows
 
@@ -983,9 +849,9 @@ def _default_logs(settings: Any) -> Path:
 
 
 def _default_bar_ms(settings: Any) -> int:
+    """The configured bar length (used when the period's decisions are too few to show their spacing); the
+    configuration's default timeframe when none loads."""
     try:
-        from alphapulse.domain import timeframe_ms
-
         return timeframe_ms(settings.timeframe) if settings is not None else DEFAULT_BAR_MS
     except (ValueError, AttributeError):
         return DEFAULT_BAR_MS

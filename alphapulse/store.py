@@ -12,19 +12,17 @@ whole or absent.  At start a torn tail is cut off and any record the database ha
 (the process died between commit and append) is written again, so the files never miss a record.
 
 logrotate may rename them under the daemon (``config/logrotate/alphapulse``): :meth:`OperatorFiles.reopen_rotated`
-reopens a moved file within a second, and the start-up repair reads the last record from the newest rotated
-file (``name.1``, ``name.2.gz``, ...) when the current one is empty, so a rotation neither loses nor repeats lines.
+reopens a moved file within a second, and the start-up repair finds the last record in the newest rotated file
+(``name.1``, ``name.2.gz``, ...) when the current one is empty, so a rotation neither loses nor repeats lines.
 """
 
 from __future__ import annotations
 
-import gzip
 import os
 import sqlite3
 import threading
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
@@ -32,7 +30,23 @@ from typing import Any
 import orjson
 
 from alphapulse.domain import CASH_FLOW_SIDES, Order, Side, StepResult
-from alphapulse.log import repair_tail
+from alphapulse.operator_files import (
+    ALERT_EVENT,
+    ALERTS_FILE,
+    DECISIONS_FILE,
+    INCIDENTS_FILE,
+    TRADES_COLUMNS,
+    TRADES_FILE,
+    TRADES_HEADER,
+    alert_line,
+    decision_line,
+    incident_line,
+    last_incident_id,
+    last_record,
+    repair_tail,
+    trade_line,
+)
+from alphapulse.timeutil import iso_ms, parse_utc_ms
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -60,24 +74,6 @@ CREATE TABLE IF NOT EXISTS incidents (
 #: The statement the per-candle commit runs for a decision: the row of :func:`build_rows` plus ``seq`` and the state
 #: snapshot as JSON.  Public so that a measurement (the benchmark's floor) commits exactly what the daemon commits.
 INSERT_DECISION = "INSERT OR REPLACE INTO decisions VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)"
-TRADES_HEADER = "timestamp,symbol,side,qty,price,fee,pnl,realized_pnl,order_id,fill_id,reason\n"
-
-
-_DAY_PREFIX: dict[int, str] = {}
-
-
-def iso_ms(ts_ms: int) -> str:
-    """ISO 8601 UTC with milliseconds and a Z (on the per-candle path: the date part is cached per day)."""
-    day, ms_of_day = divmod(ts_ms, 86_400_000)
-    prefix = _DAY_PREFIX.get(day)
-    if prefix is None:
-        if len(_DAY_PREFIX) > 64:
-            _DAY_PREFIX.clear()
-        prefix = _DAY_PREFIX[day] = datetime.fromtimestamp(day * 86_400, tz=UTC).strftime("%Y-%m-%dT")
-    s, ms = divmod(ms_of_day, 1000)
-    h, rem = divmod(s, 3600)
-    m, sec = divmod(rem, 60)
-    return f"{prefix}{h:02d}:{m:02d}:{sec:02d}.{ms:03d}Z"
 
 
 @dataclass(frozen=True)
@@ -381,55 +377,7 @@ def build_rows(res: StepResult, ids: RowIds, equity: str, position: str) -> Pers
 # ---------------------------------------------------------------------------------------------
 
 
-def _last_line(path: Path) -> bytes | None:
-    try:
-        with open(path, "rb") as f:
-            f.seek(0, os.SEEK_END)
-            size = f.tell()
-            if size == 0:
-                return None
-            f.seek(max(0, size - 65536))
-            lines = f.read().rstrip(b"\n").split(b"\n")
-            return lines[-1] if lines and lines[-1] else None
-    except FileNotFoundError:
-        return None
-
-
-def _last_line_gz(path: Path) -> bytes | None:
-    last: bytes | None = None
-    with gzip.open(path, "rb") as f:
-        for line in f:
-            if line.strip():
-                last = line.rstrip(b"\n")
-    return last
-
-
-def rotated_chain(path: Path, limit: int = 400) -> Iterator[Path]:
-    """``path`` and then its logrotate predecessors, newest first: ``name.1`` (kept uncompressed by
-    ``delaycompress``), ``name.2.gz``, ... up to the first missing number."""
-    yield path
-    for i in range(1, limit + 1):
-        found = False
-        for cand in (path.with_name(f"{path.name}.{i}"), path.with_name(f"{path.name}.{i}.gz")):
-            if cand.exists():
-                found = True
-                yield cand
-        if not found:
-            return
-
-
-def _last_record(path: Path, header: bytes | None = None) -> bytes | None:
-    """The last record written to ``path``'s stream: in the file itself or, when logrotate has just moved it
-    away (the file is empty or only a header), in the newest rotated file that has one.  Without this the
-    restart after a rotation would find "no record" and append the whole history again."""
-    for cand in rotated_chain(path):
-        try:
-            last = _last_line_gz(cand) if cand.suffix == ".gz" else _last_line(cand)
-        except (OSError, EOFError):
-            continue
-        if last and not (header is not None and last.startswith(header)):
-            return last
-    return None
+_FILL_ID_COLUMN = TRADES_COLUMNS.index("fill_id")
 
 
 def _fmt_dec(text: str) -> str:
@@ -451,10 +399,10 @@ class OperatorFiles:
         self._buffers: dict[str, bytearray] | None = {} if buffered else None
         self.dir = log_dir
         self.paths = {
-            "trades": log_dir / "trades.csv",
-            "decisions": log_dir / "ai_decisions.json",
-            "alerts": log_dir / "risk_alerts.json",
-            "incidents": log_dir / "incidents.log",
+            "trades": log_dir / TRADES_FILE,
+            "decisions": log_dir / DECISIONS_FILE,
+            "alerts": log_dir / ALERTS_FILE,
+            "incidents": log_dir / INCIDENTS_FILE,
         }
         self._fds: dict[str, int] = {}
         for key in self.paths:
@@ -472,9 +420,9 @@ class OperatorFiles:
     def reopen_rotated(self) -> list[str]:
         """Reopen every file that logrotate moved away (its path now names another inode, or nothing).
 
-        Called about once a second from the daemon's housekeeping.  Until then the daemon appends to the
-        renamed file, which still holds every line whole: with ``delaycompress`` nothing reads or removes it
-        before the next rotation, so no line is lost or torn.  Returns the keys reopened."""
+        Called about once a second from the daemon's housekeeping (a few stat calls, ~25 µs).  Until then the
+        daemon appends to the renamed file, which still holds every line whole: with ``delaycompress`` nothing
+        reads or removes it before the next rotation, so no line is lost or torn.  Returns the keys reopened."""
         reopened = []
         for key, path in self.paths.items():
             fd = self._fds.get(key)
@@ -520,42 +468,32 @@ class OperatorFiles:
     def trade(self, row: tuple[Any, ...], reason: str) -> None:
         fill_id, coid, symbol, side, qty, price, fee, realized, ts_ms = row[:9]
         pnl = Decimal(realized) - Decimal(fee)
-        line = (f"{iso_ms(ts_ms)},{symbol},{side},{_fmt_dec(qty)},{_fmt_dec(price)},{_fmt_dec(fee)},"
-                f"{format(pnl, 'f')},{_fmt_dec(realized)},{coid},{fill_id},{reason}\n")
-        self._write("trades", line.encode())
+        self._write("trades", trade_line((iso_ms(ts_ms), symbol, side, _fmt_dec(qty), _fmt_dec(price), _fmt_dec(fee),
+                                          format(pnl, "f"), _fmt_dec(realized), coid, str(fill_id), reason)))
 
     def decision(self, row: tuple[Any, ...], action_meanings: tuple[str, ...], bar_ms: int) -> None:
         (candle_ts, symbol, decided_ms, probs, action, target, conf, allowed, reason, order_id, inf_us, equity,
          position) = row
         p = orjson.loads(probs) if isinstance(probs, str) else probs
-        rec = {
-            "timestamp": iso_ms(decided_ms),
-            "candle_time": iso_ms(candle_ts),
-            "symbol": symbol,
-            "probabilities": {action_meanings[i] if i < len(action_meanings) else str(i): round(v, 6)
-                              for i, v in enumerate(p)},
-            "confidence": round(conf, 6),
-            "action": action_meanings[action] if action < len(action_meanings) else str(action),
-            "target": target,
-            "allowed": bool(allowed),
-            "reason": reason,
-            "order_id": order_id,
-            "inference_us": round(inf_us, 2),
-            "equity": equity,
-            "position": position,
-        }
-        self._write("decisions", orjson.dumps(rec) + b"\n")
+        self._write("decisions", decision_line((
+            iso_ms(decided_ms), iso_ms(candle_ts), symbol,
+            {action_meanings[i] if i < len(action_meanings) else str(i): round(v, 6) for i, v in enumerate(p)},
+            round(conf, 6), action_meanings[action] if action < len(action_meanings) else str(action), target,
+            bool(allowed), reason, order_id, round(inf_us, 2), equity, position)))
 
     def alert(self, row: tuple[Any, ...]) -> None:
         alert_id, ts_ms, limit, value, threshold, action, detail = row
-        rec = {"timestamp": iso_ms(ts_ms), "alert_id": alert_id, "event": "RISK_LIMIT_EXCEEDED", "limit": limit,
-               "value": value, "threshold": threshold, "action": action,
-               "detail": orjson.loads(detail) if isinstance(detail, str) else detail}
-        self._write("alerts", orjson.dumps(rec) + b"\n")
+        self._write("alerts", alert_line((iso_ms(ts_ms), alert_id, ALERT_EVENT, limit, value, threshold, action,
+                                          orjson.loads(detail) if isinstance(detail, str) else detail)))
 
     def incident(self, row: tuple[Any, ...]) -> None:
         incident_id, ts_ms, kind, detail = row
-        self._write("incidents", f"{iso_ms(ts_ms)} {kind} incident_id={incident_id} {detail}\n".encode())
+        self._write("incidents", incident_line(ts_ms, kind, detail, incident_id))
+
+    def note(self, ts_ms: int, kind: str, detail: dict[str, Any]) -> None:
+        """An incident that is not a row of the store (the model the daemon started on): no ``incident_id``, so
+        the crash recovery passes over it."""
+        self._write("incidents", incident_line(ts_ms, kind, detail))
 
     def write(self, p: Persisted, reasons: dict[str, str], action_meanings: tuple[str, ...], bar_ms: int) -> None:
         for row in p.fills:
@@ -571,34 +509,29 @@ class OperatorFiles:
     def reconcile(self, store: Store, action_meanings: tuple[str, ...], bar_ms: int) -> dict[str, int]:
         """Append every record the store has and a file lacks; returns how many lines each file gained."""
         added = {"trades": 0, "decisions": 0, "alerts": 0, "incidents": 0}
-        last = _last_record(self.paths["trades"], header=b"timestamp,")
+        last = last_record(self.paths["trades"], header=b"timestamp,")
         last_fill = 0
         if last:
-            last_fill = int(last.split(b",")[9])
+            last_fill = int(last.split(b",")[_FILL_ID_COLUMN])
         rows = list(store.fills_after(last_fill))
         reasons = store.fill_reasons(r[1] for r in rows)
         for row in rows:
             self.trade(row, reasons.get(row[1]) or _default_reason(row[3]))
             added["trades"] += 1
-        last = _last_record(self.paths["decisions"])
+        last = last_record(self.paths["decisions"])
         last_ts = -1
         if last:
             rec = orjson.loads(last)
-            last_ts = int(datetime.fromisoformat(rec["candle_time"].replace("Z", "+00:00")).timestamp() * 1000)
+            last_ts = parse_utc_ms(rec["candle_time"])
         for row in store.decisions_after(last_ts):
             self.decision(row, action_meanings, bar_ms)
             added["decisions"] += 1
-        last = _last_record(self.paths["alerts"])
+        last = last_record(self.paths["alerts"])
         for row in store.alerts_after(orjson.loads(last)["alert_id"] if last else 0):
             self.alert(row)
             added["alerts"] += 1
-        last = _last_record(self.paths["incidents"])
-        last_inc = 0
-        if last:
-            for tok in last.split(b" "):
-                if tok.startswith(b"incident_id="):
-                    last_inc = int(tok.split(b"=", 1)[1])
-        for row in store.incidents_after(last_inc):
+        # the last line with an id: lines of ``alphapulse model`` (no id, not in the store) may follow it
+        for row in store.incidents_after(last_incident_id(self.paths["incidents"])):
             self.incident(row)
             added["incidents"] += 1
         return added

@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Install the system tools some tests need but pip cannot provide:
-#   systemd-analyze  (Debian package "systemd") for tests/test_systemd_unit.py;
-#   promtool and prometheus  (binaries from Debian package "prometheus") for tests/test_prometheus.py;
-#   logrotate  (Debian package "logrotate") for tests/test_logrotate.py.
+#   systemd-analyze  (Debian package "systemd")    for tests/test_systemd_unit.py and tests/test_install.py;
+#   logrotate        (Debian package "logrotate")  for tests/test_logrotate.py;
+#   chromium         (Debian package "chromium")   for tests/test_dashboard.py (headless, driven over DevTools);
+#   promtool and prometheus  (binaries from Debian package "prometheus") for tests/test_prometheus.py.
 #
 # Idempotent, quiet and non-interactive. It always exits 0: on a machine where it cannot
 # install (not root, no apt-get) the tests skip with a reason, except under CI=true where
@@ -41,6 +42,34 @@ install_systemd_analyze() {
     fi
 }
 
+# The tool's path: on PATH, or in /usr/sbin (logrotate lives there, outside a normal user's PATH).
+tool_path() {
+    command -v "$1" 2>/dev/null && return 0
+    [ -x "/usr/sbin/$1" ] && { echo "/usr/sbin/$1"; return 0; }
+    return 1
+}
+
+# install_apt_tool COMMAND DEBIAN-PACKAGE: install the package when the command is missing and we can.
+# "logrotate" adds its binary and a timer; "chromium" is Debian's own build (the tests never download a
+# browser) and pulls in fontconfig and a font.
+install_apt_tool() {
+    local cmd=$1 pkg=$2
+    if tool_path "$cmd" >/dev/null; then
+        log "$cmd present ($("$(tool_path "$cmd")" --version 2>/dev/null | head -n1))"
+        return 0
+    fi
+    if ! can_install; then
+        log "$cmd missing and cannot install it (need root and apt-get); its tests will skip"
+        return 0
+    fi
+    if apt_update_once \
+        && apt-get install -y -qq --no-install-recommends "$pkg" >/dev/null 2>&1 && tool_path "$cmd" >/dev/null; then
+        log "installed Debian package $pkg ($("$(tool_path "$cmd")" --version 2>/dev/null | head -n1))"
+    else
+        log "apt-get install $pkg failed; $cmd tests will skip (or fail under CI=true)"
+    fi
+}
+
 install_prometheus_binaries() {
     if command -v promtool >/dev/null 2>&1 && command -v prometheus >/dev/null 2>&1; then
         log "promtool and prometheus present ($(promtool --version 2>&1 | head -n1))"
@@ -71,30 +100,8 @@ install_prometheus_binaries() {
     rm -rf "$tmp"
 }
 
-# logrotate lives in /usr/sbin, which is not on every user's PATH.
-logrotate_path() { command -v logrotate 2>/dev/null || { [ -x /usr/sbin/logrotate ] && echo /usr/sbin/logrotate; }; }
-
-install_logrotate() {
-    if logrotate_path >/dev/null; then
-        log "logrotate present ($("$(logrotate_path)" --version 2>&1 | head -n1))"
-        return 0
-    fi
-    if ! can_install; then
-        log "logrotate missing and cannot install it (need root and apt-get); its tests will skip"
-        return 0
-    fi
-    # The package adds the binary and a daily timer (inert without systemd as PID 1); the tests run the
-    # binary themselves with their own state file.
-    if apt_update_once \
-        && apt-get install -y -qq --no-install-recommends logrotate >/dev/null 2>&1 \
-        && logrotate_path >/dev/null; then
-        log "installed Debian package logrotate ($("$(logrotate_path)" --version 2>&1 | head -n1))"
-    else
-        log "apt-get install logrotate failed; logrotate tests will skip (or fail under CI=true)"
-    fi
-}
-
 install_systemd_analyze
+install_apt_tool logrotate logrotate
+install_apt_tool chromium chromium
 install_prometheus_binaries
-install_logrotate
 exit 0

@@ -49,6 +49,8 @@ def slice_bundled(dest: Path, n: int, start: int = 0) -> Path:
 
 
 class DaemonProc:
+    command = "run"  # the alphapulse sub-command this harness starts (MonitorProc: "monitor")
+
     def __init__(self, root: Path, *, replay_file: Path | None = None, speed: str = "max",
                  service: dict[str, Any] | None = None, env: dict[str, str] | None = None,
                  watchdog_usec: int | None = None, args: tuple[str, ...] = (),
@@ -109,7 +111,7 @@ class DaemonProc:
         self.stderr_path = self.root / f"stderr-{int(time.time() * 1000)}.txt"
         self._stderr = open(self.stderr_path, "wb")
         self.started = time.monotonic()
-        self.proc = subprocess.Popen([sys.executable, "-m", "alphapulse", "run", *self.args], env=self.env,
+        self.proc = subprocess.Popen([sys.executable, "-m", "alphapulse", self.command, *self.args], env=self.env,
                                      cwd=self.root, stdin=subprocess.DEVNULL, stdout=self._stderr,
                                      stderr=self._stderr)
         return self
@@ -220,3 +222,59 @@ class DaemonProc:
                 return m
             time.sleep(0.05)
         raise AssertionError(f"condition not met within {timeout}s; last metrics: {json.dumps(m)[:2000]}")
+
+
+class MonitorProc(DaemonProc):
+    """``alphapulse monitor`` next to a :class:`DaemonProc` (started or not): the same configuration directory,
+    data and log directories and environment, its own port, notify socket and ``monitoring.yaml``."""
+
+    command = "monitor"
+
+    def __init__(self, daemon: DaemonProc, monitoring: dict[str, Any] | None = None,
+                 env: dict[str, str] | None = None, watchdog_usec: int | None = None) -> None:
+        self.daemon = daemon
+        self.root = daemon.root / "monitor"
+        self.root.mkdir(parents=True, exist_ok=True)
+        self.data_dir, self.log_dir, self.config_dir = daemon.data_dir, daemon.log_dir, daemon.config_dir
+        self.port = free_port()
+        doc = yaml.safe_load((REPO / "config" / "monitoring.yaml").read_text())
+        doc.update({"scrape_interval_s": 0.5, "scrape_timeout_s": 0.4})
+        doc.update(monitoring or {})
+        (self.config_dir / "monitoring.yaml").write_text(yaml.safe_dump(doc))
+        self.env = {k: v for k, v in daemon.env.items() if k not in ("NOTIFY_SOCKET", "WATCHDOG_USEC")}
+        self.env["ALPHAPULSE_MONITOR_PORT"] = str(self.port)
+        if watchdog_usec is not None:
+            self.env["WATCHDOG_USEC"] = str(watchdog_usec)
+        self.env.update(env or {})
+        self.args = ()
+        self.sock_path = self.root / "notify.sock"
+        self.sock = None
+        self.messages = []
+        self.proc = None
+        self.started = 0.0
+
+    def alerts(self) -> dict[str, Any]:
+        status, body, _ = self.http("GET", "/api/alerts")
+        assert status == 200, body
+        return body  # type: ignore[no-any-return]
+
+    def active(self) -> dict[str, dict[str, Any]]:
+        """Unresolved alerts by rule."""
+        return {a["rule"]: a for a in self.alerts()["active_alerts"]}
+
+    def wait_alerts(self, pred: Any, timeout: float = 30.0) -> dict[str, Any]:
+        end = time.monotonic() + timeout
+        body: dict[str, Any] = {}
+        while time.monotonic() < end:
+            body = self.alerts()
+            if pred(body):
+                return body
+            time.sleep(0.05)
+        raise AssertionError(f"alert condition not met within {timeout}s; last: {json.dumps(body)[:3000]}")
+
+    def log_records(self) -> list[dict[str, Any]]:
+        """The monitor's own JSON log lines (monitor_YYYYMMDD.log in the shared log directory)."""
+        out = []
+        for path in sorted(self.log_dir.glob("monitor_*.log")):
+            out += [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        return out

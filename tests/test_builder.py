@@ -24,7 +24,7 @@ from alphapulse.costs import price_with_slippage, taker_fee
 from alphapulse.domain import Candle, Order, Side, TradingState
 from alphapulse.execution.paper import PaperBroker
 from alphapulse.market.feed import FeedError
-from alphapulse.market.replay import ReplayFeed, parse_candle_file
+from alphapulse.market.replay import ReplayFeed, check_file_timeframe, parse_candle_file
 from alphapulse.store import PersistedState
 
 PACKAGE = Path(__file__).resolve().parent.parent / "alphapulse"
@@ -135,6 +135,22 @@ async def test_replay_of_another_timeframe_is_refused_at_open(tmp_path: Path) ->
     feed = build_feed(settings, None)
     with pytest.raises(FeedError, match=r"5m apart, but the configured timeframe is 1h"):
         await feed.open()
+
+
+def test_file_timeframe_is_checked_from_the_head_of_the_file(tmp_path: Path) -> None:
+    """The daemon's early check reads only the first rows (plain or gzip), skipping the header and bad lines."""
+    rows = [f"{300_000 * i},1,2,0.5,1.5,3" for i in range(1000)]
+    plain = tmp_path / "five.csv"
+    plain.write_text("timestamp,open,high,low,close,volume\n" + "not,a,row\n" + "\n".join(rows) + "\n")
+    check_file_timeframe(plain, 300_000)
+    with pytest.raises(FeedError, match=r"five.csv: its candles are 5m apart, but the configured timeframe is 1h"):
+        check_file_timeframe(plain, 3_600_000)
+    with pytest.raises(FeedError, match="1h apart, but the configured timeframe is 5m"):
+        check_file_timeframe(PACKAGE / "data" / "BTC_USDT_USDT-1h.csv.gz", 300_000)
+    broken = tmp_path / "broken.csv.gz"
+    broken.write_bytes(b"\x1f\x8b" + b"\x00" * 40)  # gzip magic, then nothing gzip can read
+    with pytest.raises(FeedError, match="broken.csv.gz: cannot read"):
+        check_file_timeframe(broken, 300_000)
 
 
 def test_gapped_file_of_the_right_timeframe_is_accepted(tmp_path: Path) -> None:

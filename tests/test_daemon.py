@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import signal
 import statistics
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -12,7 +14,7 @@ from pathlib import Path
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.daemon_harness import DaemonProc, slice_bundled
+from tests.daemon_harness import REPO, DaemonProc, slice_bundled
 
 
 @pytest.fixture
@@ -205,6 +207,25 @@ def test_invalid_replay_file_is_a_config_error(tmp_path: Path, procs: list[Daemo
     assert d.wait_exit(timeout=20) == 78
     lines = [ln for ln in d.stderr().splitlines() if ln.strip()]
     assert len(lines) == 1 and "replay_file" in lines[0] and "missing.csv.gz" in lines[0], lines
+
+
+def test_replay_file_of_another_timeframe_is_a_config_error_before_any_state(tmp_path: Path,
+                                                                             procs: list[DaemonProc]) -> None:
+    """The bundled 1h file under the 5m configuration: one config error naming both timeframes, at start and in
+    check-config, instead of 11 candles in 12 rejected one by one; no database or control token is created."""
+    hourly = REPO / "alphapulse" / "data" / "BTC_USDT_USDT-1h.csv.gz"
+    d = DaemonProc(tmp_path, replay_file=hourly)
+    procs.append(d)
+    d.start()
+    assert d.wait_exit(timeout=20) == 78
+    lines = [ln for ln in d.stderr().splitlines() if ln.startswith("alphapulse: config error")]
+    assert len(lines) == 1, d.stderr()
+    assert "feed.replay_file" in lines[0] and "1h apart" in lines[0] and "configured timeframe is 5m" in lines[0]
+    assert not (d.data_dir / "alphapulse.db").exists() and not (d.data_dir / "control_token").exists()
+    check = subprocess.run([sys.executable, "-m", "alphapulse", "check-config"], env=d.env, capture_output=True,
+                           text=True, timeout=60, stdin=subprocess.DEVNULL)
+    assert check.returncode == 78, check.stdout + check.stderr
+    assert check.stderr.count("\n") == 1 and "1h apart" in check.stderr and "timeframe is 5m" in check.stderr
 
 
 def test_bad_candles_are_rejected_counted_and_never_decided(tmp_path: Path, procs: list[DaemonProc]) -> None:

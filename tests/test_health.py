@@ -382,3 +382,10 @@ def test_disk_thresholds(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Non
         assert r.status == verdict, (free_mb, r)
         assert f"{free_mb:,} MiB free" in r.detail
     assert health.check_disk(s).detail.count("dir") == 2  # data and log directories both named
+
+
+def test_monitor_port_is_the_monitors() -> None:
+    from alphapulse.monitor import settings as monitor_settings
+
+    assert health.DEFAULT_MONITOR_PORT == monitor_settings.DEFAULT_PORT
+    assert health.MONITOR_PORT_ENV == monitor_settings.PORT_ENV

@@ -26,8 +26,9 @@ from pathlib import Path
 
 import pytest
 
+from alphapulse.operator_files import last_incident_id, last_record, rotated_chain
 from alphapulse.report import iter_trades, last_data_ms
-from alphapulse.store import OperatorFiles, _last_record, rotated_chain
+from alphapulse.store import OperatorFiles
 from tests.daemon_harness import REPO, DaemonProc, slice_bundled
 
 TEMPLATE = REPO / "config" / "logrotate" / "alphapulse"
@@ -237,7 +238,12 @@ def test_reopen_and_last_record_follow_renamed_files(tmp_path: Path) -> None:
     (chain / "trades.csv.3.gz").write_bytes(gzip.compress(header + b"z,0\n"))
     assert [p.name for p in rotated_chain(chain / "trades.csv")] == [
         "trades.csv", "trades.csv.1", "trades.csv.2.gz", "trades.csv.3.gz"]
-    assert _last_record(chain / "trades.csv", header=b"timestamp,") == b"b,2"
+    assert last_record(chain / "trades.csv", header=b"timestamp,") == b"b,2"
     (chain / "trades.csv").write_bytes(header + b"c,3\n")
-    assert _last_record(chain / "trades.csv", header=b"timestamp,") == b"c,3"
-    assert _last_record(chain / "nothing.json") is None
+    assert last_record(chain / "trades.csv", header=b"timestamp,") == b"c,3"
+    assert last_record(chain / "nothing.json") is None
+    (chain / "incidents.log").write_bytes(b"")
+    (chain / "incidents.log.1").write_bytes(b"2026-01-02T00:00:00.000Z MODEL_PROMOTED {}\n")  # no id: not the store's
+    (chain / "incidents.log.2.gz").write_bytes(gzip.compress(
+        b'2026-01-01T00:00:00.000Z HALTED incident_id=7 {"reason": "x"}\n'))
+    assert last_incident_id(chain / "incidents.log") == 7

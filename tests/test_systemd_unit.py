@@ -691,10 +691,9 @@ def test_install_script_installs_systemd_with_apt_once(tmp_path: Path) -> None:
         f" && {shutil.which('chmod')} +x {tool}\n"
         "exit 0"
     )
-    # promtool, prometheus and logrotate (the script's other tools, tests/test_prometheus.py and
-    # tests/test_logrotate.py) are present: only systemd here
+    # the script's other tools (promtool, prometheus, logrotate, chromium) are present: only systemd here
     env = fake_tools(bin_dir, id="echo 0", apt_get=apt_get, promtool='echo "promtool, version 0 (fake)"',
-                     prometheus="exit 0", logrotate="echo 'logrotate 9.9 (fake)'")
+                     prometheus="exit 0", logrotate='echo "logrotate 0 (fake)"', chromium='echo "Chromium 0 (fake)"')
     first = run_install_script(env)
     assert first.returncode == 0, first.stderr
     assert "installed Debian package systemd (systemd 999 (fake))" in first.stdout

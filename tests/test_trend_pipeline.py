@@ -396,6 +396,36 @@ def test_evaluate_reports_tsmom_or_why_not(settings: Settings, slice_file: Path)
     assert "%" in line and "not enough" not in line
 
 
+def test_evaluate_on_the_bundled_1h_file_names_the_first_date_tsmom_can_run_from(settings: Settings) -> None:
+    """The bundled 1h file starts 2024-12-31, and the shipped model's test split covers all of it, so a default
+    ``alphapulse evaluate`` has no 90 days before its first bar for TSMOM: the row says from which date it can
+    run, and that date (not a day earlier) gives a TSMOM row over the same bars as the policy's."""
+    import re
+
+    from alphapulse.backtest import parse_time
+
+    bundled = REPO / "alphapulse" / "data" / "BTC_USDT_USDT-1h.csv.gz"
+    r = _cli("evaluate")  # the shipped 1h model on its bundled file, as a new user runs it
+    assert r.returncode == 0, r.stderr
+    line = next(x for x in r.stdout.splitlines() if x.startswith("tsmom_vol_target"))
+    assert f"not enough history (needs {TREND_WARMUP_BARS} bars" in line, line
+    found = re.search(r"--from (\d{4}-\d{2}-\d{2})", line)
+    assert found, line
+    day = found.group(1)
+    first_bar = load_candles(bundled)["ts"][0]
+    assert parse_time(day, "--from") == first_bar + (TREND_WARMUP_BARS - 1) * 3_600_000  # exactly 90 days in
+    policy = Policy.load(default_model_path())
+    res = evaluate(policy, bundled, settings, start_ms=parse_time(day, "--from"))
+    t = res["strategies"]["tsmom_vol_target"]
+    assert "skipped" not in t and t["trades"] > 0 and math.isfinite(t["sharpe"]), t
+    assert res["data"]["from"].startswith(day)
+    earlier = evaluate(policy, bundled, settings, start_ms=parse_time(day, "--from") - 86_400_000)
+    assert "not enough history" in earlier["strategies"]["tsmom_vol_target"]["skipped"]
+    r = _cli("evaluate", "--from", day)
+    line = next(x for x in r.stdout.splitlines() if x.startswith("tsmom_vol_target"))
+    assert r.returncode == 0 and "%" in line and "not enough" not in line, r.stdout + r.stderr
+
+
 # ---- check-config --------------------------------------------------------------------------------------------
 
 

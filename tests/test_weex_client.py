@@ -511,3 +511,22 @@ async def test_account_answers_parse_into_decimals(stub: WeexStub) -> None:
     assert stub.calls("/capi/v3/account/income")[0].body == \
         '{"symbol":"BTCUSDT","incomeType":"FUNDING_FEE","startTime":1735776000000}'
     assert stub.calls("/capi/v3/userTrades")[0].query == "symbol=BTCUSDT&orderId=9001"
+
+
+async def test_errors_and_answer_times_are_counted_for_the_monitor(stub: WeexStub) -> None:
+    """describe() carries what the monitor's api_error_rate and api_response_time rules read: every attempt that
+    failed (a 503 retried, a 429, an error body) and the time of every answer."""
+    answers = iter([(503, {"msg": "busy"})])  # then the stub's own klines
+    stub.route("GET", KLINES, lambda s, r: next(answers, None))
+    stub.route("GET", BAL, lambda s, r: (429, {"msg": "slow down"}))
+    async with client_for(stub, max_retries=0) as c:
+        with pytest.raises(ExchangeUnavailable):
+            await c.klines("BTCUSDT", "5m", limit=2)  # max_retries=0: the 503 is final
+        assert len(await c.klines("BTCUSDT", "5m", limit=2)) == 2
+        with pytest.raises(RateLimitError):
+            await c.balance()
+        d = c.describe()
+    sent = len(stub.calls(KLINES)) + len(stub.calls(BAL)) + len(stub.calls(TIME))  # a signed call syncs the clock
+    assert (d["requests"], d["errors"]) == (sent, 2) and sent == 4
+    lat = d["latency_ms"]
+    assert isinstance(lat, dict) and lat["count"] == sent and 0 < lat["p50"] <= lat["p99"] < 2000

@@ -3,7 +3,8 @@
 Time is a fake wall clock shared by the stub (server time) and the client, so a 5-minute bar closes when
 the test says so; the feed re-checks every 10 ms (``tick_s``).  The stub serves a bar over REST only once
 it has closed on that clock, plus a synthetic "forming" bar with values no real bar has: it must never
-come out of the feed.
+come out of the feed.  The warm-up prefetch is tested against the fake exchange (alphapulse fake-weex) on the
+bundled 1h file, whose history is long enough for a ``trend_v1`` warm-up.
 """
 
 from __future__ import annotations
@@ -360,3 +361,51 @@ async def test_hanging_handshake_times_out_and_is_retried(env: Env) -> None:
     env.stub.push_kline(env.bars[K])
     assert (await asyncio.wait_for(task, 2)).candle == env.bars[K]
     await stream.close()
+
+
+# -- warm-up prefetch over the fake exchange (1h bars, a trend_v1-sized warm-up) -------------------------------
+
+
+@pytest.mark.parametrize("restart", [False, True], ids=["fresh-start", "restart-after-a-bar"])
+async def test_prefetch_returns_exactly_n_closed_bars_before_the_next_bar(restart: bool) -> None:
+    """The long warm-up of a ``trend_v1`` model (2,161 1h bars) comes from ``historyKlines`` in pages of 100:
+    exactly N consecutive closed bars, the last one right before the first bar the feed will deliver, with the
+    file's values, and neither the forming bar nor a partial value among them."""
+    import gzip
+    import math
+    from pathlib import Path
+
+    from alphapulse.exchange.weex.fake import FakeWeex
+    from alphapulse.features import TREND_WARMUP_BARS
+
+    data = Path(__file__).resolve().parent.parent / "alphapulse" / "data" / "BTC_USDT_USDT-1h.csv.gz"
+    with gzip.open(data, "rt") as f:  # the file itself, parsed apart from the fake
+        rows = [ln.split(",") for ln in f.read().splitlines()[1:] if ln]
+    bars = [Candle(int(r[0]), float(r[1]), float(r[2]), float(r[3]), float(r[4]), float(r[5])) for r in rows]
+    hour, n, forming = 3_600_000, TREND_WARMUP_BARS, 2400
+    assert n == 2161 and forming > n + 100  # the file has more history than the warm-up asks for
+    fake = FakeWeex(data, speed=1.0, warmup_bars=forming)
+    await fake.start()
+    client = WeexClient(fake.url, timeout_s=5.0, max_retries=0)
+    try:
+        fake.advance(hour // 2)  # half-way into the forming bar: its klines row carries partial values
+        start_after = bars[forming - 40].ts if restart else None
+        nxt = forming - 39 if restart else forming  # index of the first bar the feed will deliver
+        feed = WeexFeed(client, fake.ws_url, "BTCUSDT", "1h", start_after_ts=start_after, warmup_bars=n)
+        await feed.open()  # fixes the next bar and prefetches the warm-up
+        pages_at_open = fake.count("GET", HIST)
+        assert pages_at_open == math.ceil(n / 100) == 22  # 100 bars a page, no page asked twice
+        got = feed.history(bars[nxt].ts, n + 500)  # everything it holds before the next bar
+        assert len(got) == n
+        assert got == bars[nxt - n : nxt]  # the file's closed bars, ending right before the next one
+        assert all(b.ts - a.ts == hour for a, b in zip(got, got[1:]))  # no gap
+        assert got[-1].ts + hour == bars[nxt].ts
+        assert bars[forming] not in got and all(c.ts < bars[forming].ts for c in got)  # no forming bar
+        # asked again (directly), the same N bars, in the same number of pages
+        again = await feed.prefetch_history(n)
+        assert again == got and fake.count("GET", HIST) == 2 * pages_at_open
+        short = await feed.prefetch_history(150)  # a partial last page: still exactly N, two pages
+        assert short == bars[nxt - 150 : nxt] and fake.count("GET", HIST) == 2 * pages_at_open + 2
+    finally:
+        await client.close()
+        await fake.stop()

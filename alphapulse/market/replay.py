@@ -216,7 +216,7 @@ class _Loaded:
     accepted_ts: np.ndarray
 
 
-def _check_spacing(path: Path, ts: np.ndarray, bar_ms: int) -> None:
+def check_spacing(path: Path, ts: np.ndarray, bar_ms: int) -> None:
     """A file of another timeframe is a configuration mistake: say so once, naming both timeframes.
 
     Otherwise most of its candles would be rejected one by one as misaligned (a 5m file under a 1h
@@ -231,9 +231,27 @@ def _check_spacing(path: Path, ts: np.ndarray, bar_ms: int) -> None:
                         f"timeframe is {names.get(bar_ms, f'{bar_ms} ms')} (trading_params.yaml timeframe)")
 
 
+def check_file_timeframe(path: str | Path, bar_ms: int, head_rows: int = 500) -> None:
+    """:func:`check_spacing` on the first ``head_rows`` timestamps only: a millisecond, not a whole parse, so the
+    daemon can refuse a file of another timeframe before it creates any state.  Raises :class:`FeedError`."""
+    path = Path(path)
+    ts: list[int] = []
+    try:
+        with _open_text(path) as f:
+            for line in f:
+                first = line.split(",", 1)[0].strip()
+                if first.isdigit():  # the header and malformed lines are the full parse's business
+                    ts.append(int(first))
+                    if len(ts) >= head_rows:
+                        break
+    except (OSError, EOFError, UnicodeDecodeError, zlib.error) as e:
+        raise FeedError(f"{path}: cannot read: {e}") from None
+    check_spacing(path, np.array(ts, dtype=np.int64), bar_ms)
+
+
 def _load(path: Path, bar_ms: int) -> _Loaded:
     parsed = parse_candle_file(path)
-    _check_spacing(path, parsed.columns["ts"], bar_ms)
+    check_spacing(path, parsed.columns["ts"], bar_ms)
     idx = np.flatnonzero(valid_mask(parsed.columns, bar_ms))
     return _Loaded(parsed, idx, parsed.columns["ts"][idx])
 

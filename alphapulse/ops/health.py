@@ -45,8 +45,8 @@ OVERALL = {OK: "healthy", DEGRADED: "degraded", FAILING: "failing"}
 CHECK_NAMES = ("service", "control", "monitor", "feed", "model", "store", "disk", "clock", "backup")
 
 UNIT = "alphapulse-trading"
-MONITOR_PORT_ENV = "ALPHAPULSE_MONITOR_PORT"
-DEFAULT_MONITOR_PORT = 8081
+MONITOR_PORT_ENV = "ALPHAPULSE_MONITOR_PORT"  # alphapulse.monitor.settings.PORT_ENV
+DEFAULT_MONITOR_PORT = 8081  # alphapulse.monitor.settings.DEFAULT_PORT
 #: A backup older than this is degraded (the issue's rule: a daily backup may miss one day, not two).
 BACKUP_MAX_AGE_S = 2 * 86_400
 #: Free space: below the first figure degraded, below the second failing (SQLite cannot commit on a full disk).
@@ -365,23 +365,10 @@ def report(results: Sequence[CheckResult], skipped: Sequence[str]) -> dict[str, 
 
 
 def _monitor_port(env: Mapping[str, str]) -> int:
-    raw = env.get(MONITOR_PORT_ENV, "")
-    if not raw:
-        return DEFAULT_MONITOR_PORT
-    try:
-        port = int(raw)
-    except ValueError:
-        raise ConfigError("environment", MONITOR_PORT_ENV, f"must be an integer, got {raw!r}") from None
-    if not 1 <= port <= 65535:
-        raise ConfigError("environment", MONITOR_PORT_ENV, f"must be between 1 and 65535, got {port}")
-    return port
+    """The monitor's port as the monitor itself reads it (``ALPHAPULSE_MONITOR_PORT``, default 8081)."""
+    from alphapulse.monitor.settings import _port
 
-
-def _settings(config_dir: Path | None) -> Settings:
-    """The daemon's settings from the same files and environment.  The monitor's port variable belongs to
-    the monitor service (read by :func:`_monitor_port`), so it is not passed to the daemon's strict loader."""
-    env = {k: v for k, v in os.environ.items() if k != MONITOR_PORT_ENV}
-    return load_settings(config_dir, env)
+    return _port(env)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -413,7 +400,7 @@ def health_main(argv: Sequence[str] | None = None, config_dir: Path | None = Non
         print(f"alphapulse health: --monitor-port must be 1..65535, got {args.monitor_port}", file=sys.stderr)
         return 2
     try:
-        s = _settings(config_dir)
+        s = load_settings(config_dir)
         monitor_port = args.monitor_port or _monitor_port(os.environ)
     except ConfigError as e:
         return report_config_error(e)

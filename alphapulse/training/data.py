@@ -32,6 +32,7 @@ from alphapulse.features import FeatureSet, feature_set
 from alphapulse.market.feed import FeedError
 from alphapulse.market.replay import COLUMNS, load_candles
 from alphapulse.market.validate import valid_mask
+from alphapulse.timeutil import parse_utc_ms
 
 SPLITS: tuple[str, ...] = ("train", "validation", "test")
 
@@ -46,20 +47,13 @@ def parse_utc(value: str | dt.date | dt.datetime) -> int:
     """A UTC date or ISO time (``2025-07-01``, ``2025-07-01T12:00``) -> epoch milliseconds.
 
     YAML turns an unquoted ``2025-07-01`` into a ``date``; both forms are accepted.  A time with an explicit
-    offset is converted; a naive one is taken as UTC (all candle timestamps are UTC).
+    offset is converted; a naive one is taken as UTC (all candle timestamps are UTC).  The parsing is
+    :func:`alphapulse.timeutil.parse_utc_ms`, the one every command uses; here a bad value is a DataError.
     """
-    if isinstance(value, dt.datetime):
-        moment = value
-    elif isinstance(value, dt.date):
-        moment = dt.datetime(value.year, value.month, value.day)
-    else:
-        try:
-            moment = dt.datetime.fromisoformat(str(value).strip())
-        except ValueError:
-            raise DataError(f"not a UTC date/time: {value!r} (expected e.g. 2025-07-01)") from None
-    if moment.tzinfo is None:
-        moment = moment.replace(tzinfo=dt.UTC)
-    return int(moment.timestamp() * 1000)
+    try:
+        return parse_utc_ms(value)
+    except ValueError:
+        raise DataError(f"not a UTC date/time: {value!r} (expected e.g. 2025-07-01)") from None
 
 
 def format_utc(ts_ms: int) -> str:

@@ -876,7 +876,11 @@ class WeexClient:
         return [Trade.parse(r) for r in _rows(data) if isinstance(r, dict)]
 
     def describe(self) -> dict[str, object]:
-        """JSON-able counters for /health."""
+        """JSON-able counters for /health and /metrics (the monitor's API error-rate and response-time rules)."""
+        lat = self.latency.summary()
         return {"rest_url": self.rest_url, "offset_ms": self.offset_ms, "requests": self.requests,
                 "retries": self.retries, "rate_limited": self.rate_limited, "time_syncs": self.time_syncs,
+                "errors": self.errors,
+                "latency_ms": {"count": lat["count"], "p50": round(lat["p50"] / 1000, 3),
+                               "p99": round(lat["p99"] / 1000, 3), "max": round(lat["max"] / 1000, 3)},
                 "weight_tokens": round(self._weights.tokens, 1), "limiter_waited_s": round(self._weights.waited_s, 3)}
