@@ -12,7 +12,7 @@
 #   /etc/alphapulse/alphapulse.env               0600, only when absent (it holds the exchange keys)
 #   /etc/systemd/system/alphapulse-*.{service,timer}   0644, always refreshed (units are code)
 #   /etc/logrotate.d/alphapulse                  0644, from config/logrotate/alphapulse
-#   /var/lib/alphapulse (0700), /var/log/alphapulse (0750), owned by the service user
+#   /var/lib/alphapulse (0700), /var/log/alphapulse (0700, as the units keep it), owned by the service user
 # Re-running is safe: an existing release of the same version is kept, files the operator owns are kept.
 #
 # Options:
@@ -170,10 +170,10 @@ fi
 # ---- directories, config, env file -------------------------------------------------------------------
 install -d -m 0755 "$ROOT$OPT" "$ROOT$OPT/bin" "$ROOT$ETC" "$ROOT$UNITS" "$ROOT$LOGROTATE_D"
 install -d -m 0700 "$ROOT$STATE"
-install -d -m 0750 "$ROOT$LOGS"
+install -d -m 0700 "$ROOT$LOGS"
 install -d -m 0700 "$ROOT$BACKUPS"  # root's: the backup unit runs as root (it reads the 0600 env file)
 chmod 0700 "$ROOT$STATE"
-chmod 0750 "$ROOT$LOGS"
+chmod 0700 "$ROOT$LOGS"
 if [ "$CHOWN" = yes ]; then
     chown "$SVC_USER:$SVC_GROUP" "$ROOT$STATE" "$ROOT$LOGS"
 fi

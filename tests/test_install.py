@@ -59,7 +59,7 @@ def test_install_into_a_root(tmp_path: Path) -> None:
 
     # directories and modes
     assert mode(root / "var" / "lib" / "alphapulse") == 0o700
-    assert mode(root / "var" / "log" / "alphapulse") == 0o750
+    assert mode(root / "var" / "log" / "alphapulse") == 0o700
     env_file = root / "etc" / "alphapulse" / "alphapulse.env"
     assert mode(env_file) == 0o600
     assert env_file.read_text() == (REPO / "config" / "alphapulse.env.example").read_text()
