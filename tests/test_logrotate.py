@@ -195,17 +195,21 @@ def test_daily_logs_keep_the_configured_age(tmp_path: Path) -> None:
     days = int(re.search(r"-mtime \+(\d+)", TEMPLATE.read_text()).group(1))  # type: ignore[union-attr]
     now = time.time()
     kept, removed = [], []
-    for age in (0, 1, 7, days - 1, days, days + 1, days + 2, 90):
-        name = f"alphapulse_{time.strftime('%Y%m%d', time.gmtime(now - age * 86400))}.log"
-        p = log_dir / name
-        p.write_text('{"event":"x"}\n')
-        t = now - age * 86400 - (0 if age == 0 else 3600)
-        os.utime(p, (t, t))
-        (kept if age <= days else removed).append(name)
+    for prefix in ("alphapulse_", "monitor_"):  # the daemon's and the monitor's daily logs
+        for age in (0, 1, 7, days - 1, days, days + 1, days + 2, 90):
+            name = f"{prefix}{time.strftime('%Y%m%d', time.gmtime(now - age * 86400))}.log"
+            p = log_dir / name
+            p.write_text('{"event":"x"}\n')
+            t = now - age * 86400 - (0 if age == 0 else 3600)
+            os.utime(p, (t, t))
+            (kept if age <= days else removed).append(name)
+    other = log_dir / "notes.log"  # not ours: left alone whatever its age
+    other.write_text("x\n")
+    os.utime(other, (now - 400 * 86400, now - 400 * 86400))
     (log_dir / "trades.csv").write_text("timestamp,symbol\n")  # the stanza rotates, so its lastaction runs
     logrotate(conf, tmp_path / "state")
-    left = sorted(p.name for p in log_dir.glob("alphapulse_*.log"))
-    assert left == sorted(kept)
+    left = sorted(p.name for p in log_dir.glob("*_*.log"))
+    assert left == sorted(kept) and other.exists()
     assert not any((log_dir / n).exists() for n in removed)
 
 
