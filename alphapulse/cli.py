@@ -198,16 +198,16 @@ def cmd_fetch(args: argparse.Namespace) -> int:
     return fetch_main(args.rest)
 
 
-def cmd_backup(args: argparse.Namespace) -> int:
-    from alphapulse.ops.backup_cli import backup_main
-
-    return backup_main(args.rest)
-
-
 def cmd_health(args: argparse.Namespace) -> int:
     from alphapulse.ops.health import health_main
 
     return health_main(args.rest)
+
+
+def cmd_backup(args: argparse.Namespace) -> int:
+    from alphapulse.ops.backup_cli import backup_main
+
+    return backup_main(args.rest)
 
 
 def cmd_fake_weex(args: argparse.Namespace) -> int:
@@ -240,10 +240,10 @@ def build_parser() -> argparse.ArgumentParser:
                              ("model", cmd_model, "versioned models: list, promote (validated), rollback"),
                              ("fetch", cmd_fetch, "exchange checks (--test), data and store checks (--validate), "
                               "candle download"),
-                             ("backup", cmd_backup, "backups: create, list, verify, restore (daemon stopped), "
-                              "prune"),
                              ("health", cmd_health, "is the service fit to trade? service, control API, monitor, "
                               "feed, model, store, disk, clock, backup; exit 0 healthy, 1 degraded, 2 failing"),
+                             ("backup", cmd_backup, "backups: create, list, verify, restore (daemon stopped), "
+                              "prune"),
                              ("fake-weex", cmd_fake_weex, "a local fake WEEX exchange on 127.0.0.1 for tests and "
                               "demos")):
         sp = sub.add_parser(name, help=text, add_help=False)  # the command's own parser handles its options

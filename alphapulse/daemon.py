@@ -144,6 +144,7 @@ class Daemon:
         self.feed: Feed | None = None  # built in start() after the broker: live start-up reports STATUS before it
         self.validator: CandleValidator
         self._runner: Any = None
+        self._reopen_failing = False
         self._reload_task: asyncio.Task[None] | None = None
 
     # ---- start-up ---------------------------------------------------------------------------
@@ -456,8 +457,11 @@ class Daemon:
             if reopen_log_file():
                 files.append("log")
         except OSError as e:
-            log.error("cannot reopen rotated log files; still writing to the old ones", error=str(e))
+            if not self._reopen_failing:  # once, not every second, until it works again
+                log.error("cannot reopen rotated log files; still writing to the old ones", error=str(e))
+            self._reopen_failing = True
             return
+        self._reopen_failing = False
         if files:
             log.info("log files reopened after rotation", files=files)
 

@@ -54,6 +54,7 @@ __all__ = [
     "current_log_file",
     "get_logger",
     "register_secrets",
+    "reopen_log_file",
     "repair_tail",
 ]
 

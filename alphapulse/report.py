@@ -42,7 +42,7 @@ from datetime import UTC, date, datetime, timedelta
 from decimal import Decimal
 from itertools import pairwise
 from pathlib import Path
-from typing import Any, TextIO
+from typing import Any
 
 from alphapulse.config import DEFAULT_CONFIDENCE_THRESHOLD, DEFAULT_TIMEFRAME
 from alphapulse.domain import TIMEFRAME_MS, timeframe_ms

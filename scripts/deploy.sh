@@ -8,7 +8,7 @@
 #   2. install     the new release side by side: /opt/alphapulse-rl/releases/<version> (scripts/install.sh
 #                  --release-only); the running release is untouched
 #   3. switch      /opt/alphapulse-rl/current -> the new release, atomically (a symlink renamed over the old)
-#   4. restart     systemctl restart alphapulse-trading
+#   4. restart     systemctl restart alphapulse-trading (and try-restart alphapulse-monitor: same release)
 #   5. health      `alphapulse health` must exit 0 within --health-timeout seconds
 #   6. rollback    when it does not: current -> the previous release, restart, health again; exit 1
 # Exit: 0 upgraded; 1 not upgraded (backup or install failed, or rolled back and healthy again);
@@ -21,7 +21,7 @@
 #   --no-venv              passed to install.sh (releases without a venv: staging, and tests of this script)
 #   --health-timeout S     seconds for the new release to become healthy (default 120)
 #   --backup-cmd CMD       default: <current>/bin/alphapulse backup create --type full  (via the env wrapper)
-#   --restart-cmd CMD      default: systemctl restart alphapulse-trading
+#   --restart-cmd CMD      default: systemctl restart alphapulse-trading, try-restart alphapulse-monitor
 #   --health-cmd CMD       default: <opt>/bin/alphapulse health   (the service's environment, the new release)
 #   --keep N               releases kept after a successful upgrade (default 5; current and previous always)
 # The commands run with `sh -c`; the environment variables DEPLOY_ROOT, DEPLOY_OPT (ROOT-prefixed
@@ -70,7 +70,8 @@ OPT=$ROOT/opt/alphapulse-rl
 CURRENT=$OPT/current
 [ -L "$CURRENT" ] || { say "no installation at $CURRENT: run scripts/install.sh first"; exit 1; }
 BACKUP_CMD=${BACKUP_CMD:-"$OPT/bin/alphapulse backup create --type full"}
-RESTART_CMD=${RESTART_CMD:-"systemctl restart alphapulse-trading"}
+# the monitor too when it runs (try-restart): it imports the same release; its health is checked next anyway
+RESTART_CMD=${RESTART_CMD:-"systemctl restart alphapulse-trading && { systemctl try-restart alphapulse-monitor || true; }"}
 HEALTH_CMD=${HEALTH_CMD:-"$OPT/bin/alphapulse health"}
 
 # One deploy at a time.

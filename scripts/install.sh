@@ -10,10 +10,9 @@
 #   /opt/alphapulse-rl/bin/alphapulse            the CLI with the service's environment (alphapulse health ...)
 #   /etc/alphapulse/{config,trading_params,monitoring}.yaml   0644, only when absent (never overwritten)
 #   /etc/alphapulse/alphapulse.env               0600, only when absent (it holds the exchange keys)
-#   /etc/systemd/system/alphapulse-*.{service,timer}  0644, always refreshed (units are code); the backup
-#                                                timers are installed, not enabled (docs/OPERATIONS.md)
+#   /etc/systemd/system/alphapulse-*.{service,timer}   0644, always refreshed (units are code)
 #   /etc/logrotate.d/alphapulse                  0644, from config/logrotate/alphapulse
-#   /var/lib/alphapulse (0700), /var/log/alphapulse (0750), owned by the service user
+#   /var/lib/alphapulse (0700), /var/log/alphapulse (0700, as the units keep it), owned by the service user
 # Re-running is safe: an existing release of the same version is kept, files the operator owns are kept.
 #
 # Options:
@@ -36,6 +35,7 @@ set -euo pipefail
 
 SRC=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 unset PYTHONPATH PYTHONHOME  # a release is built from, and checked against, its own copy of the package
+umask 022  # the service user must read the release (a root umask of 027 would make the venv unreadable to it)
 ROOT=""
 SVC_USER=alphapulse
 SVC_GROUP=""
@@ -87,6 +87,7 @@ ETC=/etc/alphapulse
 UNITS=/etc/systemd/system
 STATE=/var/lib/alphapulse
 LOGS=/var/log/alphapulse
+BACKUPS=/var/lib/alphapulse-backups  # alphapulse-backup@.service's StateDirectory
 LOGROTATE_D=/etc/logrotate.d
 
 # ---- the service user -----------------------------------------------------------------------------
@@ -169,9 +170,10 @@ fi
 # ---- directories, config, env file -------------------------------------------------------------------
 install -d -m 0755 "$ROOT$OPT" "$ROOT$OPT/bin" "$ROOT$ETC" "$ROOT$UNITS" "$ROOT$LOGROTATE_D"
 install -d -m 0700 "$ROOT$STATE"
-install -d -m 0750 "$ROOT$LOGS"
+install -d -m 0700 "$ROOT$LOGS"
+install -d -m 0700 "$ROOT$BACKUPS"  # root's: the backup unit runs as root (it reads the 0600 env file)
 chmod 0700 "$ROOT$STATE"
-chmod 0750 "$ROOT$LOGS"
+chmod 0700 "$ROOT$LOGS"
 if [ "$CHOWN" = yes ]; then
     chown "$SVC_USER:$SVC_GROUP" "$ROOT$STATE" "$ROOT$LOGS"
 fi
@@ -214,7 +216,8 @@ cat >"$ROOT$OPT/bin/alphapulse.tmp" <<EOF
 ALPHAPULSE_DATA_DIR=$STATE
 ALPHAPULSE_LOG_DIR=$LOGS
 ALPHAPULSE_CONFIG_DIR=$ETC
-export ALPHAPULSE_DATA_DIR ALPHAPULSE_LOG_DIR ALPHAPULSE_CONFIG_DIR
+ALPHAPULSE_BACKUP_DIR=$BACKUPS
+export ALPHAPULSE_DATA_DIR ALPHAPULSE_LOG_DIR ALPHAPULSE_CONFIG_DIR ALPHAPULSE_BACKUP_DIR
 unset PYTHONPATH PYTHONHOME
 if [ -r $ETC/alphapulse.env ]; then
     set -a
@@ -239,10 +242,12 @@ if [ "$SYSTEMCTL" = auto ]; then
 fi
 if [ "$SYSTEMCTL" = yes ]; then
     systemctl daemon-reload
-    for unit in "$SRC"/systemd/alphapulse-*.service; do
-        [ -e "$unit" ] || continue
-        systemctl enable "$(basename "$unit")"
-        say "enabled $(basename "$unit"); start it with: systemctl start $(basename "$unit" .service)"
+    # services (not templates such as alphapulse-backup@.service, which their timers start) and timers
+    for unit in "$SRC"/systemd/alphapulse-*.service "$SRC"/systemd/alphapulse-*.timer; do
+        name=$(basename "$unit")
+        [ -e "$unit" ] && [[ "$name" != *@.service ]] || continue
+        systemctl enable "$name"
+        say "enabled $name; start it with: systemctl start $name"
     done
 else
     say "systemctl not run (--root, --no-systemctl or no systemd as PID 1)"

@@ -7,11 +7,11 @@ The monitor is a stand-in HTTP server on an ephemeral port answering ``GET /heal
 
 from __future__ import annotations
 
+import asyncio
+import collections
 import dataclasses
-import importlib
 import json
 import os
-import shutil
 import sqlite3
 import subprocess
 import sys
@@ -57,16 +57,8 @@ def monitor() -> Iterator[int]:
 
 
 def _make_backup(d: DaemonProc) -> None:
-    """A fresh backup where health looks for one (the backup tool's own command once it is installed)."""
-    try:
-        importlib.import_module("alphapulse.ops.backup")
-    except ImportError:
-        backups = d.data_dir / "backups"
-        backups.mkdir(parents=True, exist_ok=True)
-        shutil.copy2(d.data_dir / "alphapulse.db", backups / "stand-in-full.db")
-        os.utime(backups / "stand-in-full.db")
-        return
-    rc = subprocess.run([sys.executable, "-m", "alphapulse", "backup", "create", "--type", "full"], env=d.env,
+    """A fresh backup where health looks for one, made by the backup tool itself."""
+    rc = subprocess.run([sys.executable, "-m", "alphapulse", "backup", "create", "--type", "data"], env=d.env,
                         cwd=d.root, capture_output=True, text=True, timeout=120)
     assert rc.returncode == 0, rc.stderr
 
@@ -184,16 +176,20 @@ def test_table_output_names_every_check(daemon: DaemonProc, monitor: int) -> Non
     assert lines[-1] == "overall: healthy (skipped: service)"
 
 
-def test_stopped_daemon_is_failing(tmp_path: Path, monitor: int) -> None:
+def test_halted_then_stopped_daemon(tmp_path: Path, monitor: int) -> None:
     d = DaemonProc(tmp_path, replay_file=slice_bundled(tmp_path / "r.csv", 120), speed="max")
     d.start()
     try:
         d.wait_ready(60)
+        _make_backup(d)
+        status, body, _ = d.http("POST", "/emergency_stop", token=d.token(), body=b'{"reason": "health test"}')
+        assert status == 200, body
+        rc, out, _ = run_health(d, "--skip", "service", "--monitor-port", str(monitor))
+        control = by_name(out)["control"]
+        assert rc == 1 and control["status"] == "degraded" and "EMERGENCY_STOP" in control["detail"], out
         assert d.stop() == 0
     finally:
         d.close()
-    (d.data_dir / "backups").mkdir()
-    (d.data_dir / "backups" / "b").write_text("x")
     rc, out, _ = run_health(d, "--skip", "service", "--monitor-port", str(monitor))
     checks = by_name(out)
     assert rc == 2 and out["status"] == "failing"
@@ -228,20 +224,27 @@ def _settings(tmp_path: Path, **env: str) -> Any:
     return load_settings(None, base)
 
 
-def test_backup_age_rules(tmp_path: Path) -> None:
-    s = _settings(tmp_path)
+def test_backup_age_rules(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Backups made by alphapulse.ops.backup itself, dated an hour and over two days back."""
+    from alphapulse.ops.backup import Roots, create_backup
+
+    env = {"ALPHAPULSE_BACKUP_DIR": str(tmp_path / "backups")}
+    s = _settings(tmp_path, **env)
     opts = health.HealthOptions(backup_dir=tmp_path / "backups")
-    assert health.check_backup(s, opts).status == "degraded"  # none at all
-    (tmp_path / "backups").mkdir()
-    f = tmp_path / "backups" / "full-1.tar"
-    f.write_text("x")
-    now = time.time()
-    os.utime(f, (now - 3600, now - 3600))
     r = health.check_backup(s, opts)
-    assert r.status == "ok" and "1.0 h old" in r.detail
-    os.utime(f, (now - 2 * 86400 - 60, now - 2 * 86400 - 60))
+    assert r.status == "degraded" and r.detail.startswith("no backup in")
+    (tmp_path / "log").mkdir()
+    (tmp_path / "log" / "trades.csv").write_text("timestamp,symbol\n")
+    roots = Roots.from_settings(s, env)
+    create_backup(roots, "logs", now=time.time() - 2 * 86400 - 600)
     r = health.check_backup(s, opts)
     assert r.status == "degraded" and "older than 2 days" in r.detail
+    create_backup(roots, "logs", now=time.time() - 3600)
+    r = health.check_backup(s, opts)
+    assert r.status == "ok" and "1.0 h old" in r.detail
+    # the default directory is the backup tool's: ALPHAPULSE_BACKUP_DIR, read the same way
+    monkeypatch.setenv("ALPHAPULSE_BACKUP_DIR", env["ALPHAPULSE_BACKUP_DIR"])
+    assert health.check_backup(s, health.HealthOptions()).status == "ok"
 
 
 def test_missing_and_broken_model_fail(tmp_path: Path) -> None:
@@ -313,16 +316,76 @@ def test_service_verdicts_from_systemctl(tmp_path: Path, monkeypatch: pytest.Mon
     assert r.status == "degraded" and r.detail.startswith("unknown: systemd is not running as PID 1")
 
 
-def test_model_check_judges_the_model_the_daemon_loads_from_the_store(tmp_path: Path) -> None:
-    """With a promoted model (model.path empty) the daemon trades the store's active version, not the bundled
-    one; the check must look at that file, or a healthy service fails and deploy.sh rolls every upgrade back."""
-    from alphapulse.model_cli import model_main
+def test_clock_skew_against_the_exchange_time_endpoint(tmp_path: Path) -> None:
+    """Live mode asks the exchange's time endpoint through the real WEEX client; here a real HTTP server on
+    127.0.0.1 answers ``GET /capi/v3/market/time`` with a clock offset the test chooses."""
+    skew_ms = {"value": 0}
 
-    s = dataclasses.replace(_settings(tmp_path), timeframe="5m")
-    assert health.check_model(s).status == "failing"  # nothing promoted: the bundled 1h model, a 5m daemon
-    assert model_main(["promote", str(REPO / "alphapulse" / "models" / "baseline_momentum.onnx")], s) == 0
-    r = health.check_model(s)
-    assert r.status == "ok" and str(s.data_dir / "models") in r.detail, r
-    (s.data_dir / "models" / "active.json").write_text('{"active": "gone", "previous": null}')
-    r = health.check_model(s)
-    assert r.status == "failing" and "active.json" in r.detail, r
+    class Exchange(_MonitorHandler):
+        def do_GET(self) -> None:
+            if self.path.split("?")[0] != "/capi/v3/market/time":
+                self.send_response(404)
+                self.end_headers()
+                return
+            body = json.dumps({"serverTime": int(time.time() * 1000) + skew_ms["value"]}).encode()
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Exchange)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        url = f"http://127.0.0.1:{server.server_address[1]}"
+        live = _settings(tmp_path, TRADING_MODE="live", WEEX_API_KEY="k" * 8, WEEX_SECRET_KEY="s" * 8,
+                         WEEX_PASSPHRASE="p" * 8, WEEX_REST_URL=url)
+        opts = health.HealthOptions(timeout_s=5)
+        for skew, verdict in ((0, "ok"), (5_000, "degraded"), (-45_000, "failing")):
+            skew_ms["value"] = skew
+            r = asyncio.run(health.check_clock(live, opts))
+            assert r.status == verdict, r
+            assert url in r.detail
+            if skew:
+                assert ("behind" if skew > 0 else "ahead of") in r.detail
+        # the command line in live mode: stdout is the one JSON object, the client's log lines stay off it
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("ALPHAPULSE_", "TRADING_MODE", "WEEX_"))}
+        env.update({"TRADING_MODE": "live", "WEEX_API_KEY": "k" * 8, "WEEX_SECRET_KEY": "s" * 8,
+                    "WEEX_PASSPHRASE": "p" * 8, "WEEX_REST_URL": url, "PYTHONPATH": str(REPO),
+                    "ALPHAPULSE_DATA_DIR": str(tmp_path / "data"), "ALPHAPULSE_LOG_DIR": str(tmp_path / "log"),
+                    "ALPHAPULSE_LOG_LEVEL": "DEBUG"})
+        proc = subprocess.run([sys.executable, "-m", "alphapulse", "health", "--json", "--skip", "service"],
+                              env=env, cwd=tmp_path, capture_output=True, text=True, timeout=120)
+        out = json.loads(proc.stdout)
+        assert by_name(out)["clock"]["status"] == "failing" and proc.returncode == 2
+        assert "s" * 8 not in proc.stdout + proc.stderr and "p" * 8 not in proc.stdout + proc.stderr
+        server.shutdown()
+        r = asyncio.run(health.check_clock(live, opts))  # the exchange unreachable: cannot tell, degraded
+        assert r.status == "degraded" and "cannot read the exchange's time" in r.detail
+        paper = asyncio.run(health.check_clock(_settings(tmp_path), opts))
+        assert paper.status == "ok" and paper.detail.startswith("n/a")
+    finally:
+        server.server_close()
+
+
+def test_disk_thresholds(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The free-space rules; the filesystem's figures are set, since a full disk cannot be made safely here."""
+    s = _settings(tmp_path)
+    mib = 1048576
+    usage_t = collections.namedtuple("usage_t", "total used free")
+    for free_mb, total_mb, verdict in ((50_000, 100_000, "ok"), (900, 10_000, "degraded"),
+                                       (4_000, 100_000, "degraded"), (90, 100_000, "failing"),
+                                       (500, 100_000, "failing")):
+        usage = usage_t(total_mb * mib, (total_mb - free_mb) * mib, free_mb * mib)
+        monkeypatch.setattr(health.shutil, "disk_usage", lambda _p, u=usage: u)
+        r = health.check_disk(s)
+        assert r.status == verdict, (free_mb, r)
+        assert f"{free_mb:,} MiB free" in r.detail
+    assert health.check_disk(s).detail.count("dir") == 2  # data and log directories both named
+
+
+def test_monitor_port_is_the_monitors() -> None:
+    from alphapulse.monitor import settings as monitor_settings
+
+    assert health.DEFAULT_MONITOR_PORT == monitor_settings.DEFAULT_PORT
+    assert health.MONITOR_PORT_ENV == monitor_settings.PORT_ENV

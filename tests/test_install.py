@@ -59,7 +59,7 @@ def test_install_into_a_root(tmp_path: Path) -> None:
 
     # directories and modes
     assert mode(root / "var" / "lib" / "alphapulse") == 0o700
-    assert mode(root / "var" / "log" / "alphapulse") == 0o750
+    assert mode(root / "var" / "log" / "alphapulse") == 0o700
     env_file = root / "etc" / "alphapulse" / "alphapulse.env"
     assert mode(env_file) == 0o600
     assert env_file.read_text() == (REPO / "config" / "alphapulse.env.example").read_text()
@@ -87,6 +87,16 @@ def test_install_into_a_root(tmp_path: Path) -> None:
     assert text == (REPO / "systemd" / "alphapulse-trading.service").read_text()
     assert "ExecStart=/opt/alphapulse-rl/current/venv/bin/alphapulse run" in text
     assert "\nUser=alphapulse\n" in text and "DynamicUser" not in text.split("[Service]")[1].split("# ---")[0]
+    # every unit of the checkout, the backup template and its timers too, all starting `current`'s alphapulse
+    unit_dir = root / "etc" / "systemd" / "system"
+    shipped = sorted(p.name for p in (REPO / "systemd").glob("alphapulse-*") if p.suffix in (".service", ".timer"))
+    assert sorted(p.name for p in unit_dir.iterdir()) == shipped
+    assert {"alphapulse-backup@.service", "alphapulse-backup-full.timer"} <= set(shipped)
+    for name in shipped:
+        assert mode(unit_dir / name) == 0o644
+        for line in (unit_dir / name).read_text().splitlines():
+            if line.startswith(("ExecStart=", "ExecStartPost=")):
+                assert line.split("=", 1)[1].startswith("/opt/alphapulse-rl/current/venv/bin/alphapulse "), line
     tool = shutil.which("systemd-analyze")
     if tool is None:
         if os.environ.get("CI") == "true":
@@ -95,12 +105,16 @@ def test_install_into_a_root(tmp_path: Path) -> None:
         # verify resolves ExecStart: point it into the root, where install.sh put the real script
         verify_dir = tmp_path / "verify"
         verify_dir.mkdir()
-        copy = verify_dir / unit.name
-        copy.write_text(text.replace("ExecStart=/opt/", f"ExecStart={root}/opt/"))
-        v = subprocess.run([tool, "verify", str(copy)], capture_output=True, text=True, timeout=120)
-        assert v.returncode == 0 and unit.name not in v.stdout + v.stderr, v.stdout + v.stderr
-        copy.write_text(text.replace("ExecStart=/opt/", f"ExecStart={tmp_path}/missing/opt/"))  # control
-        v = subprocess.run([tool, "verify", str(copy)], capture_output=True, text=True, timeout=120)
+        for name in shipped:
+            (verify_dir / name).write_text((unit_dir / name).read_text().replace("=/opt/", f"={root}/opt/"))
+        targets = [n.replace("@.service", "@data.service") for n in shipped]
+        env = dict(os.environ, SYSTEMD_COLORS="0", SYSTEMD_PAGER="", LC_ALL="C.UTF-8")
+        v = subprocess.run([tool, "--no-pager", "verify", *targets], capture_output=True, text=True, timeout=120,
+                           cwd=verify_dir, env=env)
+        assert v.returncode == 0 and v.stdout.strip() == "" and v.stderr.strip() == "", v.stdout + v.stderr
+        (verify_dir / unit.name).write_text(text.replace("ExecStart=/opt/", f"ExecStart={tmp_path}/missing/opt/"))
+        v = subprocess.run([tool, "--no-pager", "verify", unit.name], capture_output=True, text=True, timeout=120,
+                           cwd=verify_dir, env=env)  # control: a unit whose program is missing fails
         assert v.returncode != 0 and "is not executable" in v.stdout + v.stderr
 
     # logrotate: the template with the runtime log directory and the service user
@@ -114,9 +128,15 @@ def test_install_into_a_root(tmp_path: Path) -> None:
     # the operator's CLI wrapper carries the unit's directories
     wrapper = (opt / "bin" / "alphapulse").read_text()
     assert mode(opt / "bin" / "alphapulse") == 0o755
+    backup_unit = (unit_dir / "alphapulse-backup@.service").read_text()
+    backup_dir = next(x.split("=", 2)[2] for x in backup_unit.splitlines()
+                      if x.startswith("Environment=ALPHAPULSE_BACKUP_DIR="))
+    assert backup_dir == "%S/alphapulse-backups"  # what the wrapper must say too (health's backup check)
     for line in ("ALPHAPULSE_DATA_DIR=/var/lib/alphapulse", "ALPHAPULSE_LOG_DIR=/var/log/alphapulse",
+                 "ALPHAPULSE_BACKUP_DIR=/var/lib/alphapulse-backups",
                  "exec /opt/alphapulse-rl/current/venv/bin/alphapulse"):
         assert line in wrapper
+    assert mode(root / "var" / "lib" / "alphapulse-backups") == 0o700
 
 
 def test_install_again_keeps_what_the_operator_owns(tmp_path: Path) -> None:
@@ -239,8 +259,9 @@ class Site:
         })
 
     def deploy(self, script: Path, version: str, timeout_s: int = 60) -> subprocess.CompletedProcess[str]:
-        backup = (f'mkdir -p {self.data}/backups && date +%s%N > {self.data}/backups/stand-in-$(date +%s%N) && '
-                  f'echo "$(readlink $DEPLOY_OPT/current)" >> {self.backups_log}')
+        # the real backup tool of the running release, and a note of which release that was
+        backup = (f'echo "$(readlink $DEPLOY_OPT/current)" >> {self.backups_log} && '
+                  '"$DEPLOY_OPT/current/venv/bin/alphapulse" backup create --type data')
         health = '"$DEPLOY_OPT/current/venv/bin/alphapulse" health --skip service --skip monitor'
         return subprocess.run(["bash", str(script), "--root", str(self.root), "--version", version, "--venv-from",
                                str(VENV), "--health-timeout", str(timeout_s), "--backup-cmd", backup,
@@ -326,6 +347,7 @@ def test_deploy_upgrades_and_rolls_back_a_broken_release(site: Site, tmp_path: P
     assert "this release is broken (test)" in site.daemon_log.read_text()  # the broken one really ran
     assert (site.opt / "releases" / "v3-broken" / ".complete").exists()  # kept for inspection
     assert site.backups_log.read_text().splitlines() == ["releases/v1", "releases/v2"]
+    assert len(list((site.tmp / "backups").glob("*data*"))) == 2  # alphapulse backup's own directory
     # the old release carries on from the same store
     assert site.metrics()["market"]["candles_processed"] > 0  # type: ignore[index,operator]
     assert processed > 0

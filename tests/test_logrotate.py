@@ -21,22 +21,24 @@ import shutil
 import sqlite3
 import subprocess
 import time
+from collections import Counter
 from pathlib import Path
 
 import pytest
 
+from alphapulse.operator_files import last_incident_id, last_record, rotated_chain
 from alphapulse.report import iter_trades, last_data_ms
+from alphapulse.store import OperatorFiles
 from tests.daemon_harness import REPO, DaemonProc, slice_bundled
 
 TEMPLATE = REPO / "config" / "logrotate" / "alphapulse"
 OPERATOR_FILES = ("trades.csv", "ai_decisions.json", "risk_alerts.json", "incidents.log")
 LOGROTATE = shutil.which("logrotate") or ("/usr/sbin/logrotate" if Path("/usr/sbin/logrotate").exists() else None)
 
-if LOGROTATE is None:
-    if os.environ.get("CI") == "true":
-        pytest.fail("logrotate is missing (scripts/install_test_tools.sh installs it)", pytrace=False)
-    pytestmark = pytest.mark.skip(reason="logrotate not installed (apt-get install logrotate; "
-                                  "scripts/install_test_tools.sh does it)")
+if LOGROTATE is None and os.environ.get("CI") == "true":
+    pytest.fail("logrotate is missing (scripts/install_test_tools.sh installs it)", pytrace=False)
+needs_logrotate = pytest.mark.skipif(LOGROTATE is None, reason="logrotate not installed (apt-get install "
+                                     "logrotate; scripts/install_test_tools.sh does it)")
 
 
 def render_config(log_dir: Path, dest: Path) -> Path:
@@ -68,12 +70,13 @@ def read_stream(path: Path) -> list[bytes]:
     return lines
 
 
-def reopen_events(log_dir: Path) -> int:
-    n = 0
+def reopened(log_dir: Path) -> Counter[str]:
+    """How often the daemon reopened each file, from its own log ("log files reopened after rotation")."""
+    n: Counter[str] = Counter()
     for f in log_dir.glob("alphapulse_*.log"):
         for line in f.read_bytes().splitlines():
             if b"log files reopened after rotation" in line:
-                n += 1
+                n.update(json.loads(line)["files"])
     return n
 
 
@@ -106,6 +109,7 @@ def check_files_against_store(d: DaemonProc) -> tuple[int, int]:
 
 
 @pytest.mark.slow
+@needs_logrotate
 def test_rotation_under_a_writing_daemon_loses_and_tears_nothing(tmp_path: Path) -> None:
     replay = slice_bundled(tmp_path / "replay.csv", 6000, start=20_000)
     d = DaemonProc(tmp_path, replay_file=replay, speed="15000")  # a 5m bar every 20 ms
@@ -118,10 +122,11 @@ def test_rotation_under_a_writing_daemon_loses_and_tears_nothing(tmp_path: Path)
         d.wait_metric(lambda m: m["model"]["decisions"] >= 50, timeout=60)
         for _ in range(rounds):
             before = d.metrics()["model"]["decisions"]
-            events = reopen_events(d.log_dir)
+            seen = reopened(d.log_dir)
             logrotate(conf, state)
             deadline = time.monotonic() + 20
-            while reopen_events(d.log_dir) == events:  # the daemon noticed the new files
+            # the daemon noticed both new files (logrotate renames them one after the other: two events at times)
+            while any(reopened(d.log_dir)[k] == seen[k] for k in ("trades", "decisions")):
                 assert time.monotonic() < deadline, "the daemon did not reopen the rotated files"
                 time.sleep(0.05)
             # it writes on into the new file
@@ -160,6 +165,7 @@ def test_rotation_under_a_writing_daemon_loses_and_tears_nothing(tmp_path: Path)
     assert check_files_against_store(d2)[0] >= n_dec
 
 
+@needs_logrotate
 def test_operator_files_keep_the_configured_generations(tmp_path: Path) -> None:
     log_dir = tmp_path / "log"
     log_dir.mkdir()
@@ -179,6 +185,7 @@ def test_operator_files_keep_the_configured_generations(tmp_path: Path) -> None:
     assert oct((log_dir / "trades.csv").stat().st_mode & 0o777) == "0o640"  # "create 0640"
 
 
+@needs_logrotate
 def test_daily_logs_keep_the_configured_age(tmp_path: Path) -> None:
     """Daily JSON logs last written more than the configured days ago go; today's, being written, stays even
     under ``logrotate -f``."""
@@ -188,15 +195,59 @@ def test_daily_logs_keep_the_configured_age(tmp_path: Path) -> None:
     days = int(re.search(r"-mtime \+(\d+)", TEMPLATE.read_text()).group(1))  # type: ignore[union-attr]
     now = time.time()
     kept, removed = [], []
-    for age in (0, 1, 7, days - 1, days, days + 1, days + 2, 90):
-        name = f"alphapulse_{time.strftime('%Y%m%d', time.gmtime(now - age * 86400))}.log"
-        p = log_dir / name
-        p.write_text('{"event":"x"}\n')
-        t = now - age * 86400 - (0 if age == 0 else 3600)
-        os.utime(p, (t, t))
-        (kept if age <= days else removed).append(name)
+    for prefix in ("alphapulse_", "monitor_"):  # the daemon's and the monitor's daily logs
+        for age in (0, 1, 7, days - 1, days, days + 1, days + 2, 90):
+            name = f"{prefix}{time.strftime('%Y%m%d', time.gmtime(now - age * 86400))}.log"
+            p = log_dir / name
+            p.write_text('{"event":"x"}\n')
+            t = now - age * 86400 - (0 if age == 0 else 3600)
+            os.utime(p, (t, t))
+            (kept if age <= days else removed).append(name)
+    other = log_dir / "notes.log"  # not ours: left alone whatever its age
+    other.write_text("x\n")
+    os.utime(other, (now - 400 * 86400, now - 400 * 86400))
     (log_dir / "trades.csv").write_text("timestamp,symbol\n")  # the stanza rotates, so its lastaction runs
     logrotate(conf, tmp_path / "state")
-    left = sorted(p.name for p in log_dir.glob("alphapulse_*.log"))
-    assert left == sorted(kept)
+    left = sorted(p.name for p in log_dir.glob("*_*.log"))
+    assert left == sorted(kept) and other.exists()
     assert not any((log_dir / n).exists() for n in removed)
+
+
+def test_reopen_and_last_record_follow_renamed_files(tmp_path: Path) -> None:
+    """What the daemon does after logrotate renamed its files, on real files: it reopens the paths (a new
+    trades.csv gets its header; lines written before the reopen are whole in the renamed file), and the last
+    record is found in the newest rotated generation that has one, compressed or not."""
+    files = OperatorFiles(tmp_path)
+    try:
+        files._write("trades", b"2026-01-01T00:00:00.000Z,BTCUSDT,buy,1,1,0,0,0,o-1,1,policy\n")
+        assert files.reopen_rotated() == []  # nothing moved
+        os.rename(tmp_path / "trades.csv", tmp_path / "trades.csv.1")
+        os.rename(tmp_path / "ai_decisions.json", tmp_path / "ai_decisions.json.1")
+        files._write("trades", b"2026-01-01T00:05:00.000Z,BTCUSDT,sell,1,1,0,0,0,o-2,2,policy\n")  # old inode
+        assert sorted(files.reopen_rotated()) == ["decisions", "trades"]
+        files._write("trades", b"2026-01-01T00:10:00.000Z,BTCUSDT,buy,1,1,0,0,0,o-3,3,policy\n")
+    finally:
+        files.close()
+    assert (tmp_path / "trades.csv.1").read_bytes().splitlines()[-1].endswith(b",2,policy")
+    assert (tmp_path / "trades.csv").read_bytes().splitlines() == [
+        b"timestamp,symbol,side,qty,price,fee,pnl,realized_pnl,order_id,fill_id,reason",
+        b"2026-01-01T00:10:00.000Z,BTCUSDT,buy,1,1,0,0,0,o-3,3,policy"]
+
+    chain = tmp_path / "chain"
+    chain.mkdir()
+    header = b"timestamp,symbol\n"
+    (chain / "trades.csv").write_bytes(header)  # rotated a moment ago
+    (chain / "trades.csv.1").write_bytes(header)  # a day without fills
+    (chain / "trades.csv.2.gz").write_bytes(gzip.compress(header + b"a,1\nb,2\n"))
+    (chain / "trades.csv.3.gz").write_bytes(gzip.compress(header + b"z,0\n"))
+    assert [p.name for p in rotated_chain(chain / "trades.csv")] == [
+        "trades.csv", "trades.csv.1", "trades.csv.2.gz", "trades.csv.3.gz"]
+    assert last_record(chain / "trades.csv", header=b"timestamp,") == b"b,2"
+    (chain / "trades.csv").write_bytes(header + b"c,3\n")
+    assert last_record(chain / "trades.csv", header=b"timestamp,") == b"c,3"
+    assert last_record(chain / "nothing.json") is None
+    (chain / "incidents.log").write_bytes(b"")
+    (chain / "incidents.log.1").write_bytes(b"2026-01-02T00:00:00.000Z MODEL_PROMOTED {}\n")  # no id: not the store's
+    (chain / "incidents.log.2.gz").write_bytes(gzip.compress(
+        b'2026-01-01T00:00:00.000Z HALTED incident_id=7 {"reason": "x"}\n'))
+    assert last_incident_id(chain / "incidents.log") == 7

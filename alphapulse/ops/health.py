@@ -45,8 +45,8 @@ OVERALL = {OK: "healthy", DEGRADED: "degraded", FAILING: "failing"}
 CHECK_NAMES = ("service", "control", "monitor", "feed", "model", "store", "disk", "clock", "backup")
 
 UNIT = "alphapulse-trading"
-MONITOR_PORT_ENV = "ALPHAPULSE_MONITOR_PORT"
-DEFAULT_MONITOR_PORT = 8081
+MONITOR_PORT_ENV = "ALPHAPULSE_MONITOR_PORT"  # alphapulse.monitor.settings.PORT_ENV
+DEFAULT_MONITOR_PORT = 8081  # alphapulse.monitor.settings.DEFAULT_PORT
 #: A backup older than this is degraded (the issue's rule: a daily backup may miss one day, not two).
 BACKUP_MAX_AGE_S = 2 * 86_400
 #: Free space: below the first figure degraded, below the second failing (SQLite cannot commit on a full disk).
@@ -205,18 +205,13 @@ def check_feed(s: Settings, opts: HealthOptions, now: Callable[[], float] = time
 
 
 def check_model(s: Settings) -> CheckResult:
-    """The model file the daemon loads exists, its metadata passes the contract, and its timeframe is the daemon's.
-
-    The file is chosen as the daemon chooses it (:func:`alphapulse.model_store.resolve_model`): ``model.path``,
-    else the model store's active version, else the bundled model; judging the bundled one while the daemon
-    trades a promoted model would fail a healthy service (and make deploy.sh roll back every upgrade)."""
-    from alphapulse.model_store import resolve_model
+    """The configured model file exists, its metadata passes the contract, and its timeframe is the daemon's."""
     from alphapulse.policy import ModelError, read_model_meta
 
     try:
-        path, _source = resolve_model(s)
-    except ConfigError as e:  # a damaged active.json: the daemon would refuse to start
-        return CheckResult("model", FAILING, str(e))
+        path, source = _resolve_model(s)
+    except (OSError, ValueError, LookupError) as e:  # the model store's pointer unreadable or dangling
+        return CheckResult("model", FAILING, f"cannot tell which model the daemon loads: {e}")
     if not path.is_file():
         return CheckResult("model", FAILING, f"model file missing: {path}")
     try:
@@ -226,7 +221,22 @@ def check_model(s: Settings) -> CheckResult:
     if meta.timeframe and meta.timeframe != s.timeframe:
         return CheckResult("model", FAILING, f"{path.name} ({meta.version}) is a {meta.timeframe} model but the "
                            f"daemon trades {s.timeframe}")
-    return CheckResult("model", OK, f"{path} version {meta.version}, {meta.timeframe}, {meta.n_actions} actions")
+    return CheckResult("model", OK, f"{path} ({source}) version {meta.version}, {meta.timeframe}, "
+                       f"{meta.n_actions} actions")
+
+
+def _resolve_model(s: Settings) -> tuple[Path, str]:
+    """The model file the daemon loads, as the daemon resolves it: with the versioned model store
+    (alphapulse.model_store, issue 11 part 5) its active version unless the configuration pins a file;
+    without it the configured file or the bundled model."""
+    try:
+        store = importlib.import_module("alphapulse.model_store")
+    except ImportError:
+        from alphapulse.policy import default_model_path
+
+        return (s.model_path, "config") if s.model_path is not None else (default_model_path(), "bundled")
+    path, source = store.resolve_model(s)
+    return Path(path), str(source)
 
 
 def check_store(s: Settings) -> CheckResult:
@@ -295,38 +305,13 @@ async def check_clock(s: Settings, opts: HealthOptions) -> CheckResult:
     return CheckResult("clock", OK, detail)
 
 
-# --------------------------------------------------------------------------------------------------
-# Backups: the one place that knows where they are and how old the newest is
-# --------------------------------------------------------------------------------------------------
-
-
-def backup_source(s: Settings, override: Path | None) -> tuple[Path, Callable[[Path], float | None]]:
-    """The backup directory and a reader of the newest backup's time.
-
-    alphapulse.ops.backup (``alphapulse backup``) owns both; until it is installed this falls back to
-    ``<data_dir>/backups`` and the newest entry's modification time there."""
-    try:
-        _backup = importlib.import_module("alphapulse.ops.backup")  # typed or not, merged later or not
-
-        directory = override or Path(_backup.default_backup_dir(s))
-        return directory, _backup.latest_backup_time
-    except (ImportError, AttributeError):
-        return override or (s.data_dir / "backups"), _newest_entry_time
-
-
-def _newest_entry_time(directory: Path) -> float | None:
-    try:
-        times = [e.stat().st_mtime for e in os.scandir(directory) if not e.name.startswith(".")]
-    except FileNotFoundError:
-        return None
-    return max(times, default=None)
-
-
 def check_backup(s: Settings, opts: HealthOptions, now: Callable[[], float] = time.time) -> CheckResult:
     """No backup, or one older than two days, is degraded: trading goes on, recovery would lose more."""
-    directory, latest = backup_source(s, opts.backup_dir)
+    from alphapulse.ops.backup import default_backup_dir, latest_backup_time
+
+    directory = opts.backup_dir or default_backup_dir(s)  # where `alphapulse backup create` puts them
     try:
-        t = latest(directory)
+        t = latest_backup_time(directory)
     except OSError as e:
         return CheckResult("backup", DEGRADED, f"cannot read {directory}: {e.strerror or e}")
     if t is None:
@@ -380,23 +365,10 @@ def report(results: Sequence[CheckResult], skipped: Sequence[str]) -> dict[str, 
 
 
 def _monitor_port(env: Mapping[str, str]) -> int:
-    raw = env.get(MONITOR_PORT_ENV, "")
-    if not raw:
-        return DEFAULT_MONITOR_PORT
-    try:
-        port = int(raw)
-    except ValueError:
-        raise ConfigError("environment", MONITOR_PORT_ENV, f"must be an integer, got {raw!r}") from None
-    if not 1 <= port <= 65535:
-        raise ConfigError("environment", MONITOR_PORT_ENV, f"must be between 1 and 65535, got {port}")
-    return port
+    """The monitor's port as the monitor itself reads it (``ALPHAPULSE_MONITOR_PORT``, default 8081)."""
+    from alphapulse.monitor.settings import _port
 
-
-def _settings(config_dir: Path | None) -> Settings:
-    """The daemon's settings from the same files and environment.  The monitor's port variable belongs to
-    the monitor service (read by :func:`_monitor_port`), so it is not passed to the daemon's strict loader."""
-    env = {k: v for k, v in os.environ.items() if k != MONITOR_PORT_ENV}
-    return load_settings(config_dir, env)
+    return _port(env)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -410,7 +382,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--unit", default=UNIT, help=f"systemd unit of the daemon (default {UNIT})")
     p.add_argument("--monitor-port", type=int, default=None,
                    help=f"the monitor's port (default ${MONITOR_PORT_ENV}, else {DEFAULT_MONITOR_PORT})")
-    p.add_argument("--backup-dir", type=Path, default=None, help="where backups are (default: the backup tool's)")
+    p.add_argument("--backup-dir", type=Path, default=None,
+                   help="where backups are (default: $ALPHAPULSE_BACKUP_DIR, else beside the data directory, "
+                        "as for alphapulse backup)")
     p.add_argument("--skip", action="append", default=[], choices=CHECK_NAMES, metavar="CHECK",
                    help=f"leave a check out (repeatable): {', '.join(CHECK_NAMES)}")
     return p
@@ -426,10 +400,15 @@ def health_main(argv: Sequence[str] | None = None, config_dir: Path | None = Non
         print(f"alphapulse health: --monitor-port must be 1..65535, got {args.monitor_port}", file=sys.stderr)
         return 2
     try:
-        s = _settings(config_dir)
+        s = load_settings(config_dir)
         monitor_port = args.monitor_port or _monitor_port(os.environ)
     except ConfigError as e:
         return report_config_error(e)
+    from alphapulse.log import configure_logging, register_secrets
+
+    # stdout carries the report (one JSON object with --json): library log lines go to stderr, errors only
+    configure_logging(None, "ERROR", console=True)
+    register_secrets(s.secrets())
     opts = HealthOptions(timeout_s=args.timeout, unit=args.unit, monitor_port=monitor_port,
                          backup_dir=args.backup_dir, skip=frozenset(args.skip))
     results = asyncio.run(run_checks(s, opts))
