@@ -133,8 +133,6 @@ class Daemon:
         self._queue: asyncio.Queue[Any] = asyncio.Queue(maxsize=settings.queue_size)
         self.token = ""
         self.token_path: Path | None = None
-        # built in start() after the broker: a live start's first reconciliation reports STATUS before it exists
-        self.feed: Feed | None = None
         # created in start()
         self.store: Store
         self.files: OperatorFiles
@@ -200,17 +198,17 @@ class Daemon:
         last_ts = self.engine.last_candle_ts
         reason = self.engine.state_reason
 
-        self.feed = feed = build_feed(s, last_ts, self.client, warmup_bars=fs.warmup_bars)
+        self.feed = build_feed(s, last_ts, self.client, warmup_bars=fs.warmup_bars)
         try:
-            await feed.open()
+            await self.feed.open()
         except FeedError as e:
             if s.feed_source == "replay":
                 raise ConfigError("config.yaml", "feed.replay_file", str(e)) from None
             raise StartupError(f"exchange feed: {e}") from None  # the network may come back: systemd retries
         if last_ts is not None:
-            self.features.warmup(feed.history(last_ts + 1, fs.warmup_bars))
+            self.features.warmup(self.feed.history(last_ts + 1, fs.warmup_bars))
         elif s.feed_source == "weex":  # a live market has a past: warm up from it instead of waiting for it
-            self.features.warmup(feed.history(feed.now_ms() or 0, fs.warmup_bars))
+            self.features.warmup(self.feed.history(self.feed.now_ms() or 0, fs.warmup_bars))
         self.validator = CandleValidator(s.bar_ms, last_ts)
 
         self._runner = await start_control_server(self, s.control_host, s.control_port,

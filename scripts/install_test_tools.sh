@@ -3,7 +3,9 @@
 #   systemd-analyze  (Debian package "systemd")    for tests/test_systemd_unit.py and tests/test_install.py;
 #   logrotate        (Debian package "logrotate")  for tests/test_logrotate.py;
 #   chromium         (Debian package "chromium")   for tests/test_dashboard.py (headless, driven over DevTools);
-#   promtool and prometheus  (binaries from Debian package "prometheus") for tests/test_prometheus.py.
+#   promtool and prometheus  (binaries from Debian package "prometheus") for tests/test_prometheus.py;
+#   curl, jq, sqlite3, ps  (Debian packages "curl", "jq", "sqlite3", "procps") for tests/test_operations_doc.py
+#                    (docs/OPERATIONS.md's commands use them as an operator does).
 #
 # Idempotent, quiet and non-interactive. It always exits 0: on a machine where it cannot
 # install (not root, no apt-get) the tests skip with a reason, except under CI=true where
@@ -104,4 +106,8 @@ install_systemd_analyze
 install_apt_tool logrotate logrotate
 install_apt_tool chromium chromium
 install_prometheus_binaries
+install_apt_tool curl curl
+install_apt_tool jq jq
+install_apt_tool sqlite3 sqlite3
+install_apt_tool ps procps
 exit 0

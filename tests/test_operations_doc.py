@@ -349,17 +349,17 @@ def test_the_environment_block_names_what_install_sh_and_the_units_use() -> None
     assert env, "docs/OPERATIONS.md has no sh env block"
     install = (REPO / "scripts" / "install.sh").read_text()
     for var, path in (("STATE", "/var/lib/alphapulse"), ("LOGS", "/var/log/alphapulse"), ("ETC", "/etc/alphapulse"),
-                      ("OPT", "/opt/alphapulse-rl")):
-        assert re.search(rf"^{var}={re.escape(path)}$", install, re.M), f"install.sh no longer sets {var}={path}"
+                      ("OPT", "/opt/alphapulse-rl"), ("BACKUPS", "/var/lib/alphapulse-backups")):
+        assert re.search(rf"^{var}={re.escape(path)}(\s|$)", install, re.M), f"install.sh no longer sets {var}={path}"
     assert '"$ROOT$OPT/bin/alphapulse' in install and "export PATH=/opt/alphapulse-rl/bin:$PATH" in env
     exports = " ".join(env)
     for var, path in (("ALPHAPULSE_CONFIG_DIR", "/etc/alphapulse"), ("ALPHAPULSE_DATA_DIR", "/var/lib/alphapulse"),
-                      ("ALPHAPULSE_LOG_DIR", "/var/log/alphapulse")):
+                      ("ALPHAPULSE_LOG_DIR", "/var/log/alphapulse"),
+                      ("ALPHAPULSE_BACKUP_DIR", "/var/lib/alphapulse-backups")):
         assert f"{var}={path}" in exports
     assert ". /etc/alphapulse/alphapulse.env" in exports
     backup_unit = (SYSTEMD / "alphapulse-backup@.service").read_text()
     assert "ALPHAPULSE_BACKUP_DIR=%S/alphapulse-backups" in backup_unit
-    assert "ALPHAPULSE_BACKUP_DIR=/var/lib/alphapulse-backups" in DOC.read_text()
     for unit in SERVICES:
         assert "EnvironmentFile=-/etc/alphapulse/alphapulse.env" in (SYSTEMD / f"{unit}.service").read_text()
 
@@ -395,7 +395,12 @@ def test_a_fresh_install_has_every_unit_path_and_program_the_document_uses(tmp_p
                  "/var/log/alphapulse"):
         assert (root / path.lstrip("/")).exists(), f"install.sh made no {path}"
     wrapper = (root / "opt/alphapulse-rl/bin/alphapulse").read_text()
-    assert ". /etc/alphapulse/alphapulse.env" in wrapper  # the CLI reads ALPHAPULSE_BACKUP_DIR as the timers do
+    # the CLI's paths are the units': the operator's `alphapulse backup list` sees what the timers wrote
+    for line in ("ALPHAPULSE_DATA_DIR=/var/lib/alphapulse", "ALPHAPULSE_LOG_DIR=/var/log/alphapulse",
+                 "ALPHAPULSE_CONFIG_DIR=/etc/alphapulse", "ALPHAPULSE_BACKUP_DIR=/var/lib/alphapulse-backups",
+                 ". /etc/alphapulse/alphapulse.env"):
+        assert line in wrapper, f"the wrapper lacks {line}"
+    assert (root / "var/lib/alphapulse-backups").is_dir()
 
 
 def test_the_parser_refuses_an_unknown_block_kind_and_continuations() -> None:
@@ -473,7 +478,7 @@ def make_site(tmp_path: Path) -> Site:
     launcher.chmod(0o755)
     # The environment file the units read: what the operator chose, no directories (the units set those).
     keep = ("ALPHAPULSE_CONTROL_PORT", "ALPHAPULSE_REPLAY_FILE", "ALPHAPULSE_REPLAY_SPEED")
-    lines = ["TRADING_MODE=paper", f"ALPHAPULSE_MONITOR_PORT={m.port}", f"ALPHAPULSE_BACKUP_DIR={site.backup_dir}"]
+    lines = ["TRADING_MODE=paper", f"ALPHAPULSE_MONITOR_PORT={m.port}"]
     lines += [f"{k}={d.env[k]}" for k in keep]
     (site.config_dir / "alphapulse.env").write_text("\n".join(lines) + "\n")
     env = clean_env()

@@ -691,9 +691,12 @@ def test_install_script_installs_systemd_with_apt_once(tmp_path: Path) -> None:
         f" && {shutil.which('chmod')} +x {tool}\n"
         "exit 0"
     )
-    # the script's other tools (promtool, prometheus, logrotate, chromium) are present: only systemd here
+    # the script's other tools (promtool, prometheus, logrotate, chromium, and the operations manual's curl, jq,
+    # sqlite3, ps) are present: only systemd here
     env = fake_tools(bin_dir, id="echo 0", apt_get=apt_get, promtool='echo "promtool, version 0 (fake)"',
-                     prometheus="exit 0", logrotate='echo "logrotate 0 (fake)"', chromium='echo "Chromium 0 (fake)"')
+                     prometheus="exit 0", logrotate='echo "logrotate 0 (fake)"', chromium='echo "Chromium 0 (fake)"',
+                     curl='echo "curl 0 (fake)"', jq='echo "jq-0 (fake)"', sqlite3='echo "0 (fake)"',
+                     ps='echo "ps from procps-ng 0 (fake)"')
     first = run_install_script(env)
     assert first.returncode == 0, first.stderr
     assert "installed Debian package systemd (systemd 999 (fake))" in first.stdout
