@@ -199,6 +199,11 @@ EXPECT: dict[str, Expect] = {
         Expect(check=as_json(lambda v: isinstance(v, list), "a list of log records")),
     "grep -E 'MemTotal|MemAvailable|SwapFree' /proc/meminfo": Expect(check=has("MemTotal")),
     "grep -h '\"operator action\"' /var/log/alphapulse/alphapulse_*.log | tail -n 20": ANY_OK,
+    # Prometheus exposition of both processes
+    "curl -s 'http://127.0.0.1:8080/metrics?format=prometheus' | grep -E '^alphapulse_(equity|drawdown_ratio|ready) '":
+        Expect(check=matches(r"\Aalphapulse_\w+ \S+\nalphapulse_\w+ \S+\nalphapulse_\w+ \S+\n\Z")),
+    "curl -s http://127.0.0.1:8081/metrics | grep -c '^alphapulse_monitor_'":
+        Expect(check=matches(r"\A[1-9]\d*\n\Z")),
     # alerts
     "curl -s -X POST -H \"Authorization: Bearer $(cat /var/lib/alphapulse/control_token)\" "
     "\"http://127.0.0.1:8081/api/alerts/$(curl -s http://127.0.0.1:8081/api/alerts | jq '.active_alerts[0].id')"
