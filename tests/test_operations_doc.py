@@ -206,7 +206,8 @@ EXPECT: dict[str, Expect] = {
         Expect(check=matches(r"\A[1-9]\d*\n\Z")),
     # alerts
     "curl -s -X POST -H \"Authorization: Bearer $(cat /var/lib/alphapulse/control_token)\" "
-    "\"http://127.0.0.1:8081/api/alerts/$(curl -s http://127.0.0.1:8081/api/alerts | jq '.active_alerts[0].id')"
+    "\"http://127.0.0.1:8081/api/alerts/$(curl -s http://127.0.0.1:8081/api/alerts | jq '[.active_alerts[] | "
+    "select(.state == \"open\")][0].id')"
     "/acknowledge\" | jq '.alert | {id, rule, state}'":
         Expect(check=as_json(lambda v: isinstance(v["id"], int) and v["state"] == "acknowledged", "acknowledged")),
     "curl -s http://127.0.0.1:8080/health | jq '{status, problem, trading_state}'":
@@ -586,7 +587,8 @@ def test_the_operations_manual_runs_as_written(tmp_path: Path) -> None:
         d.wait_ready(90)
         m.start()
         m.wait_ready(60)
-        d.wait_metric(lambda x: x["portfolio"]["fills"] >= 2 and x["model"]["decisions"] >= 100, timeout=90)
+        d.wait_metric(lambda x: x["trading"]["orders"] >= 2 and x["portfolio"]["fills"] >= 2
+                      and x["model"]["decisions"] >= 100, timeout=90)
         m.wait_alerts(lambda b: any(a["rule"] == "model_confidence" for a in b["active_alerts"]), timeout=60)
         r = site.bash(setup, "alphapulse backup create --type full")
         assert r.returncode == 0, r.stderr
