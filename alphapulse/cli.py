@@ -198,6 +198,12 @@ def cmd_fetch(args: argparse.Namespace) -> int:
     return fetch_main(args.rest)
 
 
+def cmd_health(args: argparse.Namespace) -> int:
+    from alphapulse.ops.health import health_main
+
+    return health_main(args.rest)
+
+
 def cmd_backup(args: argparse.Namespace) -> int:
     from alphapulse.ops.backup_cli import backup_main
 
@@ -234,6 +240,8 @@ def build_parser() -> argparse.ArgumentParser:
                              ("model", cmd_model, "versioned models: list, promote (validated), rollback"),
                              ("fetch", cmd_fetch, "exchange checks (--test), data and store checks (--validate), "
                               "candle download"),
+                             ("health", cmd_health, "is the service fit to trade? service, control API, monitor, "
+                              "feed, model, store, disk, clock, backup; exit 0 healthy, 1 degraded, 2 failing"),
                              ("backup", cmd_backup, "backups: create, list, verify, restore (daemon stopped), "
                               "prune"),
                              ("fake-weex", cmd_fake_weex, "a local fake WEEX exchange on 127.0.0.1 for tests and "

@@ -38,7 +38,7 @@ from alphapulse.exchange.weex.client import WeexClient
 from alphapulse.exchange.weex.errors import AuthError, ExchangeUnavailable, UnknownSymbolError, WeexError
 from alphapulse.features import StreamingSource
 from alphapulse.funding import FundingError
-from alphapulse.log import get_logger, register_secrets
+from alphapulse.log import get_logger, register_secrets, reopen_log_file
 from alphapulse.market.feed import Feed, FeedError
 from alphapulse.market.replay import check_file_timeframe, default_replay_file
 from alphapulse.market.validate import CandleValidator
@@ -142,6 +142,7 @@ class Daemon:
         self.feed: Feed | None = None  # built in start() after the broker: live start-up reports STATUS before it
         self.validator: CandleValidator
         self._runner: Any = None
+        self._reopen_failing = False
         self._reload_task: asyncio.Task[None] | None = None
 
     # ---- start-up ---------------------------------------------------------------------------
@@ -442,7 +443,25 @@ class Daemon:
                 await asyncio.to_thread(self.store.checkpoint)
             if ticks % 2 == 0:
                 self.notify_status()
+            self._reopen_rotated()
             comp.progress("running")
+
+    def _reopen_rotated(self) -> None:
+        """Follow logrotate: files renamed or removed under us are reopened at their paths (a few stat calls a
+        second; the reopen itself is rare and short).  No signal is needed, so a rotation can never kill a
+        daemon that has not installed its handlers yet."""
+        try:
+            files = self.files.reopen_rotated()
+            if reopen_log_file():
+                files.append("log")
+        except OSError as e:
+            if not self._reopen_failing:  # once, not every second, until it works again
+                log.error("cannot reopen rotated log files; still writing to the old ones", error=str(e))
+            self._reopen_failing = True
+            return
+        self._reopen_failing = False
+        if files:
+            log.info("log files reopened after rotation", files=files)
 
     async def _watchdog(self, interval: float) -> None:
         withheld = False

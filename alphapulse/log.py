@@ -10,7 +10,9 @@ Why it is built this way:
   :func:`configure_logging` cuts off the next time the file is opened (so every line stays valid JSON
   for ``jq`` and the log shipper).
 * The file name carries the UTC day and switches on the first record after midnight UTC, so no
-  external logrotate (with its copytruncate races) is needed.
+  renaming is needed; logrotate only enforces retention (``config/logrotate/alphapulse``).  Should
+  something move or remove the open file anyway, :func:`reopen_log_file` (the daemon's housekeeping,
+  every second) reopens it at its path.
 * Under systemd the console lines carry sd-daemon ``<N>`` priority prefixes, so journald stores the
   right priority and ``journalctl -p warning`` works; journald adds its own timestamps, so we do not.
 * One redaction processor feeds both outputs, so a secret cannot leak through one of them only:
@@ -52,6 +54,7 @@ __all__ = [
     "current_log_file",
     "get_logger",
     "register_secrets",
+    "reopen_log_file",
     "repair_tail",
 ]
 
@@ -352,6 +355,24 @@ class DailyFile:
                 if self.write_errors == 1:
                     _emergency(f"alphapulse.log: cannot write {self.path}: {sys.exc_info()[1]}")
 
+    def reopen_if_rotated(self) -> bool:
+        """Reopen today's file when something (logrotate, an operator) moved or removed it; True if it did."""
+        with self._lock:
+            if self._fd < 0 or self.path is None:
+                return False
+            try:
+                st = os.stat(self.path)
+                cur = os.fstat(self._fd)
+                if (st.st_ino, st.st_dev) == (cur.st_ino, cur.st_dev):
+                    return False
+            except FileNotFoundError:
+                pass
+            try:
+                self._open(self._day)
+            except OSError:
+                return False  # keep writing to the old file rather than lose lines
+            return True
+
     def close(self) -> None:
         with self._lock:
             if self._fd >= 0:
@@ -537,6 +558,12 @@ def current_log_file() -> Path | None:
     """The JSON-lines file being written now (None when file output is off or closed)."""
     out_file = _file
     return out_file.path if out_file is not None else None
+
+
+def reopen_log_file() -> bool:
+    """Reopen the JSON-lines file if it was rotated away under us (see :meth:`DailyFile.reopen_if_rotated`)."""
+    out_file = _file
+    return out_file.reopen_if_rotated() if out_file is not None else False
 
 
 def close_logging() -> None:

@@ -18,11 +18,17 @@ Readers are iterators (the files grow by a line per bar forever), decode every l
 line they cannot parse, counting it in an optional ``skipped`` counter under the file's name.  A last line
 without its ``\\n`` is a torn write (a crash mid-write, or a line still being written): it is skipped and
 counted too, never parsed as a shorter record.
+
+Rotation (``config/logrotate/alphapulse``): logrotate renames a file to ``name.1`` and later compresses it to
+``name.2.gz`` ...  Readers read those generations first, oldest first, so a report still sees yesterday after
+the midnight rotation; :func:`last_record` and :func:`last_incident_id` look back through them when the
+current file has no record yet, so the daemon's crash recovery never appends history twice.
 """
 
 from __future__ import annotations
 
 import csv
+import gzip
 import math
 import os
 from collections import Counter
@@ -30,7 +36,7 @@ from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from decimal import Decimal, InvalidOperation
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import orjson
 
@@ -41,8 +47,8 @@ __all__ = [
     "DECISIONS_FILE", "DECISION_KEYS", "INCIDENTS_FILE", "INCIDENT_FIELDS", "OPERATOR_FILES", "TRADES_COLUMNS",
     "TRADES_FILE", "TRADES_HEADER", "AlertRow", "DecisionRow", "IncidentRow", "TradeRow", "alert_from",
     "alert_line", "append_incident", "daily_log_name", "decision_from", "decision_line", "incident_line",
-    "last_incident_id", "parse_incident", "read_alerts", "read_decisions", "read_incidents", "read_trades",
-    "repair_tail", "trade_line",
+    "last_incident_id", "last_record", "parse_incident", "read_alerts", "read_decisions", "read_incidents",
+    "read_trades", "repair_tail", "rotated_chain", "trade_line",
 ]
 
 TRADES_FILE = "trades.csv"
@@ -233,22 +239,76 @@ class IncidentRow:
     detail: dict[str, Any] = field(default_factory=dict)
 
 
+def rotated_chain(path: Path, limit: int = 400) -> Iterator[Path]:
+    """``path`` and then its logrotate generations, newest first: ``name.1`` (kept uncompressed by
+    ``delaycompress``), ``name.2.gz``, ... up to the first missing number (config/logrotate/alphapulse)."""
+    yield path
+    for i in range(1, limit + 1):
+        found = False
+        for cand in (path.with_name(f"{path.name}.{i}"), path.with_name(f"{path.name}.{i}.gz")):
+            if cand.exists():
+                found = True
+                yield cand
+        if not found:
+            return
+
+
+def _open_text(path: Path) -> IO[str]:
+    if path.suffix == ".gz":
+        return gzip.open(path, "rt", encoding="utf-8", errors="replace", newline="")
+    return path.open("r", encoding="utf-8", errors="replace", newline="")
+
+
 def _complete_lines(path: Path, name: str, skipped: Counter[str] | None) -> Iterator[str]:
-    """The whole lines of a possibly huge, possibly being-appended file, one at a time.
+    """The whole lines of a possibly huge, possibly being-appended file, one at a time, after those of its
+    logrotate generations (oldest first): after a rotation yesterday's records are in ``name.1``.
 
     Blank lines are ignored; a last line without ``\\n`` is torn and counted as skipped."""
-    try:
-        f = path.open("r", encoding="utf-8", errors="replace", newline="")
-    except FileNotFoundError:
-        return
-    with f:
-        for line in f:
-            if not line.endswith("\n"):
-                if line.strip() and skipped is not None:
-                    skipped[name] += 1
-                return
-            if line.strip():
-                yield line
+    for p in reversed(list(rotated_chain(path))):
+        try:
+            f = _open_text(p)
+        except FileNotFoundError:
+            continue
+        with f:
+            for line in f:
+                if not line.endswith("\n"):
+                    if line.strip() and skipped is not None:
+                        skipped[name] += 1
+                    break
+                if line.strip():
+                    yield line
+
+
+def _last_line(path: Path) -> bytes | None:
+    """The last non-empty line of one file (plain: read from the end; gzip: streamed)."""
+    if path.suffix == ".gz":
+        last: bytes | None = None
+        with gzip.open(path, "rb") as g:
+            for line in g:
+                if line.strip():
+                    last = line.rstrip(b"\n")
+        return last
+    with open(path, "rb") as f:
+        size = f.seek(0, os.SEEK_END)
+        if size == 0:
+            return None
+        f.seek(max(0, size - 65536))
+        lines = f.read().rstrip(b"\n").split(b"\n")
+        return lines[-1] if lines and lines[-1] else None
+
+
+def last_record(path: Path, header: bytes | None = None) -> bytes | None:
+    """The last record written to ``path``'s stream: in the file itself or, when logrotate has just moved it
+    away (the file is missing, empty or only a header), in the newest rotated generation that has one.
+    Without this a restart after a rotation would find "no record" and append the whole history again."""
+    for cand in rotated_chain(path):
+        try:
+            last = _last_line(cand)
+        except (OSError, EOFError):
+            continue
+        if last and not (header is not None and last.startswith(header)):
+            return last
+    return None
 
 
 def _dec(text: str) -> Decimal:
@@ -396,6 +456,34 @@ def read_incidents(log_dir: Path, skipped: Counter[str] | None = None, *, path: 
 
 
 def last_incident_id(path: Path) -> int:
+    """:func:`last_incident_id_of` the file or, when it has none (just rotated), of its newest rotated
+    generation that has one."""
+    for cand in rotated_chain(path):
+        if cand.suffix == ".gz":
+            found = 0
+            for line in _complete_lines_of(cand):
+                if _INCIDENT_ID in line:
+                    try:
+                        row = parse_incident(line)
+                    except ValueError:
+                        continue
+                    if row.incident_id is not None:
+                        found = row.incident_id
+        else:
+            found = last_incident_id_of(cand)
+        if found:
+            return found
+    return 0
+
+
+def _complete_lines_of(path: Path) -> Iterator[str]:
+    with _open_text(path) as f:
+        for line in f:
+            if line.endswith("\n") and line.strip():
+                yield line
+
+
+def last_incident_id_of(path: Path) -> int:
     """The ``incident_id`` of the last well-formed store line of incidents.log (0 when none), read backwards
     from the end so a long file costs only its tail.
 

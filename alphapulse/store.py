@@ -10,6 +10,10 @@ The operator files (``trades.csv``, ``ai_decisions.json``, ``risk_alerts.json``,
 appended after the commit, one ``os.write`` per line on an ``O_APPEND`` descriptor, so a line is either
 whole or absent.  At start a torn tail is cut off and any record the database has but a file lacks
 (the process died between commit and append) is written again, so the files never miss a record.
+
+logrotate may rename them under the daemon (``config/logrotate/alphapulse``): :meth:`OperatorFiles.reopen_rotated`
+reopens a moved file within a second, and the start-up repair finds the last record in the newest rotated file
+(``name.1``, ``name.2.gz``, ...) when the current one is empty, so a rotation neither loses nor repeats lines.
 """
 
 from __future__ import annotations
@@ -38,6 +42,7 @@ from alphapulse.operator_files import (
     decision_line,
     incident_line,
     last_incident_id,
+    last_record,
     repair_tail,
     trade_line,
 )
@@ -372,20 +377,6 @@ def build_rows(res: StepResult, ids: RowIds, equity: str, position: str) -> Pers
 # ---------------------------------------------------------------------------------------------
 
 
-def _last_line(path: Path) -> bytes | None:
-    try:
-        with open(path, "rb") as f:
-            f.seek(0, os.SEEK_END)
-            size = f.tell()
-            if size == 0:
-                return None
-            f.seek(max(0, size - 65536))
-            lines = f.read().rstrip(b"\n").split(b"\n")
-            return lines[-1] if lines and lines[-1] else None
-    except FileNotFoundError:
-        return None
-
-
 _FILL_ID_COLUMN = TRADES_COLUMNS.index("fill_id")
 
 
@@ -414,12 +405,41 @@ class OperatorFiles:
             "incidents": log_dir / INCIDENTS_FILE,
         }
         self._fds: dict[str, int] = {}
-        for key, path in self.paths.items():
-            self._fds[key] = fd = os.open(path, os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o640)
-            repair_tail(fd)
-        if os.fstat(self._fds["trades"]).st_size == 0:
-            os.write(self._fds["trades"], TRADES_HEADER.encode())
+        for key in self.paths:
+            self._fds[key] = self._open(key)
         self._reasons: dict[str, str] = {}
+
+    def _open(self, key: str) -> int:
+        """Open (or create) one file for appending, cut a torn tail, and give a new ``trades.csv`` its header."""
+        fd = os.open(self.paths[key], os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o640)
+        repair_tail(fd)
+        if key == "trades" and os.fstat(fd).st_size == 0:
+            os.write(fd, TRADES_HEADER.encode())
+        return fd
+
+    def reopen_rotated(self) -> list[str]:
+        """Reopen every file that logrotate moved away (its path now names another inode, or nothing).
+
+        Called about once a second from the daemon's housekeeping (a few stat calls, ~25 µs).  Until then the
+        daemon appends to the renamed file, which still holds every line whole: with ``delaycompress`` nothing
+        reads or removes it before the next rotation, so no line is lost or torn.  Returns the keys reopened."""
+        reopened = []
+        for key, path in self.paths.items():
+            fd = self._fds.get(key)
+            if fd is None:
+                continue
+            try:
+                st = os.stat(path)
+                cur = os.fstat(fd)
+                if (st.st_ino, st.st_dev) == (cur.st_ino, cur.st_dev):
+                    continue
+            except FileNotFoundError:
+                pass
+            self.flush()
+            self._fds[key] = self._open(key)
+            os.close(fd)
+            reopened.append(key)
+        return reopened
 
     def close(self) -> None:
         self.flush()
@@ -489,16 +509,16 @@ class OperatorFiles:
     def reconcile(self, store: Store, action_meanings: tuple[str, ...], bar_ms: int) -> dict[str, int]:
         """Append every record the store has and a file lacks; returns how many lines each file gained."""
         added = {"trades": 0, "decisions": 0, "alerts": 0, "incidents": 0}
-        last = _last_line(self.paths["trades"])
+        last = last_record(self.paths["trades"], header=b"timestamp,")
         last_fill = 0
-        if last and not last.startswith(b"timestamp,"):
+        if last:
             last_fill = int(last.split(b",")[_FILL_ID_COLUMN])
         rows = list(store.fills_after(last_fill))
         reasons = store.fill_reasons(r[1] for r in rows)
         for row in rows:
             self.trade(row, reasons.get(row[1]) or _default_reason(row[3]))
             added["trades"] += 1
-        last = _last_line(self.paths["decisions"])
+        last = last_record(self.paths["decisions"])
         last_ts = -1
         if last:
             rec = orjson.loads(last)
@@ -506,7 +526,7 @@ class OperatorFiles:
         for row in store.decisions_after(last_ts):
             self.decision(row, action_meanings, bar_ms)
             added["decisions"] += 1
-        last = _last_line(self.paths["alerts"])
+        last = last_record(self.paths["alerts"])
         for row in store.alerts_after(orjson.loads(last)["alert_id"] if last else 0):
             self.alert(row)
             added["alerts"] += 1

@@ -748,7 +748,7 @@ def test_backup_units_pass_systemd_analyze_verify(tmp_path: Path) -> None:
     script = Path(sys.prefix) / "bin" / "alphapulse"
     binary = script if script.is_file() else Path(sys.executable)
     for u in units:
-        text = u.read_text().replace("/opt/alphapulse/.venv/bin/alphapulse", str(binary))
+        text = u.read_text().replace("/opt/alphapulse-rl/current/venv/bin/alphapulse", str(binary))
         (tmp_path / u.name).write_text(text)
     env = dict(os.environ, SYSTEMD_COLORS="0", SYSTEMD_PAGER="", LC_ALL="C.UTF-8")
     targets = ["alphapulse-backup@data.service", "alphapulse-backup@full.service", "alphapulse-backup@config.service",
@@ -769,7 +769,7 @@ def test_timers_follow_the_schedule() -> None:
     want = {"data": ("daily", "*-*-* 02:30:00 UTC"), "full": ("weekly", "Sun *-*-* 03:30:00 UTC"),
             "config": ("monthly", "*-*-01 04:30:00 UTC")}
     service = (SYSTEMD / "alphapulse-backup@.service").read_text()
-    assert "ExecStart=/opt/alphapulse/.venv/bin/alphapulse backup create --type %i" in service
+    assert "ExecStart=/opt/alphapulse-rl/current/venv/bin/alphapulse backup create --type %i" in service
     assert "backup prune --type %i" in service
     for kind, (_every, cal) in want.items():
         text = (SYSTEMD / f"alphapulse-backup-{kind}.timer").read_text()

@@ -16,7 +16,7 @@ Three layers, because each catches what the others cannot:
   host.
 
 Not reproduced here (no systemd as PID 1): the namespace options (ProtectSystem=,
-PrivateTmp=, ProtectProc=, PrivateUsers=, DynamicUser=...). systemd-analyze checks them
+PrivateTmp=, ProtectProc=, PrivateUsers=, User=...). systemd-analyze checks them
 statically; the unit's comments record what was measured by hand for them.
 
 systemd-analyze comes from ``scripts/install_test_tools.sh`` (Debian package ``systemd``).
@@ -50,7 +50,7 @@ REPO = Path(__file__).resolve().parent.parent
 UNIT_NAME = "alphapulse-trading.service"
 UNIT_PATH = REPO / "systemd" / UNIT_NAME
 INSTALL_SCRIPT = REPO / "scripts" / "install_test_tools.sh"
-SHIPPED_EXEC_START = "/opt/alphapulse/.venv/bin/alphapulse run"
+SHIPPED_EXEC_START = "/opt/alphapulse-rl/current/venv/bin/alphapulse run"  # scripts/install.sh makes it
 MAX_EXPOSURE = 1.2  # the unit scores 1.1; a regression by one notch fails
 
 Unit = dict[str, dict[str, list[str]]]
@@ -136,7 +136,7 @@ def runnable_copy(directory: Path, *, extra_lines: str = "") -> Path:
     """Copy the unit with ExecStart= pointing at a binary that exists here.
 
     `systemd-analyze verify` fails when the ExecStart binary is missing, and
-    /opt/alphapulse/.venv is a production path. The venv's own console script is the
+    /opt/alphapulse-rl/current/venv is a production path. The venv's own console script is the
     closest stand-in; the interpreter running the tests always exists.
     """
     script = Path(sys.prefix) / "bin" / "alphapulse"
@@ -173,7 +173,8 @@ REQUIRED_SERVICE_SETTINGS = {
     "StateDirectory": "alphapulse",
     "LogsDirectory": "alphapulse",
     "ConfigurationDirectory": "alphapulse",
-    "DynamicUser": "yes",
+    "User": "alphapulse",  # the system user scripts/install.sh creates (tests/test_install.py)
+    "Group": "alphapulse",
     "NoNewPrivileges": "yes",
     "ProtectSystem": "strict",
     "ProtectHome": "yes",
@@ -262,7 +263,7 @@ def test_security_score_reacts_to_weaker_sandbox(tmp_path: Path) -> None:
     kept = [
         line
         for line in UNIT_PATH.read_text(encoding="utf-8").splitlines()
-        if not line.startswith(("Protect", "Private", "Restrict", "SystemCall", "DynamicUser", "Capability"))
+        if not line.startswith(("Protect", "Private", "Restrict", "SystemCall", "User", "Group", "Capability"))
     ]
     weak.write_text("\n".join(kept) + "\n", encoding="utf-8")
     result = run_analyze("security", "--offline=true", str(weak))
