@@ -206,9 +206,9 @@ def format_table(result: dict[str, Any]) -> str:
              f"funding: {result['costs']['funding']}"]
     mdl = result["model"]
     if mdl.get("warmup_bars", 0) > 1:  # say where the period starts, so a later --from than asked is no surprise
-        cadence = "every bar" if mdl["decision_every_bars"] == 1 else \
-            f"every {mdl['decision_every_bars']} bars" + (f", on the bar closing at {mdl['decision_hour_utc']:02d}:00 UTC"
-                                                          if mdl["decision_hour_utc"] is not None else "")
+        hour = mdl["decision_hour_utc"]
+        cadence = "every bar" if mdl["decision_every_bars"] == 1 else f"every {mdl['decision_every_bars']} bars" + (
+            f", on the bar closing at {hour:02d}:00 UTC" if hour is not None else "")
         lines.append(f"warm-up: {mdl['warmup_bars']} {d['timeframe']} bars of {mdl['feature_set']} features up to "
                      f"{d['from']}, from the file before it; the policy decides {cadence}")
     lines.append("")
