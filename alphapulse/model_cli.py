@@ -215,7 +215,7 @@ def cmd_list(run: _Run, as_json: bool) -> int:
         print("  " + "".join(f"{titles[c]:<{width[c]}}" for c in cols) + "sha256")
         for r in rows:
             mark = "*" if r["active"] else ("-" if r["previous"] else " ")
-            print(f"{mark} " + "".join(f"{str(r[c] or ''):<{width[c]}}" for c in cols)
+            print(f"{mark} " + "".join(f"{r[c] or ''!s:<{width[c]}}" for c in cols)
                   + str(r["sha256"] or "")[:12])
         print("(* active, - previous: the target of 'alphapulse model rollback')")
     print(f"the daemon loads: {path} ({source}) at its next start")
