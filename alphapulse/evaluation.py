@@ -183,7 +183,7 @@ def evaluate(policy: Policy, data: Path, settings: Settings, *, period: str = "a
                  "candles": int(len(cols["ts"]) - first)},
         "model": {"path": str(policy.path), "version": policy.meta.version, "kind": policy.meta.kind,
                   "training_data_range": policy.meta.training_data_range,
-                  "feature_set": policy.meta.feature_set_name,
+                  "feature_set": policy.meta.feature_set_name, "warmup_bars": warmup,
                   "decision_every_bars": policy.meta.decision_every_bars,
                   "decision_hour_utc": policy.meta.decision_hour_utc},
         "costs": {"taker_fee": float(settings.taker_fee), "slippage_bps": float(settings.slippage_bps),
@@ -203,7 +203,15 @@ def format_table(result: dict[str, Any]) -> str:
              f"costs: taker fee {result['costs']['taker_fee'] * 100:.3f}%, slippage {result['costs']['slippage_bps']}"
              f" bps; max position {result['costs']['max_position_pct']:.0f}% of equity; the policy trades under the "
              "daemon's risk limits, the baselines without halts",
-             f"funding: {result['costs']['funding']}", ""]
+             f"funding: {result['costs']['funding']}"]
+    mdl = result["model"]
+    if mdl.get("warmup_bars", 0) > 1:  # say where the period starts, so a later --from than asked is no surprise
+        hour = mdl["decision_hour_utc"]
+        cadence = "every bar" if mdl["decision_every_bars"] == 1 else f"every {mdl['decision_every_bars']} bars" + (
+            f", on the bar closing at {hour:02d}:00 UTC" if hour is not None else "")
+        lines.append(f"warm-up: {mdl['warmup_bars']} {d['timeframe']} bars of {mdl['feature_set']} features up to "
+                     f"{d['from']}, from the file before it; the policy decides {cadence}")
+    lines.append("")
     head = f"{'strategy':<17}{'return':>9}{'sharpe':>8}{'sortino':>9}{'max dd':>8}{'calmar':>8}{'win':>7}" \
            f"{'pf':>7}{'trades':>8}{'expo':>7}{'turn':>8}{'fees':>10}"
     lines += [head, "-" * len(head)]

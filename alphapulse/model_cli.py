@@ -206,12 +206,17 @@ def cmd_list(run: _Run, as_json: bool) -> int:
     if not rows:
         print(f"no models in {run.store.root}")
     else:
-        head = f"  {'version':<28}{'kind':<10}{'tf':<5}{'features':<10}{'imported':<26}sha256"
-        print(head)
+        # columns as wide as their longest value plus two spaces: a long version (the shipped model's is 28
+        # characters) or kind ("gated_rule") must not run into the next column
+        cols = ("version", "kind", "timeframe", "feature_set", "imported")
+        titles = {"version": "version", "kind": "kind", "timeframe": "tf", "feature_set": "features",
+                  "imported": "imported"}
+        width = {c: max(len(titles[c]), *(len(str(r[c] or "")) for r in rows)) + 2 for c in cols}
+        print("  " + "".join(f"{titles[c]:<{width[c]}}" for c in cols) + "sha256")
         for r in rows:
             mark = "*" if r["active"] else ("-" if r["previous"] else " ")
-            print(f"{mark} {r['version']:<28}{r['kind'] or '':<10}{r['timeframe'] or '':<5}"
-                  f"{r['feature_set'] or '':<10}{r['imported'] or '':<26}{str(r['sha256'] or '')[:12]}")
+            print(f"{mark} " + "".join(f"{r[c] or ''!s:<{width[c]}}" for c in cols)
+                  + str(r["sha256"] or "")[:12])
         print("(* active, - previous: the target of 'alphapulse model rollback')")
     print(f"the daemon loads: {path} ({source}) at its next start")
     if running is None:

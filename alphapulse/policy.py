@@ -174,7 +174,7 @@ def decision_for_action(action: int, candle_ts: int, symbol: str) -> Decision:
 
 
 MODELS_DIR = Path(__file__).resolve().parent / "models"
-DEFAULT_MODEL_NAME = "ppo_1h.onnx"
+DEFAULT_MODEL_NAME = "gated_rule_1h.onnx"
 
 
 def default_model_path() -> Path:

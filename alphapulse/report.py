@@ -180,10 +180,15 @@ def iter_alerts(path: Path, skipped: Counter[str] | None = None) -> Iterator[Ale
 def last_data_ms(logs: Path) -> int | None:
     """Time of the newest record in the logs (decisions by candle time), ``None`` when there is none.
 
+    A fill or funding line stamped exactly at a UTC midnight counts as the millisecond before: it is the close of
+    the day's last bar (a paper fill lands at the next bar's open, funding at the bar's close), so a run whose last
+    candle is 23:00 reports that day, not a next day holding one funding line.  That matters for a model deciding
+    once a day: its decision is on the 23:00 candle and its fill at 00:00.
+
     Streams every line because a file can hold several runs (a backtest appended after a live
     run) and so need not end with its newest record.
     """
-    times = [t.ts_ms for t in read_trades(logs)] + [a.ts_ms for a in read_alerts(logs)]
+    times = [t.ts_ms - (t.ts_ms % DAY_MS == 0) for t in read_trades(logs)] + [a.ts_ms for a in read_alerts(logs)]
     newest = max(times, default=None)
     for d in read_decisions(logs):
         newest = d.candle_ms if newest is None or d.candle_ms > newest else newest

@@ -38,6 +38,13 @@ only a benchmark that could not run exits 1): tick-to-order p99 <= 3x floor p99 
 RSS < 150 MB, RSS growth <= 5 MB, backtest >= 0.5x the bare ONNX loop, decision-to-ack p99 <= 2x the bare
 signed request's p99.
 
+Model: every per-candle measurement (1, 2, 4 and the backtest ratio) runs ``alphapulse/models/ppo_1h.onnx``
+(:data:`BENCH_MODEL`), not the daemon's default.  The default (``gated_rule_1h.onnx``) decides once a day, so on 23
+of 24 candles it would not call ONNX at all: its tick-to-order would measure a pipeline with the model left out,
+and its floor (an ONNX call per candle) would no longer be the floor of the same work.  The PPO model has the same
+contract and decides on every bar, which is the worst case of the pipeline and what these numbers are for.
+Start-up (3) runs the default model with the shipped config, as a user starts it; the live run (5) the 5m baseline.
+
 Data: real candles only, of the shipped config's timeframe (1h): ``BTC_USDT-1h.csv.gz`` from the project's
 shared data directory (``--shared-data``, ``$BENCH_SHARED_DATA`` or ``<repo>/../shared/data``; or a file given
 with ``--data``); on a machine without it, the
@@ -84,6 +91,7 @@ if str(REPO) not in sys.path:  # `python scripts/bench.py` from a checkout that 
 
 from alphapulse.domain import TIMEFRAME_MS  # noqa: E402
 from alphapulse.metrics import LatencyHistogram  # noqa: E402
+from alphapulse.policy import MODELS_DIR  # noqa: E402
 from alphapulse.store import INSERT_DECISION, SCHEMA, connect  # noqa: E402
 
 
@@ -101,6 +109,8 @@ BUNDLED = REPO / "alphapulse" / "data" / f"BTC_USDT_USDT-{TIMEFRAME}.csv.gz"
 HEADER = "timestamp,open,high,low,close,volume"
 OUT_DIR = REPO / ".bench"
 SHARED_ENV = "BENCH_SHARED_DATA"  # the shared data directory, when not <repo>/../shared/data
+# The model of every per-candle measurement: one that decides on every bar (see the module docstring).
+BENCH_MODEL = MODELS_DIR / "ppo_1h.onnx"
 
 FULL = {"latency": 100_000, "memory": 500_000, "reps": 3, "live_orders": 300, "live_reps": 3}
 QUICK = {"latency": 20_000, "memory": 60_000, "reps": 3, "live_orders": 40, "live_reps": 1}
@@ -205,8 +215,10 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def daemon_env(root: Path, port: int, replay: Path | None, speed: str | None) -> dict[str, str]:
-    """The caller's environment minus daemon settings, plus the shipped config and a private state dir."""
+def daemon_env(root: Path, port: int, replay: Path | None, speed: str | None,
+               model: Path | None = BENCH_MODEL) -> dict[str, str]:
+    """The caller's environment minus daemon settings, plus the shipped config and a private state dir; ``model``
+    (default :data:`BENCH_MODEL`, which decides every bar) overrides the config's model, ``None`` keeps it."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(_ENV_DROP)}
     env.update({
         "ALPHAPULSE_CONFIG_DIR": str(REPO / "config"),
@@ -218,6 +230,8 @@ def daemon_env(root: Path, port: int, replay: Path | None, speed: str | None) ->
         # the code of this checkout, whatever else the interpreter has installed (another checkout, editable)
         "PYTHONPATH": os.pathsep.join([str(REPO), *filter(None, [os.environ.get("PYTHONPATH")])]),
     })
+    if model is not None:
+        env["ALPHAPULSE_MODEL_PATH"] = str(model)
     if replay is not None:
         env["ALPHAPULSE_REPLAY_FILE"] = str(replay)
     if speed is not None:
@@ -480,7 +494,7 @@ def inprocess_split(root: Path, replay: Path) -> dict[str, Any]:
 
     env = {"ALPHAPULSE_DATA_DIR": str(root / "data"), "ALPHAPULSE_LOG_DIR": str(root / "log"),
            "ALPHAPULSE_CONTROL_PORT": str(free_port()), "ALPHAPULSE_REPLAY_FILE": str(replay),
-           "ALPHAPULSE_REPLAY_SPEED": "max", "TRADING_MODE": "paper"}
+           "ALPHAPULSE_REPLAY_SPEED": "max", "TRADING_MODE": "paper", "ALPHAPULSE_MODEL_PATH": str(BENCH_MODEL)}
     settings = load_settings(REPO / "config", env=env)
     check_paths(settings)
     configure_logging(settings.log_dir, settings.log_level, console=False)
@@ -507,8 +521,22 @@ def inprocess_split(root: Path, replay: Path) -> dict[str, Any]:
 # ---- 2. the floor -------------------------------------------------------------------------------------------
 
 
+def bench_policy() -> Any:
+    """:data:`BENCH_MODEL` loaded, refusing a model that would not make these numbers mean what they say: one that
+    skips bars (its tick-to-order would leave ONNX out) or reads other features than the observations built here."""
+    from alphapulse.policy import Policy
+
+    policy = Policy.load(BENCH_MODEL)
+    meta = policy.meta
+    if meta.decision_every_bars != 1 or meta.feature_set_name != "short_v1" or meta.timeframe != TIMEFRAME:
+        raise BenchError(f"{BENCH_MODEL.name}: the bench needs a {TIMEFRAME} short_v1 model deciding every bar, "
+                         f"got {meta.timeframe} {meta.feature_set_name} every {meta.decision_every_bars} bars")
+    return policy
+
+
 def observations(rows: list[str], n: int) -> list[list[float]]:
-    """Real model inputs: the shipped feature pipeline over the same candles (flat, no position)."""
+    """Real model inputs: :data:`BENCH_MODEL`'s feature set (``short_v1``, checked in :func:`bench_policy`) over the
+    same candles (flat, no position)."""
     from alphapulse.domain import Candle
     from alphapulse.features import StreamingFeatures, observation
 
@@ -541,9 +569,7 @@ def floor_once(db_path: Path, obs: list[list[float]], n: int) -> dict[str, Any]:
     """
     import numpy as np
 
-    from alphapulse.policy import Policy, default_model_path
-
-    policy = Policy.load(default_model_path())
+    policy = bench_policy()  # the daemon runs' model (daemon_env), so the ratio compares like with like
     policy.warmup(200)  # the shipped config's model.warmup_runs; also picks the faster binding
     db = connect(db_path)  # the daemon's writing connection: WAL, synchronous=NORMAL, no automatic checkpoints
     try:
@@ -602,7 +628,7 @@ def ready_once(root: Path, timeout_s: float = 30.0) -> float:
     out = root / "daemon.out"
     with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
         sock.bind(str(sock_path))
-        env = daemon_env(root, free_port(), None, None)
+        env = daemon_env(root, free_port(), None, None, model=None)  # the default model, as a user starts it
         env["NOTIFY_SOCKET"] = str(sock_path)
         t0 = time.perf_counter()
         p = spawn(daemon_cmd(), env, out)
@@ -735,7 +761,7 @@ def wait_http(port: int, path: str, proc: subprocess.Popen[bytes], log: Path, ti
 def live_daemon_acks(root: Path, fake_port: int, orders: int, timeout_s: float) -> dict[str, Any]:
     """The real daemon, live against the fake, until ``orders`` orders are acknowledged; its /metrics then."""
     port = free_port()
-    env = daemon_env(root, port, None, None)
+    env = daemon_env(root, port, None, None, model=None)  # live_config names the 5m baseline
     env.update({"ALPHAPULSE_CONFIG_DIR": str(live_config(root / "config")), "TRADING_MODE": "live",
                 "WEEX_API_KEY": FAKE_KEY, "WEEX_SECRET_KEY": FAKE_SECRET, "WEEX_PASSPHRASE": FAKE_PASSPHRASE,
                 "WEEX_REST_URL": f"http://127.0.0.1:{fake_port}", "WEEX_WS_URL": f"ws://127.0.0.1:{fake_port}/v3/ws"})
@@ -911,10 +937,8 @@ def backtest_throughput(reps: int, quick: bool, shared: Path | None) -> dict[str
     from alphapulse.domain import TIMEFRAME_MS
     from alphapulse.features import batch_market_features, observation
     from alphapulse.market.replay import default_replay_file, load_candles
-    from alphapulse.policy import Policy, default_model_path
-
     settings = load_settings(REPO / "config", env={})
-    policy = Policy.load(default_model_path())  # the shipped model, on candles of its own timeframe
+    policy = bench_policy()  # a model that decides every bar, on candles of its own timeframe
     policy.warmup(200)
     tf = policy.meta.timeframe
     long_file = None if shared is None else shared / f"BTC_USDT-{tf}.csv.gz"
@@ -1099,6 +1123,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "memory_candles": mem["candles"],
         "memory": mem,
         "decision_to_ack_us": live,
+        "model": {"per_candle": BENCH_MODEL.name, "ready": "the config's default"},
         "data": {"source": str(src.path), "kind": src.kind, "rows": len(src.rows), "description": desc,
                  "latency_repeats": rep_lat, "memory_repeats": rep_mem},
         "repetitions": {"tick_to_order": reps, "floor": reps, "ready": reps, "memory": 1, "split": 1,
@@ -1107,7 +1132,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "tick_to_order": "real daemon process (uvloop), ALPHAPULSE_REPLAY_SPEED=max, GET /metrics "
                              ".system.tick_to_order_us after the last candle: Engine.step + durable SQLite commit "
                              "+ operator files per candle; median over runs of each quantile",
-            "floor": "Policy.decide (shipped model, same session options) on real observations + one autocommit "
+            "floor": "Policy.decide (BENCH_MODEL, same session options) on real observations + one autocommit "
                      "INSERT in WAL mode, synchronous=NORMAL; checkpoints untimed",
             "quantiles": "alphapulse.metrics.LatencyHistogram bucket upper edges (~4 % wide), as the daemon reports",
             "ready": "Popen -> READY=1 datagram on a bound NOTIFY_SOCKET; shipped config, bundled replay, "

@@ -274,11 +274,14 @@ def test_shipped_defaults_trade_the_bundled_replay(tmp_path: Path, procs: list[D
     assert d.wait_exit(timeout=180) == 0, d.stderr()
     decisions = (d.log_dir / "ai_decisions.json").read_text().splitlines()
     trades = (d.log_dir / "trades.csv").read_text().splitlines()
-    assert len(decisions) > 1000, "the bundled replay should be decided candle by candle"
-    assert len(trades) > 5, "the default model should trade the bundled replay"
     from alphapulse.policy import default_model_path, read_model_meta
 
     meta = read_model_meta(default_model_path())
+    # the shipped model decides once a day at 00:00 UTC after its 90-day warm-up: ~150 of the 5,856 bars
+    assert len(decisions) > 100, "the bundled replay should be decided day by day after the warm-up"
+    assert meta.decision_every_bars == 24 and meta.decision_hour_utc == 0
+    assert all(json.loads(line)["candle_time"].endswith("T23:00:00.000Z") for line in decisions)
+    assert len(trades) > 5, "the default model should trade the bundled replay"
     first = json.loads(decisions[0])
     assert set(first["probabilities"]) == set(meta.action_meanings)
     assert "replay finished" in d.stderr()

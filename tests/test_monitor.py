@@ -557,3 +557,32 @@ def test_a_wedged_daemon_pipeline_is_a_p1_unhealthy_alert(tmp_path: Path) -> Non
     finally:
         mon.close()
         daemon.close()
+
+
+@pytest.mark.slow
+def test_a_risk_breach_in_the_daemon_reaches_a_webhook_through_the_monitor(tmp_path: Path) -> None:
+    """The whole chain, each link a real process or server: the daemon trades real candles under a tight daily
+    loss limit and breaches it (RISK_LIMIT_EXCEEDED in its risk_alerts.json), the monitor scrapes that into a P2
+    risk_limit_breach alert, and its delivery dispatcher posts it to a webhook receiver on 127.0.0.1."""
+    hook = _Hook()
+    daemon = DaemonProc(tmp_path / "run", speed="36000", trading={"risk": {"daily_loss_limit_pct": 0.5}})
+    mon = MonitorProc(daemon, monitoring={"delivery": {"webhook": {"enabled": True, "url": hook.url}}},
+                      env={"NO_PROXY": "127.0.0.1,localhost", "no_proxy": "127.0.0.1,localhost"})
+    try:
+        mon.start()
+        mon.wait_ready(30)
+        daemon.start()
+        body = mon.wait_alerts(lambda b: any(a["rule"] == "risk_limit_breach"
+                                             for a in b["active_alerts"] + b["recent_alerts"]), timeout=90)
+        alert = next(a for a in body["active_alerts"] + body["recent_alerts"] if a["rule"] == "risk_limit_breach")
+        assert alert["severity"] == "P2"
+        # the daemon really breached: its own operator file has the event the monitor saw
+        lines = (daemon.log_dir / "risk_alerts.json").read_text().splitlines()
+        assert any(json.loads(ln).get("event") == "RISK_LIMIT_EXCEEDED" for ln in lines), lines[:3]
+        got = hook.wait(lambda r: any("risk_limit_breach" in json.dumps(m) for m in r), timeout=20)
+        msg = next(m for m in got if "risk_limit_breach" in json.dumps(m))
+        assert "P2" in msg["title"] + msg["message"]
+    finally:
+        daemon.stop() if daemon.proc is not None and daemon.proc.poll() is None else None
+        mon.close()
+        hook.close()

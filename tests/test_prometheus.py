@@ -769,6 +769,8 @@ def test_install_script_extracts_promtool_and_prometheus_from_the_debian_package
     stand_ins = {
         "id": "echo 0",
         "systemd-analyze": 'echo "systemd 999 (fake)"',
+        "logrotate": 'echo "logrotate 0 (fake)"',  # the script's other tools are present: only prometheus here
+        "chromium": 'echo "Chromium 0 (fake)"',
         "apt-get": f'echo "$*" >> {calls}\n[ "$1" = download ] && cp {deb} .\nexit 0',
     }
     for name, body in stand_ins.items():

@@ -49,6 +49,10 @@ from tests.daemon_harness import REPO, DaemonProc, clean_env
 DATA = REPO / "tests" / "data"
 SLICE_1H = DATA / "BTC_USDT-1h-2021-11_2022-06.csv.gz"
 FUNDING_FILE = DATA / "BTC_USDT_USDT-funding_rate.csv.gz"
+# The previous default: short_v1 features (49-bar warm-up), a decision every bar.  The tests below that need a
+# short warm-up (so TSMOM's 90 days are missing) name it; the default is the daily trend_v1 gated policy.
+PPO_1H = default_model_path().with_name("ppo_1h.onnx")
+BUNDLED_1H = REPO / "alphapulse" / "data" / "BTC_USDT_USDT-1h.csv.gz"
 HOUR = 3_600_000
 DAY = 24 * HOUR
 D = Decimal
@@ -132,7 +136,7 @@ def test_model_metadata_names_feature_set_and_cadence(trend_model: Path, tmp_pat
     p = Policy.load(trend_model)
     assert p.meta.feature_set_name == "trend_v1" and p.meta.feature_names == TREND_FEATURE_NAMES
     assert (p.meta.decision_every_bars, p.meta.decision_hour_utc) == (24, 0)
-    shipped = Policy.load(default_model_path())  # no metadata: short_v1, every bar
+    shipped = Policy.load(PPO_1H)  # no cadence metadata: short_v1, every bar
     assert shipped.meta.feature_set_name == "short_v1"
     assert (shipped.meta.decision_every_bars, shipped.meta.decision_hour_utc) == (1, None)
     assert shipped.meta.feature_set.warmup_bars == 49 and p.meta.feature_set.warmup_bars == TREND_WARMUP_BARS
@@ -379,7 +383,7 @@ def test_live_mode_gets_no_simulated_funding(settings: Settings) -> None:
 
 
 def test_evaluate_reports_tsmom_or_why_not(settings: Settings, slice_file: Path) -> None:
-    policy = Policy.load(default_model_path())  # short_v1, 1h
+    policy = Policy.load(PPO_1H)  # short_v1, 1h
     late = evaluate(policy, slice_file, settings, start_ms=1_646_092_800_000)  # from 2022-03-01: 90 days before it
     t = late["strategies"]["tsmom_vol_target"]
     assert "skipped" not in t and t["trades"] > 0 and math.isfinite(t["sharpe"])
@@ -388,24 +392,24 @@ def test_evaluate_reports_tsmom_or_why_not(settings: Settings, slice_file: Path)
     early = evaluate(policy, slice_file, settings)  # the whole file: no 90 days before its first evaluated bar
     assert early["strategies"]["tsmom_vol_target"]["skipped"].startswith(
         f"not enough history (needs {TREND_WARMUP_BARS} bars")
-    r = _cli("evaluate", "--data", str(slice_file))
+    r = _cli("evaluate", "--model", str(PPO_1H), "--data", str(slice_file))
     assert r.returncode == 0, r.stderr
     assert "tsmom_vol_target" in r.stdout and f"not enough history (needs {TREND_WARMUP_BARS} bars" in r.stdout
-    r = _cli("evaluate", "--data", str(slice_file), "--from", "2022-03-01")
+    r = _cli("evaluate", "--model", str(PPO_1H), "--data", str(slice_file), "--from", "2022-03-01")
     line = next(x for x in r.stdout.splitlines() if x.startswith("tsmom_vol_target"))
     assert "%" in line and "not enough" not in line
 
 
 def test_evaluate_on_the_bundled_1h_file_names_the_first_date_tsmom_can_run_from(settings: Settings) -> None:
-    """The bundled 1h file starts 2024-12-31, and the shipped model's test split covers all of it, so a default
-    ``alphapulse evaluate`` has no 90 days before its first bar for TSMOM: the row says from which date it can
-    run, and that date (not a day earlier) gives a TSMOM row over the same bars as the policy's."""
+    """The bundled 1h file starts 2024-12-31, so a model with a short warm-up (the PPO model, 49 bars) evaluated
+    on all of it has no 90 days before its first bar for TSMOM: the row says from which date it can run, and that
+    date (not a day earlier) gives a TSMOM row over the same bars as the policy's."""
     import re
 
     from alphapulse.backtest import parse_time
 
-    bundled = REPO / "alphapulse" / "data" / "BTC_USDT_USDT-1h.csv.gz"
-    r = _cli("evaluate")  # the shipped 1h model on its bundled file, as a new user runs it
+    bundled = BUNDLED_1H
+    r = _cli("evaluate", "--model", str(PPO_1H))  # a 1h short_v1 model on the bundled file
     assert r.returncode == 0, r.stderr
     line = next(x for x in r.stdout.splitlines() if x.startswith("tsmom_vol_target"))
     assert f"not enough history (needs {TREND_WARMUP_BARS} bars" in line, line
@@ -414,16 +418,41 @@ def test_evaluate_on_the_bundled_1h_file_names_the_first_date_tsmom_can_run_from
     day = found.group(1)
     first_bar = load_candles(bundled)["ts"][0]
     assert parse_time(day, "--from") == first_bar + (TREND_WARMUP_BARS - 1) * 3_600_000  # exactly 90 days in
-    policy = Policy.load(default_model_path())
+    policy = Policy.load(PPO_1H)
     res = evaluate(policy, bundled, settings, start_ms=parse_time(day, "--from"))
     t = res["strategies"]["tsmom_vol_target"]
     assert "skipped" not in t and t["trades"] > 0 and math.isfinite(t["sharpe"]), t
     assert res["data"]["from"].startswith(day)
     earlier = evaluate(policy, bundled, settings, start_ms=parse_time(day, "--from") - 86_400_000)
     assert "not enough history" in earlier["strategies"]["tsmom_vol_target"]["skipped"]
-    r = _cli("evaluate", "--from", day)
+    r = _cli("evaluate", "--model", str(PPO_1H), "--from", day)
     line = next(x for x in r.stdout.splitlines() if x.startswith("tsmom_vol_target"))
     assert r.returncode == 0 and "%" in line and "not enough" not in line, r.stdout + r.stderr
+
+
+def test_default_evaluate_runs_the_shipped_model_against_all_four_baselines() -> None:
+    """``alphapulse evaluate`` as a new user runs it: the default model (trend_v1, 2,161-bar warm-up) on the bundled
+    1h file.  Its own warm-up already holds TSMOM's 90 days, so every baseline runs over the same bars as the
+    policy, from the first bar with a full warm-up, and the table says where that is and why."""
+    from alphapulse.store import iso_ms
+
+    r = _cli("evaluate", "--json")
+    assert r.returncode == 0, r.stderr
+    res = json.loads(r.stdout)
+    assert res["model"]["path"] == str(default_model_path()) and res["model"]["feature_set"] == "trend_v1"
+    assert res["model"]["warmup_bars"] == TREND_WARMUP_BARS
+    ts = load_candles(BUNDLED_1H)["ts"]
+    assert res["data"]["from"] == iso_ms(int(ts[TREND_WARMUP_BARS - 1]))  # 2025-03-31T00:00
+    assert res["data"]["candles"] == len(ts) - (TREND_WARMUP_BARS - 1)
+    assert set(res["strategies"]) == {"policy", "buy_and_hold", "flat", "sma_crossover", "tsmom_vol_target"}
+    for name, m in res["strategies"].items():
+        assert "skipped" not in m and math.isfinite(m["sharpe"]), (name, m)
+    assert res["strategies"]["policy"]["trades"] > 0 and res["strategies"]["tsmom_vol_target"]["trades"] > 0
+    table = _cli("evaluate")
+    assert table.returncode == 0, table.stderr
+    assert (f"warm-up: {TREND_WARMUP_BARS} 1h bars of trend_v1 features up to {res['data']['from']}"
+            in table.stdout), table.stdout
+    assert "the policy decides every 24 bars, on the bar closing at 00:00 UTC" in table.stdout
 
 
 # ---- check-config --------------------------------------------------------------------------------------------
