@@ -8,7 +8,8 @@ The document's conventions (see its *Conventions* section):
   unexpected exit status or output fails the test.
 * `` ```sh root `` blocks need root and systemd as PID 1.  Not run; every ``alphapulse-*`` unit their
   ``systemctl``/``journalctl`` lines name must exist in ``systemd/``.  ``systemctl stop|start|restart`` of the
-  two services and ``systemctl kill -s HUP alphapulse-trading`` are played on the test's own processes, so the
+  two services and ``systemctl reload alphapulse-trading`` (the unit's ExecReload signal) are played on the
+  test's own processes, so the
   restore, VACUUM and model-reload procedures run for real in the document's order.
 * `` ```sh follow `` (``tail -F``): run for two seconds; still running then (``timeout``'s 124) is success.
 * `` ```sh long `` / `` ```sh live `` (training; the exchange): the sub-command's ``--help`` must exit 0 and list
@@ -393,7 +394,7 @@ def test_a_fresh_install_has_every_unit_path_and_program_the_document_uses(tmp_p
                 f"docs/OPERATIONS.md:{ln.lineno}: {name} is not installed by install.sh ({installed})"
     for unit in installed:
         for line in (units / unit).read_text().splitlines():
-            if line.startswith(("ExecStart=", "ExecStartPost=", "ExecStartPre=", "ExecReload=")):
+            if line.startswith(("ExecStart=", "ExecStartPost=", "ExecStartPre=")):
                 program = line.split("=", 1)[1].split()[0].lstrip("-+!@:")
                 assert program == "/opt/alphapulse-rl/current/venv/bin/alphapulse", f"{unit}: {line}"
     for path in ("/opt/alphapulse-rl/bin/alphapulse", "/etc/alphapulse/alphapulse.env", "/etc/alphapulse/config.yaml",
@@ -495,12 +496,20 @@ def make_site(tmp_path: Path) -> Site:
     return site
 
 
+def reload_signal() -> signal.Signals:
+    """The signal ``systemctl reload alphapulse-trading`` sends: the unit's ``ExecReload=/bin/kill -SIG $MAINPID``."""
+    unit = (SYSTEMD / "alphapulse-trading.service").read_text()
+    m = re.search(r"^ExecReload=/bin/kill -(\w+) \$MAINPID$", unit, re.M)
+    assert m, "alphapulse-trading.service has no ExecReload=/bin/kill -SIG $MAINPID"
+    return signal.Signals[f"SIG{m.group(1)}"]
+
+
 def played(site: Site, line: str) -> bool:
     """Play a systemctl line on the test's processes; False when the line is not one that is played."""
     words = shlex.split(line)
-    if words[:4] == ["systemctl", "kill", "-s", "HUP"]:
-        assert words[4:] == ["alphapulse-trading"], line
-        site.daemon.signal(signal.SIGHUP)
+    if words[:2] == ["systemctl", "reload"]:
+        assert words[2:] == ["alphapulse-trading"], line
+        site.daemon.signal(reload_signal())
         return True
     if len(words) < 3 or words[0] != "systemctl" or words[1] not in ("stop", "start", "restart"):
         return False
@@ -646,7 +655,7 @@ def test_the_operations_manual_runs_as_written(tmp_path: Path) -> None:
             site.log.append(f"ran {r.returncode}   {ln.text}")
 
         assert seen == set(EXPECT)
-        # The document's last model step was a rollback and a SIGHUP: the daemon trades the first model again.
+        # The document's last model step was a rollback and a reload: the daemon trades the first model again.
         d.wait_metric(lambda x: x["model"]["version"] == V1 and x["model"]["source"] == "store", timeout=30)
         assert d.metrics()["trading"]["state"] == "ACTIVE"
         assert time.monotonic() - started < 300, "the manual's commands took too long"

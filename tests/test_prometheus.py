@@ -771,6 +771,10 @@ def test_install_script_extracts_promtool_and_prometheus_from_the_debian_package
         "systemd-analyze": 'echo "systemd 999 (fake)"',
         "logrotate": 'echo "logrotate 0 (fake)"',  # the script's other tools are present: only prometheus here
         "chromium": 'echo "Chromium 0 (fake)"',
+        "curl": 'echo "curl 0 (fake)"',  # and the operations manual's tools (tests/test_operations_doc.py)
+        "jq": 'echo "jq-0 (fake)"',
+        "sqlite3": 'echo "0 (fake)"',
+        "ps": 'echo "ps from procps-ng 0 (fake)"',
         "apt-get": f'echo "$*" >> {calls}\n[ "$1" = download ] && cp {deb} .\nexit 0',
     }
     for name, body in stand_ins.items():
