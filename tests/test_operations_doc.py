@@ -410,6 +410,38 @@ def test_a_fresh_install_has_every_unit_path_and_program_the_document_uses(tmp_p
     assert (root / "var/lib/alphapulse-backups").is_dir()
 
 
+def test_the_mode_switches_edit_the_environment_file_install_sh_ships(tmp_path: Path) -> None:
+    """The gradual restart's ``sed`` lines (root blocks, not run by the slow test) on a copy of
+    config/alphapulse.env.example, which install.sh installs as /etc/alphapulse/alphapulse.env: to live and back,
+    touching nothing else, and the daemon's configuration loader accepts the result."""
+    seds = [ln.text for ln in doc_lines() if ln.kind == "sh root" and ln.text.startswith("sed -i ")]
+    to_paper = [x for x in seds if "TRADING_MODE=paper/' " in x]
+    to_live = [x for x in seds if "TRADING_MODE=live/' " in x]
+    assert to_paper and to_live, seds
+    env = tmp_path / "alphapulse.env"
+    shipped = (REPO / "config" / "alphapulse.env.example").read_text()
+    env.write_text(shipped)
+
+    def run(cmd: str) -> str:
+        r = subprocess.run(["bash", "-c", cmd.replace("/etc/alphapulse/alphapulse.env", str(env))],
+                           capture_output=True, text=True, timeout=30)
+        assert r.returncode == 0, r.stderr
+        return env.read_text()
+
+    assert run(to_paper[0]) == shipped  # already paper: unchanged
+    live = run(to_live[0])
+    assert live == shipped.replace("\nTRADING_MODE=paper\n", "\nTRADING_MODE=live\n") != shipped
+    assert run(to_paper[0]) == shipped
+    from alphapulse.config import ConfigError, load_settings
+
+    values = dict(line.split("=", 1) for line in live.splitlines() if line and not line.startswith("#"))
+    assert set(values) == {"TRADING_MODE", "WEEX_API_KEY", "WEEX_SECRET_KEY", "WEEX_PASSPHRASE"}
+    with pytest.raises(ConfigError, match="live mode needs WEEX_API_KEY"):  # the keys are the operator's to add
+        load_settings(None, values)
+    keys = {"WEEX_API_KEY": "k" * 24, "WEEX_SECRET_KEY": "s" * 32, "WEEX_PASSPHRASE": "p" * 12}
+    assert load_settings(None, {**values, **keys}).mode == "live"
+
+
 def test_the_parser_refuses_an_unknown_block_kind_and_continuations() -> None:
     assert [ln.text for ln in doc_lines("```sh\necho a\n# c\n\necho b\n```\n```text\nx\n```\n")] == ["echo a",
                                                                                                   "echo b"]
