@@ -14,7 +14,8 @@ The document's conventions (see its *Conventions* section):
 * `` ```sh follow `` (``tail -F``): run for two seconds; still running then (``timeout``'s 124) is success.
 * `` ```sh long `` / `` ```sh live `` (training; the exchange): the sub-command's ``--help`` must exit 0 and list
   every option the line uses.  ``alphapulse train``'s output is stood in by a copy of the daemon's model with a
-  new version, written where the document's ``--out`` says.
+  new version, written where the document's ``--out`` says.  A ``sh live`` line then runs for real against the
+  local fake WEEX (``alphapulse fake-weex`` on 127.0.0.1, the exchange's URLs and keys in its environment).
 
 Production paths and ports in the text are replaced by the throwaway ones (:func:`substitutions`), the same
 way for the set-up block and for every command.
@@ -41,7 +42,7 @@ import onnx
 import pytest
 import yaml
 
-from tests.daemon_harness import BASELINE_MODEL, REPO, DaemonProc, MonitorProc, clean_env, slice_bundled
+from tests.daemon_harness import BASELINE_MODEL, REPO, DaemonProc, MonitorProc, clean_env, free_port, slice_bundled
 
 DOC = REPO / "docs" / "OPERATIONS.md"
 SYSTEMD = REPO / "systemd"
@@ -494,10 +495,11 @@ class Site:
             text = text.replace(prod, value)
         return text
 
-    def bash(self, setup: str, command: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    def bash(self, setup: str, command: str, timeout: float = 120,
+             extra_env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
         script = self.substitute(setup + "\n" + command)
-        return subprocess.run(["bash", "-c", script], env=self.env, cwd=self.root, capture_output=True, text=True,
-                              timeout=timeout)
+        return subprocess.run(["bash", "-c", script], env={**self.env, **(extra_env or {})}, cwd=self.root,
+                              capture_output=True, text=True, timeout=timeout)
 
     def proc(self, unit: str) -> DaemonProc:
         return {"alphapulse-trading": self.daemon, "alphapulse-monitor": self.monitor}[unit]
@@ -576,6 +578,30 @@ def help_covers(site: Site, setup: str, line: str) -> None:
         assert opt in r.stdout, f"{line}: {opt} is not an option of 'alphapulse {words[1]}'"
 
 
+LIVE_KEYS = {"WEEX_API_KEY": "doc-api-key", "WEEX_SECRET_KEY": "doc-secret-key-never-printed",
+             "WEEX_PASSPHRASE": "doc-passphrase"}
+
+
+def start_fake_exchange(site: Site) -> tuple[subprocess.Popen[bytes], dict[str, str]]:
+    """``alphapulse fake-weex`` on a free loopback port, and the environment that points a command at it."""
+    port = free_port()
+    out = open(site.root / "fake-weex.txt", "wb")
+    # its server clock starts at the wall clock, as the exchange's would (else the clock check fails, rightly)
+    proc = subprocess.Popen([sys.executable, "-m", "alphapulse", "fake-weex", "--port", str(port), "--data",
+                             str(REPO / "alphapulse" / "data" / "BTC_USDT_USDT-5m.csv.gz"), "--timeframe", "5m",
+                             "--start-ms", str(int(time.time() * 1000)),
+                             "--api-key", LIVE_KEYS["WEEX_API_KEY"], "--secret-key", LIVE_KEYS["WEEX_SECRET_KEY"],
+                             "--passphrase", LIVE_KEYS["WEEX_PASSPHRASE"]], env=site.env, cwd=site.root,
+                            stdout=out, stderr=subprocess.STDOUT)
+    out.close()
+    deadline = time.monotonic() + 60
+    while b"listening on" not in (site.root / "fake-weex.txt").read_bytes():
+        assert proc.poll() is None and time.monotonic() < deadline, (site.root / "fake-weex.txt").read_text()
+        time.sleep(0.1)
+    return proc, {"WEEX_REST_URL": f"http://127.0.0.1:{port}", "WEEX_WS_URL": f"ws://127.0.0.1:{port}/v3/ws",
+                  **LIVE_KEYS}
+
+
 def stand_in_for_training(site: Site, line: str) -> None:
     """What ``alphapulse train ... --out FILE`` leaves: a model file, here the daemon's with a new version."""
     words = shlex.split(site.substitute(line))
@@ -618,6 +644,8 @@ def test_the_operations_manual_runs_as_written(tmp_path: Path) -> None:
     setup = "\n".join(ln.text for ln in lines if ln.kind == "sh env")
     site = make_site(tmp_path)
     d, m = site.daemon, site.monitor
+    exchange: subprocess.Popen[bytes] | None = None
+    exchange_env: dict[str, str] = {}
     started = time.monotonic()
     try:
         # The host as the document finds it: the model the service trades in the model store, both services
@@ -658,6 +686,14 @@ def test_the_operations_manual_runs_as_written(tmp_path: Path) -> None:
                 if shlex.split(ln.text)[1] == "train":
                     stand_in_for_training(site, ln.text)
                 site.log.append(f"--help covers  {ln.text}")
+                if ln.kind == "sh live":
+                    if exchange is None:
+                        exchange, exchange_env = start_fake_exchange(site)
+                    r = site.bash(setup, ln.text, timeout=60, extra_env=exchange_env)
+                    assert r.returncode == 0 and r.stdout.rstrip().endswith("result: all checks passed"), \
+                        f"{where}: against the fake exchange: exit {r.returncode}\n{r.stdout}\n{r.stderr}"
+                    assert LIVE_KEYS["WEEX_SECRET_KEY"] not in r.stdout + r.stderr, f"{where}: printed the secret"
+                    site.log.append(f"ran {r.returncode} (fake exchange)   {ln.text}")
                 continue
             count[ln.text] = count.get(ln.text, 0) + 1
             exp = AT.get((ln.text, count[ln.text])) or EXPECT.get(ln.text)
@@ -693,6 +729,9 @@ def test_the_operations_manual_runs_as_written(tmp_path: Path) -> None:
         assert time.monotonic() - started < 300, "the manual's commands took too long"
     finally:
         (tmp_path / "commands.log").write_text("\n".join(site.log) + "\n")
+        if exchange is not None:
+            exchange.terminate()
+            exchange.wait(15)
         for p in (m, d):
             if p.proc is not None and p.proc.poll() is None:
                 p.stop(30)
