@@ -30,11 +30,11 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from alphapulse.control import check_bearer, error_response, errors_as_json, json_response
-from alphapulse.operator_files import DAILY_LOG_PREFIX, DAILY_LOG_SUFFIX
 from alphapulse.monitor.dashboard import register_dashboard
 from alphapulse.monitor.rules import SEVERITIES
 from alphapulse.monitor.service import STREAM_END, Monitor
 from alphapulse.monitor.store import AlertNotFound, AlertResolved
+from alphapulse.operator_files import DAILY_LOG_PREFIX, DAILY_LOG_SUFFIX
 
 MONITOR: web.AppKey[Monitor] = web.AppKey("monitor", Monitor)
 LOG_LEVELS = {"debug": 10, "info": 20, "warning": 30, "error": 40, "critical": 50}
