@@ -131,13 +131,17 @@ def build_feed(settings: Settings, start_after_ts: int | None, client: WeexClien
                warmup_bars: int | None = None) -> Feed:
     """The candle source the configuration names (``feed.source`` / ``ALPHAPULSE_FEED``), not yet opened.
 
-    ``warmup_bars`` is the model's warm-up (:func:`warmup_bars`): the live feed prefetches that many bars."""
+    ``warmup_bars`` is the model's warm-up (:func:`warmup_bars`): the live feed prefetches that many bars; a fresh
+    paced replay plays the bars before it unpaced."""
     if settings.feed_source == "replay":
         from alphapulse.market.replay import ReplayFeed, default_replay_file
 
         replay = settings.replay_file or default_replay_file(settings.timeframe)
+        # a fresh replay warms the features up on its first warmup_bars - 1 candles (a restart warms up from the
+        # file's history instead): nothing is decided on them, so they are not paced
+        unpaced = warmup_bars - 1 if warmup_bars and start_after_ts is None else 0
         return ReplayFeed(replay, settings.symbol, settings.timeframe, settings.replay_speed,
-                          start_after_ts=start_after_ts)
+                          start_after_ts=start_after_ts, unpaced_first=unpaced)
     from alphapulse.exchange.weex.feed import WeexFeed
     from alphapulse.features import WARMUP_BARS
 

@@ -336,6 +336,23 @@ async def test_candles_resumes_after_consumer_stops(tmp_path: Path, real_lines: 
     assert feed.finished
 
 
+async def test_warm_up_candles_go_out_unpaced_then_pacing_starts(tmp_path: Path, real_lines: list[str]) -> None:
+    """A fresh replay's warm-up candles (nothing is decided on them) are not waited for: 400 bars at one bar per
+    20 ms would take 8 s paced; they take well under that, and the 11 after them are paced as ever."""
+    warm, paced = 400, 11
+    speed = BAR / 20.0  # one 5m bar every 20 ms of wall time
+    feed = ReplayFeed(write_csv(tmp_path / "w.csv", real_lines[:warm + paced]), "BTCUSDT", "5m", speed,
+                      unpaced_first=warm)
+    stamps: list[float] = []
+    async for _ in feed.candles():
+        stamps.append(time.perf_counter())
+    assert len(stamps) == warm + paced and feed.finished
+    assert stamps[warm - 1] - stamps[0] < 2.0  # paced, these 400 would take 8 s
+    tail = stamps[warm + paced - 1] - stamps[warm]  # 10 bar intervals at 20 ms each, once pacing starts
+    assert tail >= 10 * 0.020 * 0.95, f"pacing did not start after the warm-up: {tail:.3f}s"
+    assert feed.now_ms() is not None and feed.now_ms() >= int(line_ts(real_lines[warm + paced - 1])) + BAR
+
+
 async def test_paced_replay_takes_expected_time(tmp_path: Path, real_lines: list[str]) -> None:
     n = 41
     speed = BAR / 10.0  # one 5m bar every 10 ms of wall time

@@ -262,6 +262,7 @@ class ReplayFeed:
     ``speed``: None = as fast as possible, 1.0 = real time, N = N times real time.
     ``start_after_ts``: every candle with ``ts <= start_after_ts`` is skipped, so a restarted
     daemon resumes after the last candle it decided and never decides one twice.
+    ``unpaced_first``: that many first candles go out at full speed before pacing starts (the model's warm-up).
 
     ``await feed.open()`` loads the file off the event loop; ``candles()`` does it itself, and
     ``history()`` before that loads synchronously (correct, but blocks the loop once).
@@ -276,6 +277,7 @@ class ReplayFeed:
         timeframe: str,
         speed: float | None,
         start_after_ts: int | None = None,
+        unpaced_first: int = 0,
     ) -> None:
         if speed is not None and not (math.isfinite(speed) and speed > 0):
             raise ValueError(f"speed must be None (max speed) or a finite number > 0, got {speed!r}")
@@ -285,6 +287,9 @@ class ReplayFeed:
         self.bar_ms = timeframe_ms(timeframe)
         self.speed = speed
         self.start_after_ts = start_after_ts
+        # The first candles of a fresh replay that only warm the model's features up (nothing is decided on them)
+        # are handed out unpaced: a 90-day warm-up at the shipped 72,000x would otherwise be minutes of waiting.
+        self.unpaced_first = max(0, int(unpaced_first))
         self.finished = False
         self.malformed_lines = 0
         self.emitted = 0
@@ -355,7 +360,7 @@ class ReplayFeed:
                     if skip_le is not None and ts <= skip_le:
                         continue
                     self._note_gap(ts)
-                    if self.speed is not None and await self._wait_due(ts):
+                    if self.speed is not None and self.emitted >= self.unpaced_first and await self._wait_due(ts):
                         since_yield = 0
                     self._cursor = i + 1
                     self._mark_emitted(ts)

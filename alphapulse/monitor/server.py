@@ -30,17 +30,17 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from alphapulse.control import check_bearer, error_response, errors_as_json, json_response
-from alphapulse.log import FILE_PREFIX, FILE_SUFFIX
 from alphapulse.monitor.dashboard import register_dashboard
 from alphapulse.monitor.rules import SEVERITIES
 from alphapulse.monitor.service import STREAM_END, Monitor
 from alphapulse.monitor.store import AlertNotFound, AlertResolved
+from alphapulse.operator_files import DAILY_LOG_PREFIX, DAILY_LOG_SUFFIX
 
 MONITOR: web.AppKey[Monitor] = web.AppKey("monitor", Monitor)
 LOG_LEVELS = {"debug": 10, "info": 20, "warning": 30, "error": 40, "critical": 50}
 LOG_TAIL_BYTES = 1 << 20  # read at most the last MiB of the daemon's log
 HEARTBEAT_S = 15.0
-_LOG_NAME = re.compile(rf"^{re.escape(FILE_PREFIX)}\d{{8}}{re.escape(FILE_SUFFIX)}$")
+_LOG_NAME = re.compile(rf"^{re.escape(DAILY_LOG_PREFIX)}\d{{8}}{re.escape(DAILY_LOG_SUFFIX)}$")
 
 
 def _int_param(request: web.Request, name: str, default: int, lo: int, hi: int) -> int | web.Response:
