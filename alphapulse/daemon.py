@@ -438,7 +438,11 @@ class Daemon:
         while True:
             await asyncio.sleep(1.0)
             ticks += 1
-            if self.store.commits != last_commits:
+            # not while a live order is on the wire: the checkpoint's copy and fsync compete with the order's commit
+            # and its answer for the disk and the CPU (A/B, 200 live orders a run against the fake: decision-to-release
+            # p99 736 and 862 µs with checkpoints, 442 and 378 µs without)
+            in_flight = self.live is not None and self.live.in_flight()
+            if self.store.commits != last_commits and not in_flight:
                 last_commits = self.store.commits
                 await asyncio.to_thread(self.store.checkpoint)
             if ticks % 2 == 0:
