@@ -21,6 +21,7 @@ from __future__ import annotations
 import os
 import sqlite3
 import threading
+import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from decimal import Decimal
@@ -378,6 +379,8 @@ def build_rows(res: StepResult, ids: RowIds, equity: str, position: str) -> Pers
 
 
 _FILL_ID_COLUMN = TRADES_COLUMNS.index("fill_id")
+# An operator file renamed away (logrotate) is created again by the daemon only if nothing else has after this long.
+REOPEN_CREATE_AFTER_S = 5.0
 
 
 def _fmt_dec(text: str) -> str:
@@ -405,6 +408,7 @@ class OperatorFiles:
             "incidents": log_dir / INCIDENTS_FILE,
         }
         self._fds: dict[str, int] = {}
+        self._missing_since: dict[str, float] = {}  # files renamed away and not created again yet (monotonic s)
         for key in self.paths:
             self._fds[key] = self._open(key)
         self._reasons: dict[str, str] = {}
@@ -430,11 +434,19 @@ class OperatorFiles:
                 continue
             try:
                 st = os.stat(path)
+            except FileNotFoundError:
+                # Renamed away, and logrotate's ``create`` has not made the new file yet.  Creating it here would
+                # race logrotate, which then puts its own file in place and leaves ours, with every line written
+                # meanwhile, unlinked.  The renamed file takes the lines whole until then; only a rotation
+                # without ``create`` leaves the path empty for long, and then the daemon creates it.
+                since = self._missing_since.setdefault(key, time.monotonic())
+                if time.monotonic() - since < REOPEN_CREATE_AFTER_S:
+                    continue
+            else:
                 cur = os.fstat(fd)
                 if (st.st_ino, st.st_dev) == (cur.st_ino, cur.st_dev):
                     continue
-            except FileNotFoundError:
-                pass
+            self._missing_since.pop(key, None)
             self.flush()
             self._fds[key] = self._open(key)
             os.close(fd)

@@ -26,6 +26,7 @@ from pathlib import Path
 
 import pytest
 
+from alphapulse import store as store_module
 from alphapulse.operator_files import last_incident_id, last_record, rotated_chain
 from alphapulse.report import iter_trades, last_data_ms
 from alphapulse.store import OperatorFiles
@@ -213,7 +214,7 @@ def test_daily_logs_keep_the_configured_age(tmp_path: Path) -> None:
     assert not any((log_dir / n).exists() for n in removed)
 
 
-def test_reopen_and_last_record_follow_renamed_files(tmp_path: Path) -> None:
+def test_reopen_and_last_record_follow_renamed_files(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """What the daemon does after logrotate renamed its files, on real files: it reopens the paths (a new
     trades.csv gets its header; lines written before the reopen are whole in the renamed file), and the last
     record is found in the newest rotated generation that has one, compressed or not."""
@@ -224,8 +225,19 @@ def test_reopen_and_last_record_follow_renamed_files(tmp_path: Path) -> None:
         os.rename(tmp_path / "trades.csv", tmp_path / "trades.csv.1")
         os.rename(tmp_path / "ai_decisions.json", tmp_path / "ai_decisions.json.1")
         files._write("trades", b"2026-01-01T00:05:00.000Z,BTCUSDT,sell,1,1,0,0,0,o-2,2,policy\n")  # old inode
+        # renamed but not created again yet: the daemon must not create the paths itself (logrotate's "create"
+        # would then put its own file over the daemon's, orphaning every line written in between)
+        assert files.reopen_rotated() == []
+        assert not (tmp_path / "trades.csv").exists() and not (tmp_path / "ai_decisions.json").exists()
+        for name in ("trades.csv", "ai_decisions.json"):  # what logrotate's "create 0640" leaves
+            (tmp_path / name).touch(mode=0o640)
         assert sorted(files.reopen_rotated()) == ["decisions", "trades"]
         files._write("trades", b"2026-01-01T00:10:00.000Z,BTCUSDT,buy,1,1,0,0,0,o-3,3,policy\n")
+        # a rotation without "create": after the grace the daemon creates the path itself
+        os.rename(tmp_path / "incidents.log", tmp_path / "incidents.log.1")
+        monkeypatch.setattr(store_module, "REOPEN_CREATE_AFTER_S", 0.0)
+        assert files.reopen_rotated() == ["incidents"]
+        assert (tmp_path / "incidents.log").exists()
     finally:
         files.close()
     assert (tmp_path / "trades.csv.1").read_bytes().splitlines()[-1].endswith(b",2,policy")
