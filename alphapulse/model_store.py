@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
-import hashlib
 import os
 import re
 import shutil
@@ -35,6 +34,7 @@ from typing import TYPE_CHECKING, Any
 import orjson
 
 from alphapulse.config import ConfigError
+from alphapulse.filehash import sha256_file
 
 if TYPE_CHECKING:
     from alphapulse.config import Settings
@@ -78,13 +78,6 @@ class StoredModel:
 def models_dir(data_dir: Path) -> Path:
     return data_dir / MODELS_DIR
 
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _fsync_dir(path: Path) -> None:

@@ -50,6 +50,7 @@ from typing import IO, Any
 
 from alphapulse import __version__
 from alphapulse.config import ConfigError, Settings
+from alphapulse.filehash import sha256_file
 from alphapulse.ops.backup_crypto import KEY_ENV, BackupCryptoError, check_passphrase, decrypt_bytes, encrypt_file
 from alphapulse.ops.backup_secrets import merge_env, merge_yaml, sanitize_env, sanitize_yaml
 from alphapulse.ops.inuse import databases_in_use
@@ -132,13 +133,6 @@ class Roots:
 # Creating a backup
 # --------------------------------------------------------------------------------------------------
 
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 @dataclass

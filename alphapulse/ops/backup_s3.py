@@ -10,7 +10,6 @@ object carries its sha256 as metadata and is checked by size after the upload.
 
 from __future__ import annotations
 
-import hashlib
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -18,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from alphapulse.config import ConfigError
+from alphapulse.filehash import sha256_file
 
 TRUE = ("1", "true", "yes", "on")
 FALSE = ("", "0", "false", "no", "off")
@@ -67,13 +67,6 @@ def _client(t: S3Target) -> Any:
     return boto3.client("s3", endpoint_url=t.endpoint_url, region_name=t.region)
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
 
 def upload(t: S3Target, backup: Path, manifest_name: str) -> list[str]:
     """Copy one backup directory to the bucket (manifest last); returns the object keys written."""
@@ -85,7 +78,7 @@ def upload(t: S3Target, backup: Path, manifest_name: str) -> list[str]:
     try:
         for p in files:
             key = f"{t.prefix}{backup.name}/{p.name}"
-            s3.upload_file(str(p), t.bucket, key, ExtraArgs={"Metadata": {"sha256": _sha256(p)}})
+            s3.upload_file(str(p), t.bucket, key, ExtraArgs={"Metadata": {"sha256": sha256_file(p)}})
             head = s3.head_object(Bucket=t.bucket, Key=key)
             if int(head["ContentLength"]) != p.stat().st_size:
                 raise OffsiteError(f"s3://{t.bucket}/{key}: {head['ContentLength']} bytes stored, "
@@ -133,7 +126,7 @@ def download(t: S3Target, name: str, dest: Path) -> None:
             target = dest / file
             s3.download_file(t.bucket, o["Key"], str(target))
             want = s3.head_object(Bucket=t.bucket, Key=o["Key"]).get("Metadata", {}).get("sha256")
-            if want and _sha256(target) != want:
+            if want and sha256_file(target) != want:
                 raise OffsiteError(f"s3://{t.bucket}/{o['Key']}: sha256 differs from the one recorded at upload")
     except (BotoCoreError, ClientError) as e:
         raise OffsiteError(f"s3://{t.bucket}/{prefix}: {e}") from None
