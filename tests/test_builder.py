@@ -179,3 +179,7 @@ def test_exchange_urls_from_the_environment() -> None:
     s = load_settings(None, env={"WEEX_REST_URL": "http://127.0.0.1:9999/", "WEEX_WS_URL": "ws://127.0.0.1:9999/v3/ws",
                                  "ALPHAPULSE_FEED": "weex"})
     assert (s.rest_url, s.ws_url, s.feed_source) == ("http://127.0.0.1:9999", "ws://127.0.0.1:9999/v3/ws", "weex")
+    # unset, they are WEEX's own addresses (the reference's), and the feed is the replay
+    d = load_settings(None, env={})
+    assert (d.rest_url, d.ws_url, d.feed_source) == ("https://api-contract.weex.com",
+                                                     "wss://ws-contract.weex.com/v3/ws", "replay")

@@ -135,6 +135,15 @@ def test_planted_mismatch_is_caught_resolved_and_alerted(tmp_path: Path, fake: F
         m = d.wait_metric(lambda m: m["exchange"]["reconciliation"]["runs"] >= runs + 2, timeout=30)
         # resolved (or, for an order still there, already reported): the next reconciliations add nothing
         assert m["exchange"]["reconciliation"]["mismatches"][kind] == 1
+        if halts:  # the halt outlives the reconciliations that follow: only an operator lifts it
+            assert m["trading"]["state"] == "HALTED", m["trading"]
+            status, body = d.http("POST", "/resume_trading", token=d.token())[:2]
+            assert status == 200 and body["state"] == "ACTIVE", body
+            runs = m["exchange"]["reconciliation"]["runs"]
+            m = d.wait_metric(lambda m: m["exchange"]["reconciliation"]["runs"] >= runs + 2, timeout=30)
+            # the adopted position or the reported order does not halt it again
+            assert m["trading"]["state"] == "ACTIVE", m["trading"]
+            assert m["exchange"]["reconciliation"]["mismatches"][kind] == 1
         assert d.stop() == 0
     finally:
         d.close()
