@@ -74,11 +74,19 @@ def test_quick_benchmark_reports_every_number(tmp_path: Path) -> None:
     run = ack["reps"][0]
     assert run["daemon"]["decision_to_ack_us"]["count"] == run["bare"]["count"] == run["bare_paced"]["count"] \
         == run["orders"]
+    # the floor ran beside the daemon on its own fake, an order on every closed bar: more of them than the daemon's
+    assert run["bare_on_candle"]["count"] >= run["orders"]
     assert run["daemon"]["errors"] == 0 and run["daemon"]["rejected"] == 0
-    for key in ("p50", "p99", "bare_p50", "bare_p99", "bare_paced_p50", "bare_paced_p99", "ratio_p99"):
+    for key in ("p50", "p99", "bare_on_candle_p50", "bare_on_candle_p99", "bare_p50", "bare_p99", "bare_paced_p50",
+                "bare_paced_p99", "ratio_p99", "ratio_p99_back_to_back"):
         assert _positive(ack[key]), (key, ack)
     assert ack["p50"] <= ack["p99"] and ack["bare_p50"] <= ack["bare_p99"]
-    assert ack["ratio_p99"] == pytest.approx(run["ratio_p99"], abs=0.01)  # one run: its own ratio
+    assert ack["bare_on_candle_p50"] <= ack["bare_on_candle_p99"]
+    # one run: its own ratios, each the daemon's p99 over that floor's p99
+    assert ack["ratio_p99"] == pytest.approx(run["ratio_p99"], abs=0.01)
+    assert ack["ratio_p99"] == pytest.approx(ack["p99"] / ack["bare_on_candle_p99"], rel=0.01)
+    assert ack["ratio_p99_back_to_back"] == pytest.approx(ack["p99"] / ack["bare_p99"], rel=0.01)
+    assert set(ack["stages_us"]) == {"decision_to_release", "release_to_send", "send_to_ack"}
 
     machine = result["machine"]
     assert _positive(machine["cores"]) and machine["python"] and machine["onnxruntime"]
