@@ -222,6 +222,25 @@ async def test_get_retried_with_growing_backoff_on_5xx(stub: WeexStub) -> None:
     assert t[1] - t[0] >= 0.045 and t[2] - t[1] >= 0.095  # 0.05 then 0.1: exponential
 
 
+async def test_backoff_is_jittered_between_half_and_all_of_its_step(stub: WeexStub) -> None:
+    """Clients that fail together must not retry together: each wait is drawn from [step/2, step]."""
+    draws = iter([0.0, 0.5])  # the lowest and a middle draw
+    answers = iter([(503, {"msg": "busy"}), (503, {"msg": "busy"})])
+    stub.route("GET", KLINES, lambda s, r: next(answers, None))
+    async with client_for(stub, backoff_base_s=0.2, rng=lambda: next(draws)) as c:
+        assert len(await c.klines("BTCUSDT", "5m", limit=2)) == 2
+    t = [r.mono for r in stub.calls(KLINES)]
+    assert len(t) == 3
+    first, second = t[1] - t[0], t[2] - t[1]
+    assert 0.095 <= first < 0.19  # step 0.2 s, draw 0 -> 0.1 s
+    assert 0.295 <= second < 0.39  # step 0.4 s, draw 0.5 -> 0.3 s
+    # the default draw is random.random: 200 waits of one step spread over its upper half, none outside it
+    c2 = client_for(stub, backoff_base_s=1.0, backoff_max_s=2.0)
+    waits = [c2._backoff(3) for _ in range(200)]  # 8 s capped at 2 s
+    assert all(1.0 <= w <= 2.0 for w in waits)
+    assert max(waits) - min(waits) > 0.5 and len(set(waits)) > 150
+
+
 async def test_get_gives_up_after_max_retries(stub: WeexStub) -> None:
     stub.route("GET", KLINES, lambda s, r: (503, {"msg": "down"}))
     async with client_for(stub, max_retries=2) as c:
