@@ -157,6 +157,34 @@ def test_planted_mismatch_is_caught_resolved_and_alerted(tmp_path: Path, fake: F
         assert sum(D(t["pnl"]) for t in trades) == D("-123.45")
 
 
+def test_a_corrupt_bar_from_the_exchange_is_rejected_counted_and_never_decided_on(tmp_path: Path,
+                                                                                fake: FakeProc) -> None:
+    """The venue serves a bar with its high below its low (REST and WebSocket alike): the daemon's validator, the
+    same one replay files go through, rejects and counts it; no decision is taken on it and trading goes on."""
+    import sqlite3
+
+    d = live_daemon(tmp_path / "run", fake)
+    try:
+        d.start()
+        d.wait_ready(60)
+        m = d.wait_metric(lambda m: m["model"]["decisions"] >= 3, timeout=60)
+        assert m["market"]["rejected_candles"] == 0
+        bad_ts = fake.plant({"type": "bad_bar"})["ts"]
+        m = d.wait_metric(lambda m: m["market"]["rejected_by_reason"].get("high_below_low", 0) >= 1, timeout=30)
+        assert m["market"]["rejected_candles"] == 1, m["market"]
+        decisions = m["model"]["decisions"]
+        m = d.wait_metric(lambda m: m["model"]["decisions"] >= decisions + 5, timeout=60)  # it goes on deciding
+        assert m["market"]["rejected_candles"] == 1 and m["market"]["gaps"] >= 1  # the hole is announced
+        assert d.stop() == 0
+    finally:
+        d.close()
+    with sqlite3.connect(d.data_dir / "alphapulse.db") as db:
+        decided = [ts for (ts,) in db.execute("SELECT candle_ts FROM decisions ORDER BY candle_ts")]
+    assert bad_ts not in decided
+    assert any(ts > bad_ts for ts in decided) and any(ts < bad_ts for ts in decided)
+    assert "candle rejected" in d.stderr_path.read_text()  # and the operator reads why in the journal
+
+
 def test_paper_mode_follows_the_live_market_without_touching_the_account(tmp_path: Path, fake: FakeProc) -> None:
     """ALPHAPULSE_FEED=weex in paper mode: real exchange candles, simulated fills, no key, no order sent."""
     from alphapulse.costs import price_with_slippage

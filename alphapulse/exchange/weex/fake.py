@@ -26,7 +26,8 @@ Choices where the reference leaves room (each is what a stock client handles):
   executed; a ``lost_response`` fault is the opposite (executed, answer lost, or held back ``ms`` with
   ``mode=hang`` so a test can kill the client between submit and acknowledgement).
 * Admin endpoints (unsigned, never subject to faults): ``GET /fake/state``, ``GET|POST|DELETE /fake/faults``,
-  ``POST /fake/plant`` (a position or order the client did not make), ``POST /fake/clock`` (``advance_ms``).
+  ``POST /fake/plant`` (a position or order the client did not make, or a corrupt bar), ``POST /fake/clock``
+  (``advance_ms``).
 
 Run it: ``python -m alphapulse.exchange.weex.fake --port 8765 --data FILE.csv.gz --speed 60 --faults SPEC``.
 """
@@ -305,6 +306,18 @@ class FakeWeex(MarketDataRoutes, PublicStreams):
         now = self._sync()
         order, _ = self.engine.place_order(params, now, time.monotonic(), origin="foreign")
         return order
+
+    def plant_bad_bar(self) -> int:
+        """Corrupt the bar forming now (its high and low swapped) in every answer that serves it, REST and
+        WebSocket alike: bad market data from the venue, which the client must reject, never trade on.  Returns
+        the bar's open time.  (Fills are priced at bars' opens, which stay right.)"""
+        now = self._sync()
+        i = self.series.index_at(now)
+        if i is None:
+            raise ValueError("no bar is forming now")
+        c = self.series.cols
+        c["high"][i], c["low"][i] = c["low"][i], c["high"][i]
+        return int(self.series.ts[i])
 
     @property
     def orders(self) -> list[Order]:
@@ -655,7 +668,8 @@ class FakeWeex(MarketDataRoutes, PublicStreams):
     async def _admin_plant(self, request: web.Request) -> web.Response:
         """``{"type": "position", "side": "LONG", "size": "0.01", "entryPrice"?}``, ``{"type": "order", "order":
         {...the parameters of POST /capi/v3/order...}}`` or ``{"type": "transfer", "amount": "-50"}``: state the
-        client did not create, for reconciliation tests."""
+        client did not create, for reconciliation tests; ``{"type": "bad_bar"}``: the forming bar served corrupt
+        (see :meth:`plant_bad_bar`)."""
         payload = json.loads(_BODY.get() or "{}")
         kind = payload.pop("type", None)
         if kind == "position":
@@ -666,8 +680,13 @@ class FakeWeex(MarketDataRoutes, PublicStreams):
         elif kind == "transfer":
             self.plant_transfer(Decimal(str(payload["amount"])))
             return _json(self.state()["balance"])
+        elif kind == "bad_bar":
+            try:
+                return _json({"ts": self.plant_bad_bar()})
+            except ValueError as e:
+                return _json({"code": -1142, "msg": str(e)}, status=400)
         else:
-            return _json({"code": -1142, "msg": "type must be position, order or transfer"}, status=400)
+            return _json({"code": -1142, "msg": "type must be position, order, transfer or bad_bar"}, status=400)
         return _json(self.state()["positions"])
 
     async def _admin_clock(self, request: web.Request) -> web.Response:
