@@ -362,7 +362,7 @@ class Daemon:
                     self.stop_event.set()
                 continue
             t0 = perf()
-            res = self.engine.step(item, feed.now_ms())
+            res = self.engine.step(item, feed.now_ms(), stream_stalled=feed.stalled)
             t1 = perf()
             persisted = self._commit(res)
             t2 = perf()

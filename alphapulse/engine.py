@@ -200,12 +200,13 @@ class Engine:
         """True when the policy is asked at this candle's close (the model's cadence)."""
         return self.cadence.is_decision_time(candle_ts, self.cfg.bar_ms)
 
-    def step(self, candle: Candle, now_ms: int | None = None) -> StepResult:
-        """Process one validated candle; ``now_ms`` is the driver's clock (None: the candle's close time)."""
+    def step(self, candle: Candle, now_ms: int | None = None, stream_stalled: bool = False) -> StepResult:
+        """Process one validated candle; ``now_ms`` is the driver's clock (None: the candle's close time);
+        ``stream_stalled``: the live feed's stream is silent, so the risk checks allow no new risk."""
         res, obs = self.observe(candle)
         if obs is not None and self.cadence.is_decision_time(candle.ts, self.cfg.bar_ms):
             decision = self.policy.decide(obs, candle.ts, self.cfg.symbol)
-            self.act(res, decision, candle, now_ms)
+            self.act(res, decision, candle, now_ms, stream_stalled)
         return res
 
     def book_funding(self, res: StepResult, t0: int, t1: int, price: Decimal) -> None:
@@ -268,7 +269,8 @@ class Engine:
         pos_frac, upnl_frac = self.position_features(equity) if pf.position.qty else (0.0, 0.0)
         return res, self.feature_set.observation(market, pos_frac, upnl_frac)
 
-    def act(self, res: StepResult, decision: Decision, candle: Candle, now_ms: int | None = None) -> None:
+    def act(self, res: StepResult, decision: Decision, candle: Candle, now_ms: int | None = None,
+            stream_stalled: bool = False) -> None:
         """Second half of a step: confidence threshold, risk checks and the order, recorded into ``res``."""
         cfg, pf = self.cfg, self.portfolio
         close_ms = candle.ts + cfg.bar_ms
@@ -288,7 +290,7 @@ class Engine:
             verdict = check_order(
                 state=self.state, current_qty=current, desired_qty=desired, equity=pf.equity, price=price,
                 limits=cfg.limits, lot=cfg.lot_size, data_age_ms=now - close_ms, bar_ms=cfg.bar_ms,
-                orders_last_minute=self._orders_last_minute(now), now_ms=now,
+                orders_last_minute=self._orders_last_minute(now), now_ms=now, stream_stalled=stream_stalled,
             )
             res.alerts.extend(verdict.alerts)
             allowed, reason = verdict.allowed, verdict.reason

@@ -133,8 +133,12 @@ def check_order(
     bar_ms: int,
     orders_last_minute: int,
     now_ms: int,
+    stream_stalled: bool = False,
 ) -> Verdict:
-    """Decide how much of the move from ``current_qty`` to ``desired_qty`` may be traded now."""
+    """Decide how much of the move from ``current_qty`` to ``desired_qty`` may be traded now.
+
+    ``stream_stalled``: the live market-data stream is silent (its bars come from REST polling meanwhile), so no
+    new risk is taken until it is back; reducing a position stays allowed, as in REDUCE_ONLY."""
     if desired_qty == current_qty:
         return _REJECT["at_target"]
     if state in BLOCKING_STATES:
@@ -151,12 +155,16 @@ def check_order(
         return _REJECT["within_rebalance_band"]
     alerts: list[RiskAlert] = []
     desired = desired_qty
-    if state is TradingState.REDUCE_ONLY:
+    if state is TradingState.REDUCE_ONLY or stream_stalled:
         # Only shrink |position|, never cross through zero into new risk.
         if current_qty == 0 or (desired != 0 and (desired > 0) != (current_qty > 0)):
             desired = ZERO
         if abs(desired) >= abs(current_qty):
-            return _REJECT["reduce_only"]
+            if state is TradingState.REDUCE_ONLY:
+                return _REJECT["reduce_only"]
+            alert = RiskAlert(now_ms, "stream_stalled", 1.0, 0.0, "rejected",
+                              {"current_qty": str(current_qty), "desired_qty": str(desired_qty)})
+            return Verdict(ZERO, False, "stream_stalled", (alert,))
     if equity <= 0:
         desired = ZERO if state is not TradingState.REDUCE_ONLY else desired
         if abs(desired) >= abs(current_qty):

@@ -203,6 +203,14 @@ def test_silent_stream_shows_in_health_and_recovers(tmp_path: Path) -> None:
                 break
             time.sleep(0.1)
         assert status == 503 and "stream silent" in body["problem"], body
+        # while it is silent, bars still come (REST polling) and decisions go on, but no new risk is taken:
+        # every order the exchange receives meanwhile only reduces the position
+        known = {o["clientOrderId"] for o in fake.state()["orders"]}
+        decisions0 = d.metrics()["model"]["decisions"]
+        d.wait_metric(lambda m: m["model"]["decisions"] >= decisions0 + 5, timeout=30)
+        meanwhile = [o for o in fake.state()["orders"] if o["clientOrderId"] not in known]
+        assert d.http("GET", "/health")[0] == 503  # still silent: the window above was all stalled
+        assert all(o["reduceOnly"] for o in meanwhile), meanwhile
         fake.clear_faults()
         end = time.monotonic() + 60
         while time.monotonic() < end and d.http("GET", "/health")[0] != 200:

@@ -34,9 +34,10 @@ def _ns(state: TradingState, *, dl: float = 0.0, dd: float = 0.0, rolled: bool =
 
 def _check(state: TradingState = S.ACTIVE, *, cur: str | Decimal = "0", want: str | Decimal = "0",
            price: Decimal, equity: Decimal = EQ, age_ms: int = 0, orders: int = 0,
-           limits: RiskLimits = LIM) -> Verdict:
+           limits: RiskLimits = LIM, stalled: bool = False) -> Verdict:
     return check_order(state=state, current_qty=Decimal(cur), desired_qty=Decimal(want), equity=equity, price=price,
-                       limits=limits, lot=LOT, data_age_ms=age_ms, bar_ms=BAR, orders_last_minute=orders, now_ms=NOW)
+                       limits=limits, lot=LOT, data_age_ms=age_ms, bar_ms=BAR, orders_last_minute=orders, now_ms=NOW,
+                       stream_stalled=stalled)
 
 
 # ---- next_state ----------------------------------------------------------------------------------
@@ -201,6 +202,37 @@ def test_reduce_only_only_shrinks_and_never_crosses_zero(price: Decimal, cur: st
     after = Decimal(cur) + v.qty
     assert abs(after) <= abs(Decimal(cur))
     assert after == 0 or (after > 0) == (Decimal(cur) > 0)
+
+
+@pytest.mark.parametrize(
+    ("cur", "want", "qty", "reason"),
+    [
+        ("0.040", "0.010", "-0.030", "ok"),  # shrink a long: allowed, no alert
+        ("0.040", "-0.040", "-0.040", "ok"),  # a flip stops at flat
+        ("-0.040", "0", "0.040", "ok"),  # close a short
+        ("0.040", "0.050", "0", "stream_stalled"),  # grow: refused, with an alert
+        ("0", "0.010", "0", "stream_stalled"),  # open from flat: refused
+        ("0", "-0.010", "0", "stream_stalled"),
+        ("0.040", "0.040", "0", "at_target"),
+    ],
+)
+def test_a_stalled_stream_allows_no_new_risk(price: Decimal, cur: str, want: str, qty: str, reason: str) -> None:
+    v = _check(cur=cur, want=want, price=price, stalled=True)
+    assert v.qty == Decimal(qty) and v.reason == reason and v.allowed is (reason == "ok")
+    assert abs(Decimal(cur) + v.qty) <= abs(Decimal(cur))
+    if reason == "stream_stalled":
+        (a,) = v.alerts
+        assert a.limit == "stream_stalled" and a.action == "rejected" and a.detail["desired_qty"] == want
+    else:
+        assert not v.alerts
+    healthy = _check(cur=cur, want=want, price=price)  # the same move with the stream healthy
+    if reason == "stream_stalled":
+        assert healthy.allowed and healthy.qty == Decimal(want) - Decimal(cur)
+
+
+def test_reduce_only_state_keeps_its_own_reason_when_the_stream_is_stalled_too(price: Decimal) -> None:
+    v = _check(S.REDUCE_ONLY, cur="0", want="0.010", price=price, stalled=True)
+    assert not v.allowed and v.reason == "reduce_only" and not v.alerts
 
 
 def test_position_cap_clamps_with_an_alert(price: Decimal) -> None:

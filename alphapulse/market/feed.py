@@ -22,13 +22,19 @@ class FeedError(RuntimeError):
 class Feed(Protocol):
     """Source of closed candles for one symbol and timeframe.
 
-    Attributes: ``symbol`` (e.g. "BTCUSDT"), ``timeframe`` (e.g. "5m"), and ``finished``,
-    True once the source is exhausted (a replay at end of file; a live feed never finishes).
+    Attributes: ``symbol`` (e.g. "BTCUSDT"), ``timeframe`` (e.g. "5m"), ``finished``, True once the source is
+    exhausted (a replay at end of file; a live feed never finishes), and ``stalled``, True while a live stream is
+    silent (its bars then come late or from polling: the risk checks take no new risk; a replay never stalls).
     """
 
     symbol: str
     timeframe: str
     finished: bool
+
+    @property
+    def stalled(self) -> bool:
+        """True while a live stream is silent (see above)."""
+        ...
 
     async def open(self) -> None:
         """Get ready before the daemon says READY: load or connect, and fetch the warm-up history.

@@ -291,6 +291,7 @@ class ReplayFeed:
         # are handed out unpaced: a 90-day warm-up at the shipped 72,000x would otherwise be minutes of waiting.
         self.unpaced_first = max(0, int(unpaced_first))
         self.finished = False
+        self.stalled = False  # a file never goes silent
         self.malformed_lines = 0
         self.emitted = 0
         self.skipped = 0  # rows at or before start_after_ts
