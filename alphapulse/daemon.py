@@ -56,6 +56,7 @@ _END = object()  # queue sentinel: the feed is exhausted
 # Longest the operator files of a step wait for its orders' acknowledgement (live): a slow exchange delays the files,
 # never the decisions (the engine sends no new order while one is pending anyway).
 ANSWER_WAIT_S = 0.5
+STOP_TASKS_TIMEOUT_S = 5.0  # each pipeline task stops within this after SIGTERM, or is named in the journal
 
 
 def rss_mb() -> float:
@@ -588,7 +589,15 @@ class Daemon:
             tasks.append(self._reload_task)
         for t in tasks:
             t.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+        # bounded: a task slow to honour its cancellation is named in the journal and cancelled once more, and the
+        # store is still closed cleanly after it (systemd's stop timeout would otherwise SIGKILL the service)
+        _, pending = await asyncio.wait(tasks, timeout=STOP_TASKS_TIMEOUT_S) if tasks else (set(), set())
+        if pending:
+            log.error("tasks slow to stop; cancelling them again", tasks=sorted(t.get_name() for t in pending),
+                      timeout_s=STOP_TASKS_TIMEOUT_S)
+            for t in pending:
+                t.cancel()
+            await asyncio.wait(pending, timeout=STOP_TASKS_TIMEOUT_S)
         await self._shutdown()
         log.info("stopped", exit_code=self.exit_code)
         return self.exit_code

@@ -44,6 +44,7 @@ log = get_logger(__name__)
 #: Most bars fetched for one delivery batch (20 historyKlines pages): bounds memory and request weight after a
 #: long downtime; the rest follows in the next batches.
 MAX_BATCH_BARS = 2000
+STOP_TIMEOUT_S = 5.0  # the stream task stops within this on close, or is left to the loop's own teardown
 
 
 class WeexFeed:
@@ -261,8 +262,11 @@ class WeexFeed:
         task, self._stream_task = self._stream_task, None
         if task is not None and task is not asyncio.current_task():
             task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+            # asyncio.wait, not ``suppress(CancelledError): await task``: that would also swallow a cancellation
+            # of the caller arriving meanwhile, and wait without bound for a task slow to stop
+            _, pending = await asyncio.wait({task}, timeout=STOP_TIMEOUT_S)
+            if pending:
+                log.warning("weex_feed_stream_task_slow_to_stop", timeout_s=STOP_TIMEOUT_S)
 
     # -- internals -------------------------------------------------------------------------
 

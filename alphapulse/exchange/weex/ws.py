@@ -31,6 +31,8 @@ from alphapulse.log import get_logger
 
 log = get_logger(__name__)
 
+CLOSE_TIMEOUT_S = 3.0  # closing a connection never takes longer (the server's close frame included)
+
 
 @dataclass(frozen=True, slots=True)
 class KlineUpdate:
@@ -103,10 +105,16 @@ class KlineStream:
         return time.monotonic() - self.last_message_mono
 
     async def close(self) -> None:
+        """Close the connection, bounded: aiohttp's ``close()`` from another task first waits, without a timeout,
+        for the task inside ``receive()`` to take the closing message, and a shutdown must not hang on that."""
         self._closed = True
         ws = self._ws
         if ws is not None and not ws.closed:
-            await ws.close()
+            try:
+                async with asyncio.timeout(CLOSE_TIMEOUT_S):
+                    await ws.close()
+            except TimeoutError:
+                log.warning("weex_ws_close_timed_out", channel=self.channel, timeout_s=CLOSE_TIMEOUT_S)
 
     async def updates(self) -> AsyncIterator[KlineUpdate]:
         """Kline updates for ever, across reconnects (ends only after :meth:`close`; a later call starts again)."""
