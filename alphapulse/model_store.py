@@ -79,7 +79,6 @@ def models_dir(data_dir: Path) -> Path:
     return data_dir / MODELS_DIR
 
 
-
 def _fsync_dir(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
     try:

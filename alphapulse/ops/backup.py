@@ -50,7 +50,7 @@ from typing import IO, Any
 
 from alphapulse import __version__
 from alphapulse.config import ConfigError, Settings
-from alphapulse.filehash import sha256_file
+from alphapulse.filehash import sha256_file, sha256_stream
 from alphapulse.ops.backup_crypto import KEY_ENV, BackupCryptoError, check_passphrase, decrypt_bytes, encrypt_file
 from alphapulse.ops.backup_secrets import merge_env, merge_yaml, sanitize_env, sanitize_yaml
 from alphapulse.ops.inuse import databases_in_use
@@ -132,7 +132,6 @@ class Roots:
 # --------------------------------------------------------------------------------------------------
 # Creating a backup
 # --------------------------------------------------------------------------------------------------
-
 
 
 @dataclass
@@ -430,15 +429,6 @@ def _open_payload(bdir: Path, m: dict[str, Any], passphrase: str | None) -> tarf
     return tarfile.open(payload, "r:gz")
 
 
-def _hash_stream(f: IO[bytes], out: IO[bytes] | None = None) -> str:
-    h = hashlib.sha256()
-    for chunk in iter(lambda: f.read(1 << 20), b""):
-        h.update(chunk)
-        if out is not None:
-            out.write(chunk)
-    return h.hexdigest()
-
-
 def verify_backup(bdir: Path, passphrase: str | None = None, manifest: dict[str, Any] | None = None) -> list[str]:
     """Every problem found: payload hash, each file's sha256 and presence, and each database's integrity.
     ``manifest``: check against this one instead of the directory's (a backup being created has none yet)."""
@@ -467,7 +457,7 @@ def verify_backup(bdir: Path, passphrase: str | None = None, manifest: dict[str,
                 continue
             if f.get("kind") == "sqlite":
                 problems += _check_db(ti.name, fobj, f["sha256"])
-            elif _hash_stream(fobj) != f["sha256"]:
+            elif sha256_stream(fobj) != f["sha256"]:
                 problems.append(f"{ti.name}: sha256 differs from the manifest (damaged or tampered)")
     problems += [f"{p}: in the manifest but missing from the archive" for p in sorted(set(want) - seen)]
     return problems
@@ -479,7 +469,7 @@ def _check_db(name: str, fobj: IO[bytes], sha: str) -> list[str]:
     with tempfile.TemporaryDirectory(prefix="alphapulse-verify-") as tmp:
         path = Path(tmp) / "check.db"
         with open(path, "wb") as out:
-            digest = _hash_stream(fobj, out)
+            digest = sha256_stream(fobj, out)
         if digest != sha:
             return [f"{name}: sha256 differs from the manifest (damaged or tampered)"]
         con = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
@@ -649,7 +639,7 @@ def restore_backup(bdir: Path, roots: Roots, components: Sequence[str] | None = 
             with os.fdopen(fd, "wb") as out:
                 if ti.name in envs:
                     out.write(envs[ti.name])
-                elif _hash_stream(fobj, out) != f["sha256"]:
+                elif sha256_stream(fobj, out) != f["sha256"]:
                     raise BackupError(f"{ti.name}: sha256 changed while restoring; {c.target} left as it was")
                 out.flush()
                 os.fsync(out.fileno())

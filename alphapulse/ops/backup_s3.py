@@ -67,7 +67,6 @@ def _client(t: S3Target) -> Any:
     return boto3.client("s3", endpoint_url=t.endpoint_url, region_name=t.region)
 
 
-
 def upload(t: S3Target, backup: Path, manifest_name: str) -> list[str]:
     """Copy one backup directory to the bucket (manifest last); returns the object keys written."""
     from botocore.exceptions import BotoCoreError, ClientError

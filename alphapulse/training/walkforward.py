@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import datetime as dt
-import hashlib
 import json
 import math
 import os
@@ -40,6 +39,7 @@ from alphapulse.config import ConfigError, Settings, load_settings
 from alphapulse.domain import TIMEFRAME_MS
 from alphapulse.evaluation import run_baseline
 from alphapulse.features import FEATURE_SET_TREND, feature_set
+from alphapulse.filehash import sha256_file
 from alphapulse.funding import FundingSchedule
 from alphapulse.market.replay import load_candles
 from alphapulse.performance import summarize
@@ -411,7 +411,7 @@ def export_gate(actor: GatedRuleActor, check_obs: np.ndarray, path: Path, *, ver
                              decision_hour_utc=decision_hour_utc, action_targets=GRID_TARGETS,
                              action_meanings=GRID_MEANINGS)
     export_policy(actor, check_obs, path, meta)
-    return hashlib.sha256(path.read_bytes()).hexdigest()
+    return sha256_file(path)
 
 
 def train_fold_model(spec: WalkForwardSpec, fold: Fold, configuration: str, seed: int, path: Path
